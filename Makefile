@@ -1,0 +1,45 @@
+# moa: `make train` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU wheel of torch; an unpinned torch would pull several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install train test test-all smoke sweep bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=python3.x (>= 3.10)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)  ## train and evaluate the default model on the built-in corpus
+	$(BIN)/python train.py $(ARGS)
+
+smoke: $(STAMP)  ## a few steps of a tiny model (under a minute)
+	$(BIN)/python train.py trainer=smoke $(ARGS)
+
+sweep: $(STAMP)  ## a small multirun: the four dot-product schemes, smoke-sized
+	$(BIN)/python train.py -m trainer=smoke attention=mha,gqa,mqa,sqa $(ARGS)
+
+test: $(STAMP)  ## the fast suite (what CI runs)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-all: $(STAMP)  ## everything, slow tests included
+	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+bench: $(STAMP)
+	@ls bench/*.py >/dev/null 2>&1 && for script in bench/*.py; do $(BIN)/python $$script || exit 1; done || echo "no benchmarks yet"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf outputs/*/ .cache .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
