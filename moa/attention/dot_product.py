@@ -1,0 +1,46 @@
+"""Scaled dot-product self-attention: MHA, GQA, MQA and SQA as one module.
+
+The four schemes differ only in head counts (`conf/attention/{mha,gqa,mqa,sqa}.yaml`):
+MHA has n_q = n_kv = n_heads; GQA shares each K/V head among n_q / n_kv query heads;
+MQA has one K/V head; SQA (Sparse Query Attention) uses fewer query heads than the
+model's n_heads, cutting the score FLOPs by n_heads / n_q.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.attention.heads import HeadsConfig, QKVProjection, causal_mask
+from moa.attention.registry import ATTENTION
+
+if TYPE_CHECKING:
+    from moa.config import ModelConfig
+    from moa.context import ForwardContext
+
+
+@ATTENTION.register("dot_product", HeadsConfig)
+class SelfAttention(nn.Module):
+    def __init__(self, config: HeadsConfig, model: ModelConfig) -> None:
+        super().__init__()
+        self.heads = QKVProjection(config, model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
+        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
+        q, k = ctx.position.rotate(q, k, ctx.positions)
+        if ctx.cache is not None:
+            k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
+        mask = causal_mask(q.size(2), k.size(2), x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and q.size(2) > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=q.size(1) != k.size(1),
+        )
+        return self.heads.merge(y)

@@ -1,0 +1,84 @@
+"""What every multi-head scheme shares: head counts, projections and the causal mask.
+
+Head layout: the model has `n_heads` heads of `head_dim = d_model // n_heads`. A scheme
+uses `n_q_heads` query heads (fewer than `n_heads` for Sparse Query Attention) and
+`n_kv_heads` key/value heads shared by groups of query heads (GQA; 1 is MQA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moa.errors import ConfigError
+from moa.schema import check, check_range
+
+if TYPE_CHECKING:
+    from moa.config import ModelConfig
+
+
+@dataclass
+class HeadsConfig:
+    """Fields of every multi-head scheme's config."""
+
+    name: str = "dot_product"
+    n_q_heads: int | None = None  # None: the model's n_heads
+    n_kv_heads: int | None = None  # None: n_q_heads (plain multi-head attention)
+    dropout: float = 0.0  # on attention probabilities
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("n_q_heads", "n_kv_heads"):
+            value = getattr(self, key)
+            check(value is None or value > 0, key, value, "a positive integer or null")
+        check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+
+    def layout(self, model: ModelConfig) -> tuple[int, int]:
+        n_q = self.n_q_heads or model.n_heads
+        return n_q, self.n_kv_heads or n_q
+
+    def validate_for(self, model: ModelConfig) -> None:
+        n_q, n_kv = self.layout(model)
+        if n_q > model.n_heads:
+            raise ConfigError("attention.n_q_heads", n_q, f"1..{model.n_heads} (model.n_heads)",
+                              "more query heads than the model has")
+        if n_q % n_kv:
+            allowed = [d for d in range(1, n_q + 1) if n_q % d == 0]
+            raise ConfigError("attention.n_kv_heads", n_kv, f"divisors of n_q_heads={n_q}: {allowed}",
+                              "n_q_heads must be divisible by n_kv_heads")
+
+
+class QKVProjection(nn.Module):
+    """x -> q (B, Hq, T, D), k and v (B, Hkv, T, D); and heads -> output (B, T, C)."""
+
+    def __init__(self, config: HeadsConfig, model: ModelConfig) -> None:
+        super().__init__()
+        self.n_q_heads, self.n_kv_heads = config.layout(model)
+        self.head_dim = model.head_dim
+        self.q = nn.Linear(model.d_model, self.n_q_heads * self.head_dim, bias=config.bias)
+        self.kv = nn.Linear(model.d_model, 2 * self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.out = nn.Linear(self.n_q_heads * self.head_dim, model.d_model, bias=config.bias)
+        self.out.residual = True  # scaled at init as a residual-stream projection
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (q_len, k_len) mask, True where attention is allowed; None when the queries
+    are exactly the keys (then `is_causal` is cheaper) or a single query sees every key."""
+    if q_len == k_len or q_len == 1:
+        return None
+    offset = k_len - q_len  # queries are the last q_len of the k_len positions
+    rows = torch.arange(q_len, device=device)[:, None] + offset
+    return rows >= torch.arange(k_len, device=device)[None, :]

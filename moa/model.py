@@ -1,0 +1,113 @@
+"""The decoder-only language model, in plain PyTorch.
+
+    from moa import build_model
+    model = build_model(config)            # a ModelConfig (or its dict)
+    logits = model(input_ids).logits       # (B, T) -> (B, T, V)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from moa.attention import ATTENTION
+from moa.auxiliary import AuxiliaryRecorder
+from moa.config import ModelConfig
+from moa.context import ForwardContext
+from moa.ffn import FFN
+from moa.kv_cache import KVCache
+from moa.norm import NORM
+from moa.position import POSITION
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_losses: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_loss: torch.Tensor | None = None  # sum of weight * value, None without any
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = NORM.build(config.norm, config.d_model, config.bias)
+        self.attention = ATTENTION.build(config.attention, config)
+        self.ffn_norm = NORM.build(config.norm, config.d_model, config.bias)
+        self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), ctx.scoped("attention")))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (taken from the tokenizer) to build")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position = POSITION.build(config.position, config.max_seq_len, config.d_model,
+                                       config.head_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = NORM.build(config.norm, config.d_model, config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, std); projections into the residual stream scaled by 1/sqrt(2 * layers).
+        if isinstance(module, nn.Linear):
+            std = self.config.init_std
+            if getattr(module, "residual", False):
+                std /= math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+        """input_ids: (B, T) -> logits (B, T, V). With a cache, the tokens continue it."""
+        start = cache.length if cache is not None else 0
+        T = input_ids.size(1)
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
+                             f"{self.config.max_seq_len}")
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        record = AuxiliaryRecorder()
+        ctx = ForwardContext(positions=positions, position=self.position, record=record)
+        x = self.dropout(self.position.embed(self.embedding(input_ids), positions))
+        for index, block in enumerate(self.blocks):
+            x = block(x, ctx.for_layer(index, cache))
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x))
+        return ModelOutput(logits, record.losses, record.stats, record.total_loss())
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layers, capacity or self.config.max_seq_len)
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # tied weights counted once
+        total = sum(p.numel() for p in params.values())
+        if exclude_embedding:
+            total -= self.embedding.weight.numel()
+        return total
+
+
+def build_model(config: ModelConfig | Mapping[str, Any]) -> LanguageModel:
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_dict(dict(config))
+    return LanguageModel(config)
