@@ -1,0 +1,94 @@
+"""Every attention scheme: shapes, causality, and the GQA/MHA equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa.attention import ATTENTION
+from moa.auxiliary import AuxiliaryRecorder
+from moa.context import ForwardContext
+from moa.model import build_model
+from moa.position import POSITION
+from tests.conftest import tiny_model_config
+
+SCHEMES = {  # the head layouts of conf/attention/{mha,gqa,mqa,sqa}.yaml on 4 model heads
+    "mha": {},
+    "gqa": {"n_kv_heads": 2},
+    "mqa": {"n_kv_heads": 1},
+    "sqa": {"n_q_heads": 2, "n_kv_heads": 2},
+}
+
+
+def _context(config, T: int) -> ForwardContext:
+    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
+    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_attention_shape_and_causality(scheme):
+    torch.manual_seed(0)
+    config = tiny_model_config(SCHEMES[scheme])
+    attention = ATTENTION.build(config.attention, config).eval()
+    x = torch.randn(2, 13, config.d_model)
+    y = attention(x, _context(config, 13))
+    assert y.shape == x.shape
+    t = 6
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])  # change only the future of position t
+    y2 = attention(x2, _context(config, 13))
+    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1])
+    assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_model_logits_are_causal(scheme):
+    torch.manual_seed(1)
+    model = build_model(tiny_model_config(SCHEMES[scheme])).eval()
+    ids = torch.randint(0, 50, (2, 20))
+    changed = ids.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % 50
+    before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(after[:, :11], before[:, :11])
+    assert not torch.allclose(after[:, 11:], before[:, 11:])
+
+
+def test_gqa_with_all_kv_heads_equals_mha():
+    """GQA with n_kv_heads == n_heads is MHA: same weights, same outputs and gradients."""
+    torch.manual_seed(2)
+    mha_config = tiny_model_config({})
+    gqa_config = tiny_model_config({"n_kv_heads": 4})
+    mha = ATTENTION.build(mha_config.attention, mha_config)
+    gqa = ATTENTION.build(gqa_config.attention, gqa_config)
+    gqa.load_state_dict(mha.state_dict())
+    x = torch.randn(3, 9, 32, requires_grad=True)
+    out_mha = mha(x, _context(mha_config, 9))
+    out_gqa = gqa(x, _context(gqa_config, 9))
+    torch.testing.assert_close(out_gqa, out_mha)
+    grad_mha, = torch.autograd.grad(out_mha.square().sum(), x)
+    grad_gqa, = torch.autograd.grad(out_gqa.square().sum(), x)
+    torch.testing.assert_close(grad_gqa, grad_mha)
+
+
+def test_grouped_heads_share_keys_like_repeated_mha():
+    """GQA equals MHA whose K/V heads are the GQA heads repeated per group."""
+    torch.manual_seed(3)
+    gqa_config = tiny_model_config({"n_kv_heads": 2})
+    mha_config = tiny_model_config({})
+    gqa = ATTENTION.build(gqa_config.attention, gqa_config)
+    mha = ATTENTION.build(mha_config.attention, mha_config)
+    hd, d = gqa_config.head_dim, gqa_config.d_model
+    k_w, v_w = gqa.heads.kv.weight.view(2, 2, hd, d)  # (k|v, Hkv, D, C)
+    repeated = torch.stack((k_w.repeat_interleave(2, 0), v_w.repeat_interleave(2, 0)))
+    state = gqa.state_dict()
+    state["heads.kv.weight"] = repeated.reshape(-1, d)
+    mha.load_state_dict(state)
+    x = torch.randn(2, 7, d)
+    torch.testing.assert_close(gqa(x, _context(gqa_config, 7)), mha(x, _context(mha_config, 7)))
+
+
+def test_sqa_uses_fewer_query_heads():
+    config = tiny_model_config(SCHEMES["sqa"])
+    attention = ATTENTION.build(config.attention, config)
+    assert attention.heads.q.out_features == 2 * config.head_dim
+    assert attention.heads.out.in_features == 2 * config.head_dim

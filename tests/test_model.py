@@ -1,0 +1,108 @@
+"""The decoder: KV-cache equivalence, generation, positions, weight tying."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa.generation import SamplingConfig, generate, next_token
+from moa.model import build_model
+from tests.conftest import tiny_model_config
+
+
+@pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 1}, {"n_q_heads": 2, "n_kv_heads": 2}])
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_cached_forward_equals_full_forward(attention, position):
+    torch.manual_seed(0)
+    config = tiny_model_config(attention, position=position)
+    model = build_model(config).eval()
+    ids = torch.randint(0, 50, (2, 21))
+    full = model(ids).logits
+    cache = model.new_cache()
+    chunks = [model(ids[:, :8], cache).logits, model(ids[:, 8:9], cache).logits,
+              model(ids[:, 9:], cache).logits]  # prefill, one step, then a multi-token chunk
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 21
+
+
+@pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 2}])
+def test_cached_generation_equals_uncached(attention):
+    torch.manual_seed(1)
+    model = build_model(tiny_model_config(attention))
+    prompt = torch.randint(0, 50, (3, 5))
+    greedy = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    cached = generate(model, prompt, greedy)
+    uncached = generate(model, prompt, SamplingConfig(max_new_tokens=20, temperature=0.0,
+                                                      use_cache=False))
+    assert cached.shape == (3, 25)
+    assert torch.equal(cached, uncached)
+    sampled = SamplingConfig(max_new_tokens=20, temperature=0.9, top_k=10, top_p=0.9)
+    a = generate(model, prompt, sampled, generator=torch.Generator().manual_seed(5))
+    b = generate(model, prompt, SamplingConfig(**{**sampled.__dict__, "use_cache": False}),
+                 generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    top2 = next_token(logits, SamplingConfig(temperature=1.0, top_k=2), gen)
+    assert set(top2.flatten().tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # p0 = 0.64, p0 + p1 = 0.88
+    nucleus = next_token(logits, SamplingConfig(temperature=1.0, top_p=0.8), gen)
+    assert set(nucleus.flatten().tolist()) == {0, 1}
+    assert probs[0] < 0.8 < probs[:2].sum()
+    assert torch.equal(next_token(logits, SamplingConfig(temperature=0.0)), torch.zeros(200, 1).long())
+
+
+def test_rope_rotation_is_relative():
+    """q.k after rotation depends only on the distance between positions."""
+    from moa.position import RotaryConfig, RotaryPosition
+
+    rope = RotaryPosition(RotaryConfig(), max_seq_len=64, d_model=32, head_dim=8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        qi, _ = rope.rotate(q, q, torch.tensor([i]))
+        _, kj = rope.rotate(k, k, torch.tensor([j]))
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(10, 7), score(40, 37))
+    torch.testing.assert_close(rope.rotate(q, k, torch.tensor([5]))[0].norm(), q.norm())
+
+
+def test_tied_embeddings_share_the_weight_and_count_once():
+    tied = build_model(tiny_model_config())
+    untied = build_model(tiny_model_config(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.embedding.weight
+    assert untied.num_parameters() - tied.num_parameters() == 50 * 32
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = build_model(tiny_model_config(max_seq_len=16))
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_optimizer_decays_only_matrices():
+    from moa.optim import parameter_groups
+
+    model = build_model(tiny_model_config())
+    decay, no_decay = parameter_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.embedding.weight) not in decayed  # tied to the head: an embedding
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert all(id(p) not in decayed for n, p in model.named_parameters() if "norm" in n)
+    total = len(decay["params"]) + len(no_decay["params"])
+    assert total == len({id(p) for p in model.parameters()})
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from moa.config import OptimConfig
+    from moa.optim import lr_factor
+
+    config = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(step, config, total_steps=110) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[110] == pytest.approx(0.1)
