@@ -1,0 +1,24 @@
+"""Data: tokenizers, text corpora, the MQAR task and the DataModule that serves them.
+
+Importing this package registers every tokenizer (`TOKENIZERS`) and data source (`CORPORA`).
+"""
+
+from moa.data.corpora import HFConfig, PydocsConfig, TextFilesConfig
+from moa.data.datamodule import LMDataModule, build_datamodule
+from moa.data.mqar import MQARConfig, multiquery_ar
+from moa.data.source import CORPORA, SPLITS, DataConfig, LMSplits
+from moa.data.tokenizer import (
+    SPECIAL_TOKENS,
+    TOKENIZERS,
+    BPEConfig,
+    ByteConfig,
+    PretrainedConfig,
+    Tokenizer,
+    TokenizerConfig,
+)
+
+__all__ = [
+    "CORPORA", "SPECIAL_TOKENS", "SPLITS", "TOKENIZERS", "BPEConfig", "ByteConfig", "DataConfig",
+    "HFConfig", "LMDataModule", "LMSplits", "MQARConfig", "PretrainedConfig", "PydocsConfig",
+    "TextFilesConfig", "Tokenizer", "TokenizerConfig", "build_datamodule", "multiquery_ar",
+]

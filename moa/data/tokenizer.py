@@ -1,0 +1,193 @@
+"""Tokenizers: byte-level BPE trained on the corpus, raw bytes, or a saved/pretrained file.
+
+Every choice yields the same `Tokenizer` wrapper around a `tokenizers.Tokenizer`, always
+holding `SPECIAL_TOKENS` as single tokens. Byte-level models never lose information: any
+text encodes and decodes back exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from moa.errors import ConfigError
+from moa.registry import Registry
+from moa.schema import check, check_range
+
+SPECIAL_TOKENS = (
+    "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|think|>", "<|reasoning|>",
+)
+
+
+class Tokenizer:
+    """Text <-> token ids, with the special tokens' ids at hand.
+
+    Special tokens missing from `backend` (a hub tokenizer, say) are appended to its
+    vocabulary, so every tokenizer has them; ids of tokens it already has never change.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
+        if missing:
+            backend.add_special_tokens(missing)
+        self._backend = backend
+        self.sha256 = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
+            backend.token_to_id(token) for token in SPECIAL_TOKENS[:4]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special tokens written out (`<|eos|>`), not dropped."""
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def save(self, path: str | Path) -> None:
+        """Write `tokenizer.json` (loadable here and by `tokenizers`/`transformers`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        self._backend.save(str(partial))
+        partial.replace(path)  # never leave a half-written file under the real name
+
+    @classmethod
+    def load(cls, path: str | Path, key: str = "tokenizer.path") -> Tokenizer:
+        """Read a tokenizer.json; a missing or unreadable file is a ConfigError on `key`."""
+        allowed = "a tokenizer.json file (as written by Tokenizer.save) or a hub name"
+        if not Path(path).is_file():
+            raise ConfigError(key, str(path), allowed, "file not found")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises bare Exception on bad JSON
+            reason = f"not a valid tokenizer file: {str(error).splitlines()[0]}"
+            raise ConfigError(key, str(path), allowed, reason) from None
+        return cls(backend)
+
+
+# Each config's `max_vocab_size` bounds `Tokenizer.vocab_size` before anything is built
+# (None: unknown until loaded), so the model's vocabulary can be checked up front.
+
+
+@dataclass
+class BPEConfig:
+    name: str = "bpe"
+    vocab_size: int = 8192  # including SPECIAL_TOKENS; a small corpus may yield fewer
+    min_frequency: int = 2  # a pair must occur this often to be merged
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 256 + len(SPECIAL_TOKENS), "vocab_size", self.vocab_size,
+              f">= {256 + len(SPECIAL_TOKENS)} (the 256 byte tokens and the special tokens)")
+        check_range("min_frequency", self.min_frequency, 1)
+
+    @property
+    def max_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+@dataclass
+class ByteConfig:
+    name: str = "byte"
+
+    @property
+    def max_vocab_size(self) -> int:
+        return 256 + len(SPECIAL_TOKENS)
+
+
+@dataclass
+class PretrainedConfig:
+    name: str = "pretrained"
+    path: str | None = None  # tokenizer.json file (e.g. RUN_DIR/tokenizer.json) or hub name
+    revision: str | None = None  # hub revision; ignored for files
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "path", self.path, "a tokenizer.json path or a hub name", "missing")
+
+    @property
+    def max_vocab_size(self) -> None:
+        return None
+
+
+TokenizerConfig = BPEConfig | ByteConfig | PretrainedConfig
+
+# builder(config, train_texts: Iterable[str], corpus_sha256: str, cache_dir: Path) -> Tokenizer
+TOKENIZERS: Registry[Tokenizer] = Registry("tokenizer")
+
+
+@TOKENIZERS.register("bpe", BPEConfig)
+def build_bpe(
+    config: BPEConfig, train_texts: Iterable[str], corpus_sha256: str, cache_dir: Path
+) -> Tokenizer:
+    """Byte-level BPE trained on `train_texts` once per (corpus, vocab_size, min_frequency)."""
+    path = (Path(cache_dir) / "tokenizers"
+            / f"bpe-{corpus_sha256[:16]}-v{config.vocab_size}-f{config.min_frequency}.json")
+    if path.is_file():
+        return Tokenizer.load(path, key="tokenizer")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=False,
+    )
+    backend.train_from_iterator(train_texts, trainer)
+    tokenizer = Tokenizer(backend)
+    tokenizer.save(path)
+    return tokenizer
+
+
+@TOKENIZERS.register("byte", ByteConfig)
+def build_byte(config: ByteConfig, *_unused: object) -> Tokenizer:
+    """Token id b is byte b (0..255); the special tokens follow from 256."""
+    # byte-level pre-tokenization maps each byte to a printable character; a BPE model
+    # without merges then emits exactly one token per byte.
+    vocab = {char: byte for byte, char in enumerate(_byte_level_chars())}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend)
+
+
+@TOKENIZERS.register("pretrained", PretrainedConfig)
+def build_pretrained(config: PretrainedConfig, *_unused: object) -> Tokenizer:
+    """A tokenizer.json file, or a hub name (downloads: needs internet)."""
+    path = Path(config.path).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    names_a_file = config.path.endswith(".json") or config.path.startswith((".", "/", "~"))
+    if path.exists() or names_a_file:
+        return Tokenizer.load(path)
+    try:
+        backend = tokenizers.Tokenizer.from_pretrained(
+            config.path, revision=config.revision or "main")
+    except Exception as error:  # network, missing repo or file: one line for the user
+        raise ConfigError("tokenizer.path", config.path, "a tokenizer.json path or a hub name",
+                          f"hub download failed: {str(error).splitlines()[0]}") from None
+    return Tokenizer(backend)
+
+
+def _byte_level_chars() -> list[str]:
+    """The printable character the ByteLevel pre-tokenizer uses for each byte 0..255 (GPT-2)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))  # the others, in byte order, map past Latin-1
+    return [chr(byte) if byte in printable else chr(next(shifted)) for byte in range(256)]

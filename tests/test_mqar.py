@@ -1,0 +1,115 @@
+"""MQAR: every scored label is the value bound to its query key, drawn as Zoology draws it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moa.data import CORPORA, build_datamodule
+from moa.data.mqar import IGNORE_INDEX, MQARConfig, multiquery_ar
+from moa.errors import ConfigError
+from tests.conftest import CONF_DIR
+
+
+def generate(seed: int = 0, n: int = 2000, **config):
+    return multiquery_ar(MQARConfig(**config), n, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"num_kv_pairs": 8, "seq_len": 32, "block_size": 32},
+    {"vocab_size": 12, "num_kv_pairs": 2, "seq_len": 9, "block_size": 9},
+])
+def test_labels_are_the_values_bound_to_the_query_keys(config):
+    mqar = MQARConfig(**config)
+    inputs, labels = generate(**config)
+    n, k, half = len(inputs), mqar.num_kv_pairs, mqar.vocab_size // 2
+    assert inputs.shape == labels.shape == (n, mqar.seq_len)
+    keys, values = inputs[:, 0 : 2 * k : 2], inputs[:, 1 : 2 * k : 2]  # (N, k)
+    assert ((keys >= 1) & (keys < half)).all()
+    assert ((values >= half) & (values < mqar.vocab_size)).all()
+    assert all(len(set(row)) == k for row in keys) and all(len(set(row)) == k for row in values)
+
+    scored = labels != IGNORE_INDEX
+    assert (scored.sum(axis=1) == k).all() and not scored[:, : 2 * k].any()
+    rows, positions = np.nonzero(scored)
+    assert ((positions - 2 * k) % 2 == 0).all()  # queries sit at even offsets after the prefix
+    match = keys[rows] == inputs[rows, positions][:, None]  # (N*k, k): which pair was queried
+    assert (match.sum(axis=1) == 1).all()
+    assert (labels[rows, positions] == values[rows][match]).all()
+    queried = np.sort(inputs[rows, positions].reshape(n, k), axis=1)
+    assert (queried == np.sort(keys, axis=1)).all()  # every key is asked exactly once
+
+
+def test_keys_and_values_are_uniform_at_every_position():
+    inputs, _ = generate(n=6000, vocab_size=12, num_kv_pairs=2, seq_len=9, block_size=9)
+    for position in range(4):  # k1 v1 k2 v2: 5 keys in [1, 6), 6 values in [6, 12)
+        counts = np.unique(inputs[:, position], return_counts=True)[1]
+        expected = 6000 / (5 if position % 2 == 0 else 6)
+        assert len(counts) == (5 if position % 2 == 0 else 6)
+        assert (abs(counts - expected) < 0.1 * expected).all()
+
+
+def test_same_seed_same_examples_and_other_seeds_differ():
+    first, again, other = generate(seed=3), generate(seed=3), generate(seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_query_distance_follows_the_power_law():
+    def mean_gap(power_a: float) -> float:
+        inputs, labels = generate(power_a=power_a, seq_len=128, block_size=128)
+        return float((np.nonzero(labels != IGNORE_INDEX)[1] - 8).mean() / 2)
+
+    slots = (128 - 8) // 2
+    assert abs(mean_gap(1.0) - (slots - 1) / 2) < 1  # power_a = 1: uniform over the slots
+    assert mean_gap(0.01) < 0.6 * mean_gap(1.0)  # small power_a: queries near the prefix
+
+
+def test_fillers_are_zero_or_random():
+    inputs, labels = generate(random_non_queries=False)
+    prefix, scored = np.zeros_like(inputs, dtype=bool), labels != IGNORE_INDEX
+    prefix[:, :8] = True
+    assert (inputs[~prefix & ~scored] == 0).all()
+    noisy, _ = generate(random_non_queries=True)
+    assert len(np.unique(noisy[~prefix & ~scored])) > 4000
+
+
+def test_datamodule_serves_mqar_without_a_tokenizer(tmp_path):
+    data = {"name": "mqar", "seq_len": 32, "block_size": 32, "batch_size": 16,
+            "num_train_examples": 200, "num_val_examples": 50, "num_test_examples": 50}
+    module = build_datamodule(data, {"name": "bpe"}, 0, tmp_path)  # tokenizer ignored
+    module.prepare_data()
+    module.setup("fit")
+    assert module.tokenizer is None and module.vocab_size == 8192
+    batch = next(iter(module.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == (16, 32)
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    assert module.fingerprint["blocks"] == {"train": 200, "validation": 50, "test": 50}
+    assert module.fingerprint["tokenizer_sha256"] is None
+    splits = module.splits.datasets
+    assert not torch.equal(splits["train"].inputs[:50], splits["validation"].inputs)
+    again = build_datamodule(data, None, 0, tmp_path)
+    again.setup("fit")
+    assert again.fingerprint == module.fingerprint
+
+
+@pytest.mark.parametrize(("change", "key", "says"), [
+    ({"seq_len": 15, "block_size": 15}, "data.seq_len", "4 * num_kv_pairs = 16"),
+    ({"vocab_size": 9}, "data.vocab_size", "2 * num_kv_pairs + 2 = 10"),
+    ({"block_size": 128}, "data.block_size", "data.seq_len"),
+    ({"power_a": 0.0}, "data.power_a", "power_a"),
+    ({"num_kv_pairs": 0}, "data.num_kv_pairs", "num_kv_pairs"),
+])
+def test_bad_config_names_its_key(change, key, says):
+    with pytest.raises(ConfigError) as error:
+        CORPORA.parse({"name": "mqar", **change}, "data")
+    assert error.value.key == key and says in str(error.value)
+
+
+def test_yaml_block_size_follows_seq_len():
+    node = OmegaConf.load(CONF_DIR / "data" / "mqar.yaml")
+    node.seq_len = 128
+    config = CORPORA.parse(node, "data")
+    assert config.block_size == config.seq_len == 128 and not config.uses_tokenizer
