@@ -21,9 +21,11 @@ class SamplingConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "a positive integer")
+        check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens,
+              "a positive integer")
         check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 is greedy)")
-        check(self.top_k is None or self.top_k > 0, "top_k", self.top_k, "a positive integer or null")
+        check(self.top_k is None or self.top_k > 0, "top_k", self.top_k,
+              "a positive integer or null")
         if self.top_p is not None:
             check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
 

@@ -44,7 +44,8 @@ def parse(cls: type[T], data: Mapping[str, Any] | DictConfig, key: str) -> T:
     except OmegaConfBaseException as error:
         full_key = f"{key}.{error.full_key}" if getattr(error, "full_key", None) else key
         value = data.get(str(error.full_key).split(".")[0]) if error.full_key else data
-        raise ConfigError(full_key, value, _expected_type(cls, error.full_key), "wrong type") from None
+        expected = _expected_type(cls, error.full_key)
+        raise ConfigError(full_key, value, expected, "wrong type") from None
     try:
         return OmegaConf.to_object(typed)
     except ConfigError as error:

@@ -47,7 +47,8 @@ class HeadsConfig:
                               "more query heads than the model has")
         if n_q % n_kv:
             allowed = [d for d in range(1, n_q + 1) if n_q % d == 0]
-            raise ConfigError("attention.n_kv_heads", n_kv, f"divisors of n_q_heads={n_q}: {allowed}",
+            raise ConfigError("attention.n_kv_heads", n_kv,
+                              f"divisors of n_q_heads={n_q}: {allowed}",
                               "n_q_heads must be divisible by n_kv_heads")
 
 

@@ -1,0 +1,101 @@
+"""The LightningModule: wires the model, the loss, the optimiser and the logging.
+
+It takes plain config dicts (not built modules) and builds the model itself, so
+`save_hyperparameters` records everything needed to rebuild it from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
+
+from moa.config import ModelConfig, OptimConfig
+from moa.model import build_model
+from moa.optim import build_optimizer
+from moa.schema import parse
+
+CHECKPOINT_FORMAT_VERSION = 1
+IGNORE_INDEX = -100  # labels that carry no loss (mqar's non-answer positions)
+
+
+def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mean cross-entropy, accuracy and number of labelled tokens. (B, T, V), (B, T)."""
+    mask = labels != IGNORE_INDEX
+    count = mask.sum()
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=IGNORE_INDEX)
+    correct = ((logits.argmax(-1) == labels) & mask).sum()
+    return loss, correct.float() / count.clamp(min=1), count
+
+
+class LanguageModelModule(pl.LightningModule):
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_dict(model)
+        self.optim_config = parse(OptimConfig, optim, "optim")
+        self.model = build_model(self.model_config)
+        self.eval_metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": MeanMetric()
+            for stage in ("val", "test") for name in ("loss", "acc")
+        })
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        output = self.model(batch["input_ids"])
+        loss, acc, _ = token_metrics(output.logits, batch["labels"])
+        total = loss if output.aux_loss is None else loss + output.aux_loss
+        self.log_dict({"train/loss": loss, "train/acc": acc, "train/ppl": loss.exp()},
+                      prog_bar=True)
+        for name, (value, _weight) in output.aux_losses.items():
+            self.log(f"train/aux/{name}", value)
+        for name, value in output.stats.items():
+            self.log(f"train/stats/{name}", value)
+        if output.aux_loss is not None:
+            self.log("train/total_loss", total)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return total
+
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        output = self.model(batch["input_ids"])
+        loss, acc, count = token_metrics(output.logits, batch["labels"])
+        # token-weighted means, so the epoch value is the per-token loss of the whole split
+        self.eval_metrics[f"{stage}_loss"].update(loss, count)
+        self.eval_metrics[f"{stage}_acc"].update(acc, count)
+
+    def _log_evaluation(self, stage: str) -> None:
+        loss = self.eval_metrics[f"{stage}_loss"].compute()
+        acc = self.eval_metrics[f"{stage}_acc"].compute()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/acc": acc},
+                      prog_bar=stage == "val", sync_dist=True)
+        self.eval_metrics[f"{stage}_loss"].reset()
+        self.eval_metrics[f"{stage}_acc"].reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(
+            self.model, self.optim_config, int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["moa_format_version"] = CHECKPOINT_FORMAT_VERSION
+        checkpoint["model_config"] = self.model_config.to_dict()

@@ -1,0 +1,177 @@
+"""`train(cfg)` and `evaluate(cfg)`: what train.py and eval.py run, callable from tests.
+
+Run directory layout (single run or one job of a sweep):
+    config.yaml          the resolved config of the run (eval reads it)
+    .hydra/              Hydra's own record of the composition and overrides
+    run.json             data fingerprint (corpus and tokenizer hashes), parameter counts
+    tokenizer.json       the tokenizer the model was trained with
+    checkpoints/         best.ckpt (lowest val/loss) and last.ckpt
+    metrics.csv          the training/validation log (CSVLogger)
+    metrics.json         final val_/test_ loss, ppl and acc
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moa.config import ModelConfig
+from moa.data import CORPORA, TOKENIZERS, LMDataModule
+from moa.errors import ConfigError
+from moa.generation import SamplingConfig, generate
+from moa.lit import CHECKPOINT_FORMAT_VERSION, LanguageModelModule
+from moa.run_config import check_trainer, parse_run, resolved
+from moa.schema import parse
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = [f"{split}_{name}" for split in ("val", "test") for name in ("loss", "ppl", "acc")]
+
+
+def _instantiate_all(section: DictConfig | None) -> list[Any]:
+    if not section:
+        return []
+    return [instantiate(node) for node in section.values() if node is not None]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Validate the config, train, then evaluate the best checkpoint; return metrics."""
+    spec = parse_run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = LMDataModule(spec.data, spec.tokenizer, seed=cfg.seed,
+                              cache_dir=cfg.paths.cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model_config = spec.model.with_vocab(datamodule.vocab_size)
+    module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
+
+    run_config = {str(key): resolved(cfg, str(key)) for key in cfg if key != "hydra"}
+    OmegaConf.save(OmegaConf.create(run_config), run_dir / "config.yaml")
+    if datamodule.tokenizer is not None:
+        datamodule.tokenizer.save(run_dir / "tokenizer.json")
+    record = {
+        "data": datamodule.fingerprint,
+        "parameters": module.model.num_parameters(),
+        "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
+    }
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+    log.info("model: %.2fM parameters; data: %s", record["parameters"] / 1e6,
+             datamodule.fingerprint)
+
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_instantiate_all(cfg.get("logger")) or False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics: dict[str, float] = {}
+    if cfg.get("evaluate", True):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if best:
+            module.load_state_dict(_load_checkpoint(Path(best))["state_dict"])
+        metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), spec.sampling,
+                                 run_dir)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
+                   trainer_config: dict[str, Any], sampling: SamplingConfig,
+                   run_dir: Path) -> dict[str, float]:
+    """Val and test metrics over the whole splits (or limit_test_batches), then samples."""
+    check_trainer(trainer_config)
+    limit = trainer_config.get("limit_test_batches")
+    evaluator = instantiate(
+        {k: v for k, v in trainer_config.items() if k not in ("fast_dev_run", "overfit_batches")},
+        limit_val_batches=limit, limit_test_batches=limit, logger=False,
+        enable_checkpointing=False, callbacks=[],
+    )
+    results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
+    results |= evaluator.test(module, datamodule=datamodule, verbose=False)[0]
+    metrics = {key: float(results[key.replace("_", "/", 1)]) for key in METRIC_KEYS}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    if datamodule.tokenizer is not None and sampling.prompts:
+        print_samples(module, datamodule, sampling)
+    return metrics
+
+
+def print_samples(module: LanguageModelModule, datamodule: LMDataModule,
+                  sampling: SamplingConfig) -> None:
+    tokenizer = datamodule.tokenizer
+    model = module.model
+    generator = torch.Generator(device=module.device).manual_seed(sampling.seed)
+    greedy = SamplingConfig(**{**asdict(sampling), "temperature": 0.0})
+    for prompt in sampling.prompts:
+        ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]], device=module.device)
+        for label, how in (("greedy", greedy), (f"sampled t={sampling.temperature}", sampling)):
+            out = generate(model, ids, how, generator=generator)
+            continuation = tokenizer.decode(out[0, ids.size(1):].tolist())
+            print(f"--- {label} | {prompt!r}\n{prompt}{continuation}")
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("ckpt_path", str(path), "an existing checkpoint file", "not found")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    version = checkpoint.get("moa_format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise ConfigError("ckpt_path", str(path),
+                          f"a moa checkpoint of format version {CHECKPOINT_FORMAT_VERSION}",
+                          f"found format version {version}")
+    return checkpoint
+
+
+def _locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
+    """(run directory, checkpoint file) from `run_dir` or `ckpt_path`."""
+    if cfg.get("ckpt_path"):
+        checkpoint = Path(cfg.ckpt_path)
+        return (Path(cfg.run_dir) if cfg.get("run_dir") else checkpoint.parent.parent), checkpoint
+    if not cfg.get("run_dir"):
+        raise ConfigError("run_dir", None, "a training run directory (or ckpt_path=FILE)")
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("run_dir", str(run_dir), "a training run directory with config.yaml",
+                          "not a run directory")
+    names = {"best": ["best.ckpt", "last.ckpt"], "last": ["last.ckpt"]}
+    if cfg.checkpoint not in names:
+        raise ConfigError("checkpoint", cfg.checkpoint, "best | last")
+    for name in names[cfg.checkpoint]:
+        if (run_dir / "checkpoints" / name).is_file():
+            return run_dir, run_dir / "checkpoints" / name
+    raise ConfigError("run_dir", str(run_dir), "a run with checkpoints/best.ckpt or last.ckpt",
+                      "no checkpoint found")
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Load a run's checkpoint with its saved config; write DIR/metrics.json."""
+    run_dir, checkpoint_path = _locate_checkpoint(cfg)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    checkpoint = _load_checkpoint(checkpoint_path)
+    model_config = ModelConfig.from_dict(checkpoint["model_config"])
+    module = LanguageModelModule(model=model_config.to_dict(),
+                                 optim=OmegaConf.to_container(run_cfg.optim))
+    module.load_state_dict(checkpoint["state_dict"])
+    pl.seed_everything(cfg.seed, workers=True)
+
+    data = CORPORA.parse(run_cfg.data, "data")
+    tokenizer = None
+    if data.uses_tokenizer:
+        tokenizer = TOKENIZERS.parse(
+            {"name": "pretrained", "path": str(run_dir / "tokenizer.json")}, "tokenizer")
+    datamodule = LMDataModule(data, tokenizer, seed=int(run_cfg.seed),
+                              cache_dir=run_cfg.paths.cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
+    metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), sampling, run_dir)
+    return metrics, {"module": module, "datamodule": datamodule}

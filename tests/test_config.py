@@ -1,0 +1,110 @@
+"""Every YAML under conf/ composes and validates; bad configs fail naming their key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from moa.errors import ConfigError
+from moa.run_config import parse_run
+from tests.conftest import CONF_DIR
+
+# Groups whose files are chosen as `group=name`; hydra/ and paths/ are merged into every run.
+ALWAYS_LOADED = {"hydra", "paths"}
+
+
+def _choices() -> list[str]:
+    overrides = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        group = path.parent.relative_to(CONF_DIR).as_posix()
+        if group == "." or group in ALWAYS_LOADED:
+            continue
+        overrides.append(f"{group}={path.stem}")
+    return overrides
+
+
+def test_the_walk_finds_every_group():
+    groups = {choice.split("=")[0] for choice in _choices()}
+    assert {"model", "attention", "ffn", "position", "norm", "data", "tokenizer", "trainer",
+            "logger", "callbacks", "optim", "sampling", "debug", "experiment"} <= groups
+
+
+# Choices that need a value only the user can give; without it they must name the key.
+REQUIRED = {
+    "data=hf": ("data.path", "some-user/some-dataset"),
+    "data=text_files": ("data.train_files", "/some/corpus/*.txt"),
+    "tokenizer=pretrained": ("tokenizer.path", "/some/tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("choice", _choices())
+def test_every_config_file_composes_and_validates(compose_config, choice):
+    required = REQUIRED.get(choice)
+    if required is not None:
+        with pytest.raises(ConfigError) as error:
+            parse_run(compose_config(choice))
+        assert error.value.key == required[0]
+    extra = [f"{required[0]}={required[1]}"] if required else []
+    spec = parse_run(compose_config(choice, *extra))
+    assert spec.model.d_model % spec.model.n_heads == 0
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "card"])
+@pytest.mark.parametrize("model", ["gpt", "gpt2"])
+def test_model_sizes_resolve(compose_config, model, size):
+    spec = parse_run(compose_config(f"model={model}", f"model.size={size}"))
+    assert spec.model.size == size
+
+
+def test_eval_config_composes(compose_config):
+    cfg = compose_config("run_dir=/some/run", config_name="eval")
+    assert cfg.run_dir == "/some/run" and cfg.checkpoint == "best"
+
+
+def test_model_preset_picks_groups_and_command_line_wins(compose_config):
+    gpt2 = parse_run(compose_config("model=gpt2"))
+    assert (gpt2.model.position.name, gpt2.model.norm.name, gpt2.model.ffn.name) == \
+        ("learned", "layernorm", "mlp")
+    override = parse_run(compose_config("model=gpt2", "position=rope", "attention=mqa"))
+    assert override.model.position.name == "rope"
+    assert override.model.attention.n_kv_heads == 1
+
+
+def test_sqa_takes_half_the_query_heads(compose_config):
+    spec = parse_run(compose_config("attention=sqa", "model.n_heads=8"))
+    assert spec.model.attention.layout(spec.model) == (4, 4)
+
+
+INVALID = [
+    (["model.n_heads=5"], "model.n_heads", "divisible"),
+    (["attention=gqa", "attention.n_kv_heads=3"], "attention.n_kv_heads", "divisors"),
+    (["attention.n_q_heads=16"], "attention.n_q_heads", "more query heads"),
+    (["model.vocab_size=100"], "model.vocab_size", "tokenizer"),
+    (["model.size=huge"], "model.size", "card | small | tiny"),
+    (["model.d_model=abc"], "model.d_model", "int"),
+    (["+model.n_head=4"], "model.n_head", "did you mean 'n_heads'"),
+    (["optim.lr=-1"], "optim.lr", "positive"),
+    (["model.dropout=1.5"], "model.dropout", "dropout < 1.0"),
+    (["attention.name=flash"], "attention.name", "dot_product"),
+    (["norm.name=batchnorm"], "norm.name", "layernorm | rmsnorm"),
+    (["+trainer.max_stepz=3"], "trainer.max_stepz", "unknown key"),
+    (["data.block_size=100000"], "data.block_size", "max_seq_len"),
+    (["sampling.top_p=1.5"], "sampling.top_p", "top_p <= 1.0"),
+    (["optim.schedule=linear"], "optim.schedule", "cosine | constant"),
+    (["+bogus=1"], "bogus", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,allowed", INVALID, ids=[case[1] for case in INVALID])
+def test_invalid_config_names_its_key(compose_config, overrides, key, allowed):
+    with pytest.raises(ConfigError) as error:
+        parse_run(compose_config(*overrides))
+    assert error.value.key == key
+    message = str(error.value)
+    assert message.startswith(f"invalid config {key}=") and allowed in message
+    assert "\n" not in message
+
+
+def test_unknown_override_is_refused_by_hydra(compose_config):
+    with pytest.raises(ConfigCompositionException, match="model.n_head"):
+        compose_config("model.n_head=4")

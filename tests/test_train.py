@@ -1,0 +1,96 @@
+"""End to end: a smoke train, then evaluation of its checkpoint, in a temporary directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moa.errors import ConfigError
+from moa.tasks import METRIC_KEYS, evaluate, train
+from tests.conftest import ROOT
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def test_smoke_train_then_eval(compose_config, tmp_path):
+    cfg = compose_config("trainer=smoke")
+    metrics, objects = train(cfg)
+    run_dir = tmp_path / "run"
+
+    assert set(metrics) == set(METRIC_KEYS)
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert checkpoint["moa_format_version"] == 1
+        assert checkpoint["model_config"]["d_model"] == 64  # the tiny size of trainer=smoke
+    for name in ("config.yaml", "tokenizer.json", "run.json", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics)
+
+    losses = _train_losses(run_dir)
+    vocab = objects["module"].model_config.vocab_size
+    assert losses[0] > losses[-1] + 0.5, losses  # it learned something
+    assert metrics["val_loss"] < math.log(vocab) - 1.0
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
+    assert 0.0 < metrics["test_acc"] < 1.0
+
+    eval_cfg = compose_config(f"run_dir={run_dir}", "sampling.max_new_tokens=8",
+                              "trainer.limit_test_batches=4", config_name="eval")
+    (run_dir / "metrics.json").unlink()
+    evaluated, _ = evaluate(eval_cfg)
+    assert evaluated == pytest.approx(metrics, rel=1e-4)  # same weights, same splits
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics, rel=1e-4)
+
+
+def test_same_seed_same_loss_curve(compose_config, tmp_path):
+    overrides = ("trainer=smoke", "trainer.max_steps=6", "evaluate=false", "tokenizer=byte")
+    curves = []
+    for attempt in range(2):
+        cfg = compose_config(*overrides, f"paths.output_dir={tmp_path / str(attempt)}",
+                             "trainer.log_every_n_steps=1")
+        train(cfg)
+        curves.append(_train_losses(tmp_path / str(attempt)))
+    assert len(curves[0]) == 6 and curves[0] == curves[1]
+
+
+def test_eval_without_checkpoint_names_the_key(compose_config, tmp_path):
+    with pytest.raises(ConfigError, match="run_dir"):
+        evaluate(compose_config(f"run_dir={tmp_path}", config_name="eval"))
+
+
+def test_command_line_train_and_eval(tmp_path, cache_dir):
+    """The commands outside checks use: train.py trainer=smoke hydra.run.dir=DIR, then
+    eval.py run_dir=DIR."""
+    env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
+    run_dir = tmp_path / "cli"
+    subprocess.run([sys.executable, "train.py", "trainer=smoke", "model.n_layers=1",
+                    "trainer.max_steps=4", "trainer.val_check_interval=2", "evaluate=false",
+                    f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "eval.py", f"run_dir={run_dir}",
+                             "sampling.max_new_tokens=4"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == set(METRIC_KEYS)
+    assert "--- greedy" in result.stdout
+
+
+def test_command_line_config_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "model.n_heads=5",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: invalid config model.n_heads=5")
+    assert "Traceback" not in result.stderr
