@@ -94,3 +94,44 @@ def test_command_line_config_error_is_one_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: invalid config model.n_heads=5")
     assert "Traceback" not in result.stderr
+
+
+def test_fast_dev_run_runs_one_batch(compose_config):
+    metrics, objects = train(compose_config("trainer=smoke", "debug=fast_dev_run"))
+    assert objects["trainer"].global_step == 1
+    assert metrics == {}  # the preset skips the final evaluation
+
+
+def test_overfit_batch_drives_the_loss_down(compose_config, tmp_path):
+    cfg = compose_config("trainer=smoke", "debug=overfit_batch", "trainer.max_steps=120",
+                         "trainer.val_check_interval=60", "tokenizer=byte", "evaluate=false",
+                         "trainer.log_every_n_steps=1", "optim.lr=1e-2")
+    train(cfg)
+    losses = _train_losses(tmp_path / "run")
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
+def test_mqar_trains_and_reports_recall_accuracy(compose_config):
+    cfg = compose_config("trainer=smoke", "data=mqar", "data.vocab_size=64", "data.seq_len=32",
+                         "data.num_kv_pairs=4", "data.num_train_examples=512",
+                         "data.num_val_examples=64", "data.num_test_examples=64",
+                         "model.max_seq_len=32", "trainer.max_steps=10")
+    metrics, objects = train(cfg)
+    assert objects["module"].model_config.vocab_size == 64  # from the data, no tokenizer
+    assert objects["datamodule"].tokenizer is None
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and math.isfinite(metrics["test_loss"])
+
+
+def test_command_line_multirun(tmp_path, cache_dir):
+    """`python train.py -m ... hydra.sweep.dir=DIR`: one run directory per job."""
+    env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
+    sweep = tmp_path / "sweep"
+    subprocess.run([sys.executable, "train.py", "-m", "trainer=smoke", "attention=mha,mqa",
+                    "tokenizer=byte", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                    "trainer.limit_test_batches=1", "sampling.prompts=[]",
+                    f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    for job in ("0", "1"):
+        assert set(json.loads((sweep / job / "metrics.json").read_text())) == set(METRIC_KEYS)
+    choices = [(sweep / job / ".hydra" / "overrides.yaml").read_text() for job in ("0", "1")]
+    assert "attention=mha" in choices[0] and "attention=mqa" in choices[1]
