@@ -1,0 +1,140 @@
+"""Benchmark metric attention against dot-product SDPA: time and peak memory.
+
+    python bench/attention.py --device cpu --json bench-cpu.json
+    python bench/attention.py --device cuda --dtype bfloat16 --json bench-gpu.json
+
+For each L (512..4096, 8192 on GPU), H=8, D=64, batch 1, causal: forward and
+forward+backward time (median of --repeats runs after a warm-up) and the peak memory the
+call allocates above what was allocated before it. Implementations: `sdpa` (dot-product
+`F.scaled_dot_product_attention`), `eager` (the metric reference), `cpu_fused` (CPU) or
+`triton` (CUDA). Each metric row carries `ratio_to_sdpa`, its time over SDPA's in the
+same run. Peak memory (of one forward+backward): on CUDA, `torch.cuda.max_memory_allocated`
+after a reset, less what was allocated before; on CPU, torch's profiler with
+`profile_memory=True` records every allocation and free of torch's CPU allocator (inside
+ops too), and the peak is the maximum of their running sum, in time order, over the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moa.kernels.metric_cpu import metric_attention_cpu
+from moa.kernels.metric_reference import metric_attention_eager
+
+H, D = 8, 64
+
+
+def _inputs(L: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    q, k, v = (torch.randn(1, H, L, D, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    alpha = torch.full((H,), 0.1, device=device, requires_grad=True)
+    return [q, k, v, alpha]
+
+
+def _call(impl: str) -> Callable[..., torch.Tensor]:
+    if impl == "sdpa":
+        return lambda q, k, v, alpha: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    fn = {"eager": metric_attention_eager, "cpu_fused": metric_attention_cpu}.get(impl)
+    if fn is None:
+        from moa.kernels.metric_triton import metric_attention_triton as fn
+    return lambda q, k, v, alpha: fn(q, k, v, k.float().pow(2).sum(-1), alpha, None)
+
+
+def _step(fn, inputs, backward: bool) -> None:
+    if backward:
+        fn(*inputs).sum().backward()
+    else:
+        with torch.no_grad():
+            fn(*inputs)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, inputs, backward: bool, device: str, repeats: int) -> float:
+    _step(fn, inputs, backward)  # warm-up (and Triton compilation)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        _step(fn, inputs, backward)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _peak_mb(fn, inputs, device: str) -> float:
+    """Peak bytes allocated by one forward+backward above those allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _step(fn, inputs, backward=True)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _step(fn, inputs, backward=True)
+    allocations = []  # (time, +bytes allocated | -bytes freed), from the profiler's tree
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if node.tag == _EventType.Allocation:
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+        nodes.extend(node.children)
+    running = peak = 0
+    for _, size in sorted(allocations):
+        running += size
+        peak = max(peak, running)
+    return peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="write the records here")
+    args = parser.parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    lengths = args.lengths or ([512, 1024, 2048, 4096] + ([8192] if device == "cuda" else []))
+    fused = "triton" if device == "cuda" else "cpu_fused"
+    records = []
+    print(f"{'impl':>10} {'L':>6} {'fwd_ms':>9} {'fwd_bwd_ms':>11} {'peak_mb':>9} {'ratio':>11}")
+    for L in lengths:
+        sdpa_times = None
+        for impl in ("sdpa", "eager", fused):
+            torch.manual_seed(0)
+            inputs = _inputs(L, device, dtype)
+            fn = _call(impl)
+            fwd = _time_ms(fn, inputs, False, device, args.repeats)
+            fwd_bwd = _time_ms(fn, inputs, True, device, args.repeats)
+            peak = _peak_mb(fn, inputs, device)
+            sdpa_times = sdpa_times or (fwd, fwd_bwd)
+            ratio = {"fwd": fwd / sdpa_times[0], "fwd_bwd": fwd_bwd / sdpa_times[1]}
+            records.append(dict(impl=impl, L=L, device=device, dtype=str(dtype).split(".")[-1],
+                                H=H, D=D, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, peak_mb=peak,
+                                ratio_to_sdpa=ratio))
+            print(f"{impl:>10} {L:>6} {fwd:9.2f} {fwd_bwd:11.2f} {peak:9.1f} "
+                  f"{ratio['fwd']:5.2f}/{ratio['fwd_bwd']:4.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(records, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Ball pruning: each key head keeps only the keys inside a learned ball.
+
+Key head h has an origin o_h and a radius r_h in its metric space; a key with
+`||k - o_h|| > r_h` is masked out before the softmax (the attention kernels still keep
+each query's own key, so no row is empty). The mask is hard in the forward pass.
+
+A hard mask gives r_h no gradient, so the gate is a straight-through estimator with a
+hard-sigmoid surrogate of relative width `band`:
+
+    hard_j = [d_j <= r]                       d_j = ||k_j - o||
+    soft_j = clamp(1/2 + (r - d_j) / (band * r), 0, 1)
+    gate_j = hard_j + soft_j - stop_gradient(soft_j)
+
+The forward value is exactly `hard_j`; the backward pass uses `d soft_j`, so r, o and the
+keys receive `dL/dgate_j * d soft_j`, where `dL/dgate_j` is the exact derivative of the
+attention output with respect to key j's multiplicative weight (defined for pruned keys
+too: how much the loss would change if key j were let back in). Only keys within
+`band * r / 2` of the sphere carry gradient, so a key far outside the ball costs nothing
+in the backward pass either. `learn_radius: false` keeps the radius fixed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class BallPruning(nn.Module):
+    def __init__(self, n_heads: int, head_dim: int, radius_init: float, learn_radius: bool,
+                 origin_init_scale: float, band: float) -> None:
+        super().__init__()
+        self.band = band
+        self.origin = nn.Parameter(torch.randn(n_heads, head_dim) * origin_init_scale)
+        log_radius = torch.full((n_heads,), math.log(radius_init))
+        if learn_radius:
+            self.log_radius = nn.Parameter(log_radius)
+        else:
+            self.register_buffer("log_radius", log_radius)
+
+    @property
+    def radius(self) -> torch.Tensor:
+        return self.log_radius.exp()  # (H,), positive
+
+    def forward(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k: (B, H, S, D) keys in metric space -> gate (B, H, S) with hard values and
+        straight-through gradients, and the fraction of keys pruned (a detached scalar)."""
+        radius = self.radius.view(1, -1, 1).to(k.dtype)
+        distance = (k - self.origin[None, :, None, :].to(k.dtype)).norm(dim=-1)  # (B, H, S)
+        hard = (distance <= radius).to(k.dtype)
+        soft = (0.5 + (radius - distance) / (self.band * radius)).clamp(0.0, 1.0)
+        return hard + (soft - soft.detach()), 1.0 - hard.mean()  # exactly hard, forward

@@ -1,0 +1,174 @@
+"""Metric attention: each head scores a key by a negative distance, `-alpha_h d(q, k)^2`.
+
+`metric` picks d: `l2` (Euclidean), `cosine` (Euclidean between unit vectors: q and k are
+normalised first) or `maha_diag` (diagonal Mahalanobis, `sum_c w_c (q_c - k_c)^2` with
+learned positive w per key head: q and k are scaled by sqrt(w) first). After that map
+every metric is Euclidean, so one kernel serves all three (`moa/kernels/`), chosen by
+`impl`: `eager` (the reference, O(L^2)), `cpu_fused` (PyTorch's fused CPU flash kernel),
+`triton` (flash-style Triton kernels) or `auto` (triton on CUDA, cpu_fused otherwise).
+
+Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per query
+head; the Mahalanobis weights and the balls describe the key space, so they are per key
+head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`)
+and a triangle-inequality penalty (`ti_reg_weight`, `moa/regularizers.py`). The KV cache
+holds the metric-space keys, the values and the keys' squared norms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.attention.balls import BallPruning
+from moa.attention.heads import HeadsConfig, QKVProjection
+from moa.attention.registry import ATTENTION
+from moa.kernels.metric_cpu import metric_attention_cpu
+from moa.kernels.metric_reference import metric_attention_eager
+from moa.regularizers import triangle_inequality_penalty
+from moa.schema import check, check_choice, check_range
+
+if TYPE_CHECKING:
+    from moa.config import ModelConfig
+    from moa.context import ForwardContext
+
+METRICS = ("l2", "cosine", "maha_diag")
+IMPLS = ("auto", "eager", "cpu_fused", "triton")
+
+
+@dataclass
+class MetricConfig:
+    name: str = "l2"
+    maha_init: float = 1.0  # initial diagonal Mahalanobis weight (maha_diag only)
+
+    def __post_init__(self) -> None:
+        # Only ever the `metric` field of the attention config: keys named from there.
+        check_choice("metric.name", self.name, METRICS)
+        check(self.maha_init > 0, "metric.maha_init", self.maha_init, "a positive float")
+
+
+@dataclass
+class MetricAttentionConfig(HeadsConfig):
+    name: str = "metric"
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    impl: str = "auto"
+    alpha_init: float = 1.0
+    learn_alpha: bool = True
+    use_balls: bool = False
+    radius_init: float = 4.0
+    learn_radius: bool = True
+    ball_band: float = 0.5  # relative width of the radius' straight-through surrogate
+    origin_init_scale: float = 0.0
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    ti_reg_weight: float = 0.0
+    ti_reg_samples: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (metric attention: attn_drop)")
+        check_choice("impl", self.impl, IMPLS)
+        check(self.alpha_init > 0, "alpha_init", self.alpha_init, "a positive float")
+        check(self.radius_init > 0, "radius_init", self.radius_init, "a positive float")
+        check(self.ball_band > 0, "ball_band", self.ball_band, "a positive float")
+        check(self.origin_init_scale >= 0, "origin_init_scale", self.origin_init_scale, ">= 0")
+        check_range("attn_drop", self.attn_drop, 0.0, 1.0, high_open=True)
+        check_range("proj_drop", self.proj_drop, 0.0, 1.0, high_open=True)
+        check(self.attn_drop == 0.0 or self.impl == "eager", "attn_drop", self.attn_drop,
+              "0.0 unless impl=eager", "the fused kernels have no attention dropout")
+        check(self.ti_reg_weight >= 0, "ti_reg_weight", self.ti_reg_weight, ">= 0")
+        check(self.ti_reg_samples > 0, "ti_reg_samples", self.ti_reg_samples, "a positive integer")
+
+
+Kernel = Callable[..., torch.Tensor]  # (q, k, v, k_norm, alpha, gate) -> out
+
+
+def select_kernel(impl: str, device: torch.device) -> Kernel:
+    """The implementation for `impl` on `device` (`auto`: triton on CUDA, else cpu_fused).
+    Shape-only passes on the meta device (FLOP counting) run the reference."""
+    if device.type == "meta":
+        return metric_attention_eager
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "cpu_fused"
+    if impl == "triton":
+        from moa.kernels.metric_triton import metric_attention_triton  # optional dependency
+
+        return metric_attention_triton
+    if impl == "cpu_fused" and device.type != "cpu":
+        raise ValueError(f"attention.impl=cpu_fused runs on CPU only, not on {device}")
+    return metric_attention_cpu if impl == "cpu_fused" else metric_attention_eager
+
+
+@ATTENTION.register("metric", MetricAttentionConfig)
+class MetricAttention(nn.Module):
+    def __init__(self, config: MetricAttentionConfig, model: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.heads = QKVProjection(config, model)
+        n_q, n_kv, D = self.heads.n_q_heads, self.heads.n_kv_heads, self.heads.head_dim
+        self.group = n_q // n_kv
+        log_alpha = torch.full((n_q,), math.log(config.alpha_init))
+        if config.learn_alpha:
+            self.log_alpha = nn.Parameter(log_alpha)
+        else:
+            self.register_buffer("log_alpha", log_alpha)
+        self.log_maha = None
+        if config.metric.name == "maha_diag":
+            self.log_maha = nn.Parameter(torch.full((n_kv, D), math.log(config.metric.maha_init)))
+        self.balls = None
+        if config.use_balls:
+            self.balls = BallPruning(n_kv, D, config.radius_init, config.learn_radius,
+                                     config.origin_init_scale, config.ball_band)
+        self.proj_drop = nn.Dropout(config.proj_drop)
+
+    def to_metric_space(self, q: torch.Tensor, k: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map q (B, Hq, T, D) and k (B, Hkv, T, D) to where the metric is Euclidean."""
+        if self.config.metric.name == "cosine":
+            return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.log_maha is not None:
+            scale = (0.5 * self.log_maha).exp().to(q.dtype)  # sqrt(w): (Hkv, D)
+            return q * scale.repeat_interleave(self.group, 0)[:, None], k * scale[:, None]
+        return q, k
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
+        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
+        q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
+        if self.training and self.config.ti_reg_weight > 0:
+            self._triangle_penalty(q, k, ctx)
+        if ctx.cache is not None:
+            k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
+            k_norm = ctx.cache.append("k_norm", k_norm)  # (B, Hkv, S)
+        gate = None
+        if self.balls is not None:
+            gate, pruned = self.balls(k)  # (B, Hkv, S)
+            ctx.record.stat("pruned_fraction", pruned)
+        alpha = self.log_alpha.exp()
+        kernel = select_kernel(self.config.impl, x.device)
+        if self.config.attn_drop > 0 and self.training:
+            kernel = _with_dropout(self.config.attn_drop)
+        y = kernel(q, k, v, k_norm, alpha, gate)  # (B, Hq, T, D)
+        return self.proj_drop(self.heads.merge(y))
+
+    def _triangle_penalty(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> None:
+        B, Hkv, T, D = k.shape
+        queries = q.view(B, Hkv, self.group, T, D).transpose(1, 2).reshape(-1, Hkv, T, D)
+        points = torch.cat([queries, k], dim=0).transpose(0, 1).reshape(Hkv, -1, D)
+        penalty, violating = triangle_inequality_penalty(points, self.config.ti_reg_samples)
+        ctx.record.loss("ti_penalty", penalty, self.config.ti_reg_weight)
+        ctx.record.stat("ti_violating_fraction", violating)
+
+
+def _with_dropout(p: float) -> Kernel:
+    def kernel(q, k, v, k_norm, alpha, gate):
+        return metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=p)
+
+    return kernel
+

@@ -1,0 +1,6 @@
+"""Attention kernels beside their pure-PyTorch references (the reference is the spec).
+
+`metric_reference` (eager), `metric_cpu` (PyTorch's fused CPU flash kernel) and
+`metric_triton` (Triton; imported only where used, as triton is an optional extra) share
+one signature: see `metric_reference.py`.
+"""

@@ -1,0 +1,57 @@
+"""ALCCA, brute force: the readable spec that `moa/attention/alcca.py` must match.
+
+    out = alcca_attention_eager(q, k, v, alpha, top_k, theta, eps, weighting)
+
+    q       (B, Hq, T, D)   queries in the head's metric space (where it is Euclidean)
+    k, v    (B, Hkv, S, D)  keys (metric space) and values; Hq % Hkv == 0; the queries are
+                            the last T of the S positions (causal: query i sees j <= S-T+i)
+    alpha   (Hq,)           positive sharpness per query head (softmax weighting)
+    out     (B, Hq, T, D)
+
+For query i over its visible keys: with c_i their centre of mass, if ||q_i - c_i|| < theta
+the output is the mean of their values; otherwise the min(top_k, visible) nearest keys N_i
+by Euclidean distance d_ij are weighted by `neighbour_weights` and their values averaged.
+Everything here is a dense (T, S) tensor: O(L^2) time and memory, for tests only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WEIGHTINGS = ("inverse_distance", "softmax")
+
+
+def neighbour_weights(distance_sq: torch.Tensor, alpha: torch.Tensor, weighting: str,
+                      eps: float, valid: torch.Tensor) -> torch.Tensor:
+    """Normalised weights over the last axis for the chosen keys; `valid` marks real ones.
+
+    inverse_distance: 1 / (d + eps), the card's rule (its gradient grows as 1/eps^2 where a
+    query sits on a key); softmax: softmax(-alpha * d^2), metric attention's scores.
+    `alpha` broadcasts against `distance_sq` without its last axis."""
+    distance_sq = distance_sq.masked_fill(~valid, 0.0)  # no inf x 0 in any gradient
+    if weighting == "inverse_distance":
+        raw = 1.0 / (distance_sq.clamp_min(torch.finfo(distance_sq.dtype).tiny).sqrt() + eps)
+        raw = raw.masked_fill(~valid, 0.0)
+        return raw / raw.sum(-1, keepdim=True)
+    scores = (-alpha[..., None] * distance_sq).masked_fill(~valid, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                          top_k: int, theta: float, eps: float, weighting: str) -> torch.Tensor:
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, S, D)
+    T, S = q.size(2), k.size(2)
+    rows = torch.arange(T, device=q.device)[:, None] + (S - T)
+    causal = torch.arange(S, device=q.device)[None, :] <= rows  # (T, S)
+    average = causal.to(q.dtype) / causal.sum(-1, keepdim=True)  # (T, S) uniform rows
+    centre = average @ k  # (B, Hq, T, D)
+    near = (q - centre).norm(dim=-1) < theta  # (B, Hq, T)
+
+    distance_sq = (q[:, :, :, None] - k[:, :, None]).pow(2).sum(-1)  # (B, Hq, T, S)
+    ranked = distance_sq.masked_fill(~causal, float("inf"))
+    chosen_sq, chosen = ranked.topk(min(top_k, S), dim=-1, largest=False)  # (B, Hq, T, k)
+    weights = neighbour_weights(chosen_sq, alpha.view(1, -1, 1), weighting, eps,
+                                chosen_sq.isfinite())
+    dense = torch.zeros_like(distance_sq).scatter(-1, chosen, weights)  # (B, Hq, T, S)
+    return torch.where(near[..., None], average @ v, dense @ v)

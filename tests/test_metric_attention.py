@@ -1,0 +1,201 @@
+"""Metric attention as a module: config, metrics, causality, KV cache, balls, training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moa.attention import ATTENTION
+from moa.auxiliary import AuxiliaryRecorder
+from moa.config import ModelConfig
+from moa.context import ForwardContext
+from moa.errors import ConfigError
+from moa.kernels.metric_reference import metric_attention_eager, metric_scores
+from moa.model import build_model
+from moa.position import POSITION
+from tests.conftest import tiny_model_config
+
+
+def _metric_config(impl="eager", **attention):
+    return tiny_model_config({"name": "metric", "impl": impl, **attention})
+
+
+def _context(config, T: int, record: AuxiliaryRecorder | None = None) -> ForwardContext:
+    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
+    return ForwardContext(torch.arange(T), position, record or AuxiliaryRecorder())
+
+
+def test_scores_are_negative_scaled_squared_distances():
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64) + 0.1
+    direct = (q[:, :, :, None] - k.repeat_interleave(2, 1)[:, :, None]).pow(2).sum(-1)
+    scores = metric_scores(q, k, k.pow(2).sum(-1), alpha)
+    torch.testing.assert_close(scores, -alpha.view(1, 4, 1, 1) * direct)
+
+
+def test_maha_diag_is_weighted_squared_distance():
+    torch.manual_seed(0)
+    config = _metric_config(metric={"name": "maha_diag", "maha_init": 0.5}, n_kv_heads=2)
+    attention = ATTENTION.build(config.attention, config)
+    with torch.no_grad():
+        attention.log_maha.normal_()
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    q_m, k_m = attention.to_metric_space(q, k)
+    weight = attention.log_maha.exp()  # (Hkv, D)
+    for h in range(4):
+        g = h // 2
+        want = (weight[g] * (q[0, h, :, None] - k[0, g, None]).pow(2)).sum(-1)
+        got = (q_m[0, h, :, None] - k_m[0, g, None]).pow(2).sum(-1)
+        torch.testing.assert_close(got, want)
+
+
+def test_cosine_distance_uses_unit_vectors():
+    config = _metric_config(metric={"name": "cosine"})
+    attention = ATTENTION.build(config.attention, config)
+    q_m, k_m = attention.to_metric_space(torch.randn(1, 4, 3, 8) * 5, torch.randn(1, 4, 3, 8))
+    torch.testing.assert_close(q_m.norm(dim=-1), torch.ones(1, 4, 3))
+    torch.testing.assert_close(k_m.norm(dim=-1), torch.ones(1, 4, 3))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "maha_diag"])
+@pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
+def test_metric_attention_is_causal(metric, impl):
+    torch.manual_seed(1)
+    config = _metric_config(impl, metric={"name": metric}, n_kv_heads=2, use_balls=True,
+                            radius_init=0.3)
+    attention = ATTENTION.build(config.attention, config).eval()
+    x = torch.randn(2, 13, config.d_model)
+    y = attention(x, _context(config, 13))
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn_like(x2[:, 7:])
+    y2 = attention(x2, _context(config, 13))
+    torch.testing.assert_close(y2[:, :7], y[:, :7])
+    assert not torch.allclose(y2[:, 7:], y[:, 7:])
+
+
+@pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("balls", [False, True])
+def test_cached_decoding_equals_uncached(impl, position, balls):
+    torch.manual_seed(2)
+    config = tiny_model_config({"name": "metric", "impl": impl, "n_kv_heads": 2,
+                                "metric": {"name": "maha_diag"}, "use_balls": balls,
+                                "radius_init": 0.5}, position=position)
+    model = build_model(config).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :5], cache).logits]  # a prefix, then one token at a time
+        steps += [model(ids[:, t:t + 1], cache).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert set(cache.layers[0].buffers) == {"k", "v", "k_norm"}
+
+
+def test_radius_gradient_is_the_straight_through_derivative():
+    """d loss / d log r is non-zero and equals the finite-difference derivative of the loss
+    with the surrogate gate hard(r0) + soft(r) - soft(r0) (the estimator's definition)."""
+    torch.manual_seed(3)
+    config = _metric_config(use_balls=True, ball_band=0.5)
+    attention = ATTENTION.build(config.attention, config).double()
+    q = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    k = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    v = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    alpha = torch.full((4,), 0.05, dtype=torch.float64)
+    balls = attention.balls
+    distance = (k - balls.origin[None, :, None].detach()).norm(dim=-1)  # (B, H, S)
+    with torch.no_grad():  # radius at the median distance: keys on both sides of the sphere
+        balls.log_radius.copy_(distance.transpose(0, 1).flatten(1).median(1).values.log())
+    weights = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+
+    def loss(gate):
+        return (metric_attention_eager(q, k, v, k.pow(2).sum(-1), alpha, gate) * weights).sum()
+
+    gate, _ = balls(k)
+    grad = torch.autograd.grad(loss(gate), balls.log_radius)[0]
+    log_r0 = balls.log_radius.detach().clone()
+
+    def surrogate(log_r):
+        r = log_r.exp().view(1, -1, 1)
+        return (0.5 + (r - distance) / (balls.band * r)).clamp(0, 1)
+
+    hard = (distance <= log_r0.exp().view(1, -1, 1)).double()
+    eps = 1e-6
+    for h in range(4):
+        step = torch.zeros(4, dtype=torch.float64)
+        step[h] = eps
+        plus = loss(hard + surrogate(log_r0 + step) - surrogate(log_r0))
+        minus = loss(hard + surrogate(log_r0 - step) - surrogate(log_r0))
+        torch.testing.assert_close(grad[h], (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-8)
+    assert (grad != 0).all()
+
+
+def test_pruned_fraction_and_ti_penalty_are_recorded():
+    torch.manual_seed(4)
+    config = _metric_config("cpu_fused", use_balls=True, radius_init=0.3, ti_reg_weight=0.5,
+                            ti_reg_samples=32)
+    attention = ATTENTION.build(config.attention, config).train()
+    record = AuxiliaryRecorder()
+    x = torch.randn(2, 10, config.d_model)
+    attention(x, _context(config, 10, record))
+    q, k, _ = attention.heads.split(x)
+    q, k = attention.to_metric_space(*POSITION.build(
+        config.position, config.max_seq_len, config.d_model, config.head_dim
+    ).rotate(q, k, torch.arange(10)))
+    outside = (k - attention.balls.origin[None, :, None]).norm(dim=-1) > attention.balls.radius[
+        None, :, None]
+    torch.testing.assert_close(record.stats["pruned_fraction"], outside.float().mean())
+    value, weight = record.losses["ti_penalty"]
+    assert weight == 0.5 and value.requires_grad
+    assert record.stats["ti_violating_fraction"] == 0.0  # a true metric obeys the inequality
+
+
+def test_config_errors_name_their_key():
+    with pytest.raises(ConfigError, match="attention.impl"):
+        _metric_config("fast")
+    with pytest.raises(ConfigError, match="attention.metric.name"):
+        _metric_config(metric={"name": "l1"})
+    with pytest.raises(ConfigError, match="attention.attn_drop"):
+        _metric_config("cpu_fused", attn_drop=0.1)
+
+
+def test_config_round_trips_through_checkpoint_dict():
+    config = _metric_config(metric={"name": "maha_diag", "maha_init": 2.0}, use_balls=True)
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again == config
+    assert dataclasses.asdict(again.attention)["metric"] == {"name": "maha_diag", "maha_init": 2.0}
+
+
+def test_hydra_composes_metric_options(compose_config):
+    from moa.run_config import parse_run
+
+    cfg = compose_config("attention=metric_mqa", "metric=maha_diag", "regularizer=ti",
+                         "trainer=smoke")
+    attention = parse_run(cfg).model.attention
+    assert attention.metric.name == "maha_diag" and attention.n_kv_heads == 1
+    assert (attention.ti_reg_weight, attention.ti_reg_samples) == (0.01, 64)
+    plain = parse_run(compose_config("attention=metric")).model.attention
+    assert plain.metric.name == "l2" and plain.ti_reg_weight == 0.0
+
+
+def test_gpt_with_maha_diag_metric_attention_learns():
+    """A smoke-sized GPT with metric attention (maha_diag, balls, TI) fits a fixed batch."""
+    torch.manual_seed(5)
+    config = _metric_config("auto", metric={"name": "maha_diag"}, use_balls=True,
+                            radius_init=2.0, ti_reg_weight=0.01)
+    model = build_model(config).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 50, (4, 33))
+    losses = []
+    for _ in range(30):
+        output = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(output.logits.flatten(0, 1), ids[:, 1:].flatten())
+        (loss + output.aux_loss).backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert model.blocks[0].attention.log_maha.grad is None  # zeroed: it was trained

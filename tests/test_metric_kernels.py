@@ -1,0 +1,133 @@
+"""Every metric-attention implementation against the float64 eager reference.
+
+Fresh random inputs per case; forward and every gradient (q, k, v, key norms, alpha, ball
+gate); odd lengths, several head dims, GQA groupings, batch > 1, with and without the
+ball gate, self-attention and cached-decoding shapes (T < S). The Triton kernels run
+under `TRITON_INTERPRET=1` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from moa.kernels.metric_cpu import metric_attention_cpu  # noqa: E402
+from moa.kernels.metric_reference import metric_attention_eager  # noqa: E402
+
+try:
+    from moa.kernels import metric_triton
+except ImportError:  # triton is the optional `kernels` extra
+    metric_triton = None
+
+needs_triton = pytest.mark.skipif(metric_triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (B, Hq, Hkv, T, S, D): self-attention (T == S) and decoding (T < S) shapes.
+CASES = [
+    (1, 1, 1, 1, 1, 16),
+    (2, 4, 2, 17, 17, 16),
+    (1, 4, 1, 33, 33, 24),
+    (2, 2, 2, 5, 23, 64),
+    (1, 3, 3, 1, 17, 32),
+]
+SLOW_CASES = [(2, 8, 2, 113, 113, 64), (1, 4, 4, 1023, 1023, 32), (1, 2, 1, 77, 300, 48)]
+
+
+def _inputs(B, Hq, Hkv, T, S, D, gated, dtype=torch.float64, device="cpu"):
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh every call
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+    q = draw(B, Hq, T, D) * 0.5
+    k = draw(B, Hkv, S, D) * 0.5
+    v = draw(B, Hkv, S, D)
+    alpha = 0.2 + torch.rand(Hq, generator=generator, dtype=torch.float64)
+    gate = (torch.rand(B, Hkv, S, generator=generator) > 0.4).double() if gated else None
+    tensors = [q, k, v, k.pow(2).sum(-1), alpha, gate]
+    return [None if t is None else t.to(device, dtype).requires_grad_() for t in tensors]
+
+
+def _run(fn, inputs, d_out):
+    out = fn(*inputs)
+    leaves = [t for t in inputs if t is not None]
+    return out, torch.autograd.grad(out, leaves, d_out)
+
+
+def _check(fn, case, gated, device="cpu"):
+    inputs = _inputs(*case, gated, device=device)
+    d_out = torch.randn_like(inputs[0])  # out has q's shape
+    expected, expected_grads = _run(metric_attention_eager, inputs, d_out)
+    out, grads = _run(fn, inputs, d_out)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    names = [n for n, t in zip(["q", "k", "v", "k_norm", "alpha", "gate"], inputs, strict=True)
+             if t is not None]
+    for name, grad, want in zip(names, grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=f"d{name} differs")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_fused_matches_reference(case, gated):
+    _check(metric_attention_cpu, case, gated)
+
+
+@needs_triton
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(case, gated, monkeypatch):
+    def poisoned(shape, like, dtype):  # every element the kernels leave unwritten stays NaN
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+
+    monkeypatch.setattr(metric_triton, "_buffer", poisoned)
+    _check(metric_triton.metric_attention_triton, case, gated, DEVICE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", SLOW_CASES)
+def test_implementations_match_reference_at_larger_sizes(case, gated):
+    _check(metric_attention_cpu, case, gated)
+    if metric_triton is not None and (DEVICE == "cuda" or case[3] < 512):  # interpreter: slow
+        _check(metric_triton.metric_attention_triton, case, gated, DEVICE)
+
+
+@needs_triton
+def test_triton_repeat_runs_are_identical():
+    inputs = _inputs(2, 4, 2, 37, 37, 32, gated=True, device=DEVICE)
+    d_out = torch.randn_like(inputs[0])
+    first = _run(metric_triton.metric_attention_triton, inputs, d_out)
+    second = _run(metric_triton.metric_attention_triton, inputs, d_out)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
+
+
+def test_fully_pruned_rows_keep_their_own_key():
+    """With every key pruned, each query attends to itself alone."""
+    q, k, v, k_norm, alpha, _ = _inputs(1, 2, 1, 9, 9, 16, gated=False)
+    gate = torch.zeros(1, 1, 9, dtype=torch.float64)
+    for fn in (metric_attention_eager, metric_attention_cpu):
+        out = fn(q, k, v, k_norm, alpha, gate)
+        torch.testing.assert_close(out, v.expand(1, 2, 9, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_fused_low_precision_error_within_twice_eager(dtype):
+    """The flash-attention rule: against float64, the fused error is at most twice the
+    error of eager code in the same dtype (keys with large norms included)."""
+    inputs = _inputs(2, 4, 2, 65, 65, 64, gated=True)
+    with torch.no_grad():
+        inputs[1].mul_(4.0)  # ||k||^2 ~ 250: the key-norm bias needs its hi/lo split
+        inputs[3].copy_(inputs[1].pow(2).sum(-1))
+        inputs[4].fill_(0.05)
+        exact = metric_attention_eager(*inputs)
+        low = [None if t is None else t.to(dtype) for t in inputs]
+        low[3] = inputs[3].float()  # the module computes key norms in float32
+        fused = (metric_attention_cpu(*low).double() - exact).abs().max()
+        eager = (metric_attention_eager(*low).double() - exact).abs().max()
+    assert fused <= 2 * eager + 1e-6

@@ -1,0 +1,39 @@
+"""The triangle-inequality penalty: zero on a metric, the exact excess where d violates it."""
+
+from __future__ import annotations
+
+import torch
+
+from moa.regularizers import triangle_inequality_penalty
+
+
+def test_euclidean_distance_never_violates():
+    torch.manual_seed(0)
+    points = torch.randn(4, 50, 16, requires_grad=True)
+    penalty, violating = triangle_inequality_penalty(points, n_samples=500)
+    assert penalty.item() < 1e-6
+    assert violating.item() == 0.0
+    penalty.backward()  # repeated points (zero distances) must not poison the gradient
+    assert torch.isfinite(points.grad).all()
+
+
+def test_squared_distance_violates_with_the_exact_excess():
+    """Collinear points 0, 1, 2 under d^2: d^2(0, 2) = 4 > d^2(0, 1) + d^2(1, 2) = 2 — why
+    the penalty must use the distance, not the squared distance the score uses."""
+    line = torch.tensor([[[0.0], [1.0], [2.0]]], requires_grad=True)  # (H=1, N=3, D=1)
+
+    def squared(a, b):
+        return (a - b).pow(2).sum(-1)
+
+    torch.manual_seed(1)
+    penalty, violating = triangle_inequality_penalty(line, 2000, squared)
+    torch.manual_seed(1)  # the same draw, replayed
+    index = torch.randint(0, 3, (1, 6000, 1))
+    a, b, c = line.detach()[0, index[0, :, 0], 0].chunk(3)
+    excess = (a - c).pow(2) - (a - b).pow(2) - (b - c).pow(2)
+    torch.testing.assert_close(penalty, excess.clamp(min=0).mean())
+    torch.testing.assert_close(violating, (excess > 1e-6 * ((a - b).pow(2) + (b - c).pow(2)))
+                               .float().mean())
+    assert violating > 0
+    penalty.backward()
+    assert line.grad.abs().sum() > 0
