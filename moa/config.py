@@ -42,6 +42,8 @@ class ModelConfig:
     bias: bool = False
     tie_embeddings: bool = True
     init_std: float = 0.02
+    layer_scale_init: float | None = None  # LayerScale on both branches, started here; None: off
+    drop_path: float = 0.0  # stochastic depth: probability of dropping a branch per sequence
     attention: Any = None
     ffn: Any = None
     position: Any = None
@@ -60,6 +62,9 @@ class ModelConfig:
         check(self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "a positive integer")
         check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
         check(self.init_std > 0, "init_std", self.init_std, "a positive float")
+        check(self.layer_scale_init is None or self.layer_scale_init > 0, "layer_scale_init",
+              self.layer_scale_init, "a positive float, or null for no LayerScale")
+        check_range("drop_path", self.drop_path, 0.0, 1.0, high_open=True)
         if self.sizes:
             check_choice("size", self.size, sorted(self.sizes))
 

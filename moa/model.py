@@ -23,6 +23,7 @@ from moa.ffn import FFN
 from moa.kv_cache import KVCache
 from moa.norm import NORM
 from moa.position import POSITION
+from moa.residual import DropPath, LayerScale
 
 
 @dataclass
@@ -34,7 +35,8 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attention(norm(x)), then x + ffn(norm(x)); each branch
+    optionally through LayerScale and DropPath (`model.layer_scale_init`, `model.drop_path`)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -43,10 +45,15 @@ class Block(nn.Module):
         self.ffn_norm = NORM.build(config.norm, config.d_model, config.bias)
         self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        init = config.layer_scale_init
+        self.attention_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
+        self.ffn_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
+        self.drop_path = DropPath(config.drop_path)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), ctx.scoped("attention")))
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        y = self.attention(self.attention_norm(x), ctx.scoped("attention"))
+        x = x + self.drop_path(self.attention_scale(self.dropout(y)))
+        return x + self.drop_path(self.ffn_scale(self.dropout(self.ffn(self.ffn_norm(x)))))
 
 
 class LanguageModel(nn.Module):

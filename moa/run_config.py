@@ -26,7 +26,7 @@ TOP_LEVEL_KEYS = {
     "hydra",
     "model", "attention", "ffn", "position", "norm", "optim", "data", "tokenizer", "trainer",
     "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "evaluate",
-    "metric", "regularizer",
+    "metric", "regularizer", "router",
 }
 
 

@@ -102,6 +102,7 @@ def test_fast_dev_run_runs_one_batch(compose_config):
     assert metrics == {}  # the preset skips the final evaluation
 
 
+@pytest.mark.slow
 def test_overfit_batch_drives_the_loss_down(compose_config, tmp_path):
     cfg = compose_config("trainer=smoke", "debug=overfit_batch", "trainer.max_steps=120",
                          "trainer.val_check_interval=60", "tokenizer=byte", "evaluate=false",

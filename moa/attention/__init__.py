@@ -6,6 +6,12 @@ decode incrementally through `ctx.cache` with the same results as a full forward
 """
 
 from moa.attention.registry import ATTENTION
-from moa.attention import dot_product, metric  # noqa: F401  (registers its schemes)
+from moa.attention import (  # noqa: F401  (registers its schemes)
+    channel_mix,
+    dot_product,
+    local_conv,
+    metric,
+    mixture,
+)
 
 __all__ = ["ATTENTION"]

@@ -1,0 +1,206 @@
+"""The routed mixture: causality, sparse == dense, its own caches, stats, presets."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from moa.attention import ATTENTION
+from moa.auxiliary import AuxiliaryRecorder
+from moa.errors import ConfigError
+from moa.model import build_model
+from moa.run_config import parse_run
+from moa.tasks import train
+from tests.conftest import tiny_model_config
+from tests.test_paths import assert_cached_matches_full, forward_context
+
+MOA_PATHS = [  # the MoA cards' four paths, with dot-product stand-ins for the metric ones
+    {"name": "local_conv", "conv_kernel": 3},
+    {"name": "dot_product"},
+    {"name": "channel_mix", "mixer_hidden": 48},
+    {"name": "dot_product", "n_kv_heads": 1},
+]
+
+
+def mixture_config(router: dict, paths: list[dict] = MOA_PATHS, **model):
+    return tiny_model_config({"name": "mixture", "paths": paths, "router": router}, **model)
+
+
+ROUTERS = {
+    "static": {"name": "static"},
+    "softmax": {"name": "softmax", "router_hidden": 16},
+    "topk": {"name": "topk", "router_topk": 2, "enable_feature_gates": True,
+             "enable_router_gates": True},
+}
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_mixture_is_causal(router):
+    torch.manual_seed(0)
+    config = mixture_config(ROUTERS[router])
+    mixture = ATTENTION.build(config.attention, config).eval()
+    x = torch.randn(2, 11, config.d_model)
+    y = mixture(x, forward_context(config, 11))
+    assert y.shape == x.shape
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn_like(x2[:, 6:])
+    y2 = mixture(x2, forward_context(config, 11))
+    torch.testing.assert_close(y2[:, :6], y[:, :6])
+    assert not torch.allclose(y2[:, 6:], y[:, 6:])
+
+
+def dense_reference(mixture, x, ctx):
+    """sum_i w_i gate_i(path_i(x)), every path on every token, unrouted weights zero."""
+    routing = mixture.router(x, AuxiliaryRecorder())
+    out = torch.zeros_like(x)
+    for i, path in enumerate(mixture.paths):
+        out = out + routing.weights[..., i:i + 1] * mixture.gate(i, x, path(x, ctx))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sparse_execution_equals_dense_with_unrouted_weights_zeroed(k):
+    torch.manual_seed(1)
+    config = mixture_config({"name": "topk", "router_topk": k, "enable_feature_gates": True})
+    mixture = ATTENTION.build(config.attention, config).eval()
+    with torch.no_grad():
+        mixture.feature_gates.weight.normal_(std=0.1)  # gates away from the identity
+    x = torch.randn(2, 10, config.d_model, requires_grad=True)
+    rows_seen = []
+    mixture.paths[2].up.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    sparse = mixture(x, forward_context(config, 10))
+    routed = mixture.router(x, AuxiliaryRecorder()).chosen[..., 2].sum().item()
+    assert rows_seen == [routed]  # channel mix ran on its routed tokens only
+    dense = dense_reference(mixture, x, forward_context(config, 10))
+    torch.testing.assert_close(sparse, dense)
+    params = [x, *mixture.parameters()]
+    grads_sparse = torch.autograd.grad(sparse.square().sum(), params, allow_unused=True)
+    grads_dense = torch.autograd.grad(dense.square().sum(), params, allow_unused=True)
+    for g_sparse, g_dense in zip(grads_sparse, grads_dense, strict=True):
+        if g_dense is None:
+            assert g_sparse is None or not g_sparse.any()
+        else:
+            torch.testing.assert_close(g_sparse, g_dense)
+
+
+def test_a_path_no_token_chose_is_not_computed():
+    torch.manual_seed(2)
+    config = mixture_config({"name": "topk", "router_topk": 2})
+    mixture = ATTENTION.build(config.attention, config).eval()
+    with torch.no_grad():  # route every token to paths 0 and 2
+        mixture.router.scores.bias.copy_(torch.tensor([20.0, -20.0, 20.0, -20.0]))
+    calls = []
+    for i in (1, 3):
+        mixture.paths[i].register_forward_hook(lambda m, inp, out, i=i: calls.append(i))
+    x = torch.randn(2, 7, config.d_model)
+    y = mixture(x, forward_context(config, 7))
+    assert calls == []
+    torch.testing.assert_close(y, dense_reference(mixture, x, forward_context(config, 7)))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cached_generation_equals_uncached(router):
+    torch.manual_seed(3)
+    model = build_model(mixture_config(ROUTERS[router])).eval()
+    assert_cached_matches_full(model, torch.randint(0, 50, (2, 12)))
+
+
+def test_each_path_keeps_its_own_cache():
+    torch.manual_seed(4)
+    model = build_model(mixture_config(ROUTERS["softmax"])).eval()
+    cache = model.new_cache()
+    model(torch.randint(0, 50, (1, 5)), cache)
+    layer = cache.layers[0]
+    assert layer.buffers == {}
+    assert layer.state["paths.0"].state["conv"].shape == (1, 32, 2)  # the last K - 1 inputs
+    assert layer.state["paths.1"].buffers["k"].size(1) == 4  # MHA: 4 key heads
+    assert layer.state["paths.3"].buffers["k"].size(1) == 1  # MQA: 1 key head
+    assert layer.state["paths.1"].lengths["k"] == 5
+
+
+def test_model_records_router_stats_per_layer_and_path():
+    torch.manual_seed(5)
+    router = {**ROUTERS["topk"], "mse_uniform_weight": 0.01, "switch_weight": 0.01,
+              "z_loss_weight": 0.001}
+    output = build_model(mixture_config(router))(torch.randint(0, 50, (2, 9)))
+    for layer in range(2):
+        prefix = f"layers.{layer}.attention.router."
+        usage = sum(output.stats[f"{prefix}usage.{i}"] for i in range(4))
+        assert usage.item() == pytest.approx(1.0)
+        assert 0 < output.stats[f"{prefix}entropy"].item() <= math.log(4)
+        assert {f"{prefix}{name}" for name in ("mse_uniform", "switch", "z_loss")} <= \
+            set(output.aux_losses)
+    total = sum(weight * value for value, weight in output.aux_losses.values())
+    torch.testing.assert_close(output.aux_loss, total)
+
+
+def test_moas_has_mha_gqa_and_mqa_paths_of_the_same_size():
+    config = mixture_config({"name": "softmax", "router_hidden": 8}, paths=[
+        {"name": "dot_product"}, {"name": "dot_product", "n_kv_heads": 2},
+        {"name": "dot_product", "n_kv_heads": 1}])
+    mixture = ATTENTION.build(config.attention, config)
+    assert [path.heads.n_kv_heads for path in mixture.paths] == [4, 2, 1]
+    assert {path.heads.q.out_features for path in mixture.paths} == {config.d_model}
+    assert isinstance(mixture.router.scores[1], torch.nn.GELU)  # the 2-layer GELU router
+
+
+@pytest.mark.parametrize(("attention", "key"), [
+    ({"paths": [{"name": "dot_product"}]}, "attention.paths"),
+    ({"paths": [{"name": "dot_product"}, {"name": "nope"}]}, "attention.paths.1.name"),
+    ({"paths": [{"name": "dot_product"}, {"name": "dot_product", "n_kv_heads": 3}]},
+     "attention.paths.1.n_kv_heads"),
+    ({"paths": MOA_PATHS[:2], "router": {"name": "topk", "router_topk": 3}},
+     "attention.router.router_topk"),
+    ({"paths": MOA_PATHS[:2], "router": {"router_temperature": -1.0}},
+     "attention.router.router_temperature"),
+])
+def test_bad_mixture_configs_name_their_key(attention, key):
+    with pytest.raises(ConfigError) as error:
+        tiny_model_config({"name": "mixture", **attention})
+    assert error.value.key == key
+
+
+def test_balance_regularizers_compose_as_a_list(compose_config):
+    spec = parse_run(compose_config("model=moas", "router=topk", "regularizer=[switch,z_loss]"))
+    router = spec.model.attention.router
+    assert (router.name, router.mse_uniform_weight, router.switch_weight) == ("topk", 0.0, 0.01)
+    assert router.z_loss_weight > 0
+    static = parse_run(compose_config("model=moas_static")).model.attention.router
+    assert static.name == "static"
+
+
+@pytest.mark.parametrize("preset", ["moas", "moas_static"])
+def test_preset_smoke_train_saves_router_stats(compose_config, tmp_path, preset):
+    cfg = compose_config("trainer=smoke", f"model={preset}", "trainer.max_steps=6",
+                         "trainer.log_every_n_steps=2", "evaluate=false", "tokenizer=byte",
+                         "model.n_layers=1")
+    _, objects = train(cfg)
+    assert objects["module"].model_config.attention.name == "mixture"
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert rows and all(math.isfinite(float(row["train/loss"])) for row in rows)
+    stats = "train/stats/layers.0.attention.router."
+    for row in rows:
+        assert sum(float(row[f"{stats}usage.{i}"]) for i in range(3)) == pytest.approx(1.0)
+    assert ("train/aux/layers.0.attention.router.mse_uniform" in rows[0]) == (preset == "moas")
+
+
+def test_mixture_config_round_trips_through_a_plain_dict():
+    config = mixture_config(ROUTERS["topk"])
+    again = type(config).from_dict(config.to_dict())
+    assert again == config
+    model = build_model(config)
+    build_model(again).load_state_dict(model.state_dict())
+
+
+def test_metric_paths_plug_in_by_config():
+    """The MoA cards' paths: local conv, metric MHA, channel mix, metric MQA, top-2."""
+    torch.manual_seed(6)
+    paths = [MOA_PATHS[0], {"name": "metric", "metric": {"name": "maha_diag"}},
+             MOA_PATHS[2], {"name": "metric", "n_kv_heads": 1}]
+    model = build_model(mixture_config({"name": "topk", "enable_feature_gates": True},
+                                       paths=paths)).eval()
+    assert_cached_matches_full(model, torch.randint(0, 50, (2, 12)))

@@ -1,0 +1,103 @@
+"""The per-token and local paths, alone: shapes, causality, references, cached decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moa.attention import ATTENTION
+from moa.auxiliary import AuxiliaryRecorder
+from moa.context import ForwardContext
+from moa.errors import ConfigError
+from moa.model import build_model
+from moa.position import POSITION
+from tests.conftest import tiny_model_config
+
+PATHS = {"local_conv": {"name": "local_conv", "conv_kernel": 3},
+         "channel_mix": {"name": "channel_mix", "mixer_hidden": 24}}
+
+
+def forward_context(config, T: int) -> ForwardContext:
+    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
+    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
+
+
+def assert_cached_matches_full(model, ids: torch.Tensor, prefill: int = 3) -> None:
+    """Logits of one full forward equal a prefill of `prefill` tokens, then one at a time."""
+    full = model(ids).logits
+    cache = model.new_cache()
+    steps = [model(ids[:, :prefill], cache).logits]
+    steps += [model(ids[:, t:t + 1], cache).logits for t in range(prefill, ids.size(1))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_path_shape_and_causality(path):
+    torch.manual_seed(0)
+    config = tiny_model_config(PATHS[path])
+    module = ATTENTION.build(config.attention, config).eval()
+    x = torch.randn(2, 13, config.d_model)
+    y = module(x, forward_context(config, 13))
+    assert y.shape == x.shape
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn_like(x2[:, 7:])
+    y2 = module(x2, forward_context(config, 13))
+    torch.testing.assert_close(y2[:, :7], y[:, :7])
+    assert not torch.allclose(y2[:, 7:], y[:, 7:])
+
+
+def test_local_conv_equals_its_definition():
+    """y_t = W_pointwise (sum_j w_cj x_{t-K+1+j}), with x before position 0 taken as 0."""
+    torch.manual_seed(1)
+    config = tiny_model_config(PATHS["local_conv"])
+    conv = ATTENTION.build(config.attention, config)
+    x = torch.randn(2, 9, config.d_model)
+    kernel = conv.depthwise.weight[:, 0]  # (C, K)
+    K = kernel.size(1)
+    padded = F.pad(x, (0, 0, K - 1, 0))  # (B, K - 1 + T, C)
+    depthwise = sum(padded[:, j:j + 9] * kernel[:, j] for j in range(K))
+    expected = depthwise @ conv.pointwise.weight.T
+    torch.testing.assert_close(conv(x, forward_context(config, 9)), expected)
+
+
+def test_local_conv_sees_exactly_its_window():
+    torch.manual_seed(2)
+    config = tiny_model_config(PATHS["local_conv"])  # kernel 3: positions t-2..t
+    conv = ATTENTION.build(config.attention, config)
+    x = torch.randn(1, 10, config.d_model)
+    y = conv(x, forward_context(config, 10))
+    far, near = x.clone(), x.clone()
+    far[:, 5] += 1.0  # three positions before t = 8
+    near[:, 6] += 1.0  # two positions before
+    torch.testing.assert_close(conv(far, forward_context(config, 10))[:, 8], y[:, 8])
+    assert not torch.allclose(conv(near, forward_context(config, 10))[:, 8], y[:, 8])
+
+
+def test_channel_mix_is_per_token():
+    torch.manual_seed(3)
+    config = tiny_model_config(PATHS["channel_mix"])
+    mix = ATTENTION.build(config.attention, config)
+    x = torch.randn(2, 8, config.d_model)
+    order = torch.randperm(8)
+    y = mix(x, forward_context(config, 8))
+    torch.testing.assert_close(mix(x[:, order], forward_context(config, 8)), y[:, order])
+    assert mix.up.out_features == 24
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cached_generation_equals_uncached(path):
+    torch.manual_seed(4)
+    model = build_model(tiny_model_config(PATHS[path])).eval()
+    assert_cached_matches_full(model, torch.randint(0, 50, (2, 12)))
+
+
+@pytest.mark.parametrize(("attention", "key"), [
+    ({"name": "local_conv", "conv_kernel": 0}, "attention.conv_kernel"),
+    ({"name": "channel_mix", "mixer_hidden": -1}, "attention.mixer_hidden"),
+    ({"name": "channel_mix", "dropout": 1.5}, "attention.dropout"),
+])
+def test_bad_path_configs_name_their_key(attention, key):
+    with pytest.raises(ConfigError) as error:
+        tiny_model_config(attention)
+    assert error.value.key == key

@@ -1,0 +1,120 @@
+"""Routers: weights, top-k selection, stats that sum to one, gates, recorded losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moa import balance
+from moa.auxiliary import AuxiliaryRecorder
+from moa.errors import ConfigError
+from moa.router import ROUTER, FeatureGates, RouterConfig
+from moa.schema import parse
+
+D, N = 16, 4
+
+
+def build(**fields):
+    config = parse(RouterConfig, fields, "router")
+    return ROUTER.build(config, D, N).eval()
+
+
+def route(router, x):
+    record = AuxiliaryRecorder()
+    return router(x, record), record
+
+
+@pytest.mark.parametrize("kind", ["static", "softmax", "topk"])
+def test_weights_and_usage_sum_to_one(kind):
+    torch.manual_seed(0)
+    routing, record = route(build(name=kind, router_hidden=8), torch.randn(3, 7, D))
+    assert routing.weights.shape == (3, 7, N)
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(3, 7))
+    torch.testing.assert_close(routing.probs.sum(-1), torch.ones(3, 7))
+    usage = sum(record.stats[f"usage.{i}"] for i in range(N))
+    assert usage.item() == pytest.approx(1.0)
+    routed = sum(record.stats[f"routed.{i}"] for i in range(N))
+    assert routed.item() == pytest.approx({"topk": 2, "softmax": N, "static": N}[kind])
+    entropy = record.stats["entropy"].item()
+    assert 0.0 < entropy <= math.log(N) + 1e-6
+    if kind == "static":
+        assert entropy == pytest.approx(math.log(N))
+
+
+def test_topk_keeps_the_k_most_probable_paths_renormalised():
+    torch.manual_seed(1)
+    routing, _ = route(build(name="topk", router_topk=2), torch.randn(2, 9, D))
+    assert (routing.chosen.sum(-1) == 2).all()
+    assert ((routing.weights > 0) == routing.chosen).all()
+    threshold = routing.probs.topk(2, dim=-1).values[..., -1:]
+    assert (routing.chosen == (routing.probs >= threshold)).all()
+    kept = routing.probs * routing.chosen
+    torch.testing.assert_close(routing.weights, kept / kept.sum(-1, keepdim=True))
+
+
+def test_temperature_divides_the_logits():
+    torch.manual_seed(2)
+    cold, hot = build(router_temperature=1.0), build(router_temperature=2.0)
+    hot.load_state_dict(cold.state_dict())
+    x = torch.randn(2, 5, D)
+    torch.testing.assert_close(route(hot, x)[0].logits, route(cold, x)[0].logits / 2)
+
+
+def test_router_gates_start_as_no_change_and_learn():
+    torch.manual_seed(3)
+    plain, gated = build(router_hidden=8), build(router_hidden=8, enable_router_gates=True)
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 5, D)
+    torch.testing.assert_close(route(gated, x)[0].weights, route(plain, x)[0].weights)
+    probs = route(gated, x)[0].probs
+    grad, = torch.autograd.grad(probs[..., 0].sum(), gated.bias_gate)
+    assert grad.abs().sum() > 0
+
+
+def test_feature_gates_start_as_the_identity_and_are_film():
+    torch.manual_seed(4)
+    gates = FeatureGates(D, N)
+    x, y = torch.randn(5, D), torch.randn(5, D)
+    torch.testing.assert_close(gates(1, x, y), y)
+    with torch.no_grad():
+        gates.weight.normal_()
+        gates.bias.normal_()
+    film = x @ gates.weight[1] + gates.bias[1]
+    torch.testing.assert_close(gates(1, x, y), y * (1 + film[:, :D]) + film[:, D:])
+
+
+def test_balance_losses_are_recorded_with_their_weights():
+    torch.manual_seed(5)
+    router = build(name="topk", mse_uniform_weight=0.1, switch_weight=0.2, z_loss_weight=0.3)
+    routing, record = route(router, torch.randn(2, 6, D))
+    values = {name: value for name, (value, _) in record.losses.items()}
+    assert {name: weight for name, (_, weight) in record.losses.items()} == \
+        {"mse_uniform": 0.1, "switch": 0.2, "z_loss": 0.3}
+    torch.testing.assert_close(values["mse_uniform"], balance.mse_uniform(routing.probs))
+    torch.testing.assert_close(values["switch"], balance.switch(routing.probs, routing.chosen))
+    torch.testing.assert_close(values["z_loss"], balance.z_loss(routing.logits))
+    assert not route(build(name="topk"), torch.randn(2, 6, D))[1].losses
+
+
+def test_dense_routers_dispatch_to_their_argmax():
+    torch.manual_seed(6)
+    routing, _ = route(build(), torch.randn(2, 6, D))
+    assert (routing.dispatch().argmax(-1) == routing.probs.argmax(-1)).all()
+    assert (routing.dispatch().sum(-1) == 1).all()
+
+
+@pytest.mark.parametrize(("fields", "key"), [
+    ({"name": "dense"}, "router.name"),
+    ({"router_temperature": 0.0}, "router.router_temperature"),
+    ({"router_dropout": 1.0}, "router.router_dropout"),
+    ({"router_hidden": 0}, "router.router_hidden"),
+    ({"switch_weight": -1.0}, "router.switch_weight"),
+    ({"name": "static", "mse_uniform_weight": 0.01}, "router.mse_uniform_weight"),
+    ({"name": "static", "enable_router_gates": True}, "router.enable_router_gates"),
+])
+def test_bad_router_configs_name_their_key(fields, key):
+    with pytest.raises(ConfigError) as error:
+        RouterConfig(**fields)
+    assert error.value.key == key
