@@ -34,8 +34,9 @@ test: $(STAMP)  ## the fast suite (what CI runs)
 test-all: $(STAMP)  ## everything, slow tests included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
-bench: $(STAMP)
-	@ls bench/*.py >/dev/null 2>&1 && for script in bench/*.py; do $(BIN)/python $$script || exit 1; done || echo "no benchmarks yet"
+bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results/
+	mkdir -p bench/results
+	$(BIN)/python bench/attention.py --device cpu --json bench/results/attention-cpu.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
