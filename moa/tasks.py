@@ -28,6 +28,7 @@ from moa.data import CORPORA, TOKENIZERS, LMDataModule
 from moa.errors import ConfigError
 from moa.generation import SamplingConfig, generate
 from moa.lit import CHECKPOINT_FORMAT_VERSION, LanguageModelModule
+from moa.retrofit import swap_attention, transfer_weights
 from moa.run_config import check_trainer, parse_run, resolved
 from moa.schema import parse
 
@@ -80,14 +81,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if best:
             module.load_state_dict(_load_checkpoint(Path(best))["state_dict"])
         metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), spec.sampling,
-                                 run_dir)
+                                 run_dir / "metrics.json")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
 def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
                    trainer_config: dict[str, Any], sampling: SamplingConfig,
-                   run_dir: Path) -> dict[str, float]:
-    """Val and test metrics over the whole splits (or limit_test_batches), then samples."""
+                   metrics_path: Path | None) -> dict[str, float]:
+    """Val and test metrics over the whole splits (or limit_test_batches), written to
+    `metrics_path` (unless None), then samples."""
     check_trainer(trainer_config)
     limit = trainer_config.get("limit_test_batches")
     evaluator = instantiate(
@@ -98,7 +100,8 @@ def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
     results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     results |= evaluator.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {key: float(results[key.replace("_", "/", 1)]) for key in METRIC_KEYS}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if metrics_path is not None:
+        metrics_path.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     if datamodule.tokenizer is not None and sampling.prompts:
         print_samples(module, datamodule, sampling)
@@ -173,5 +176,33 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.prepare_data()
     datamodule.setup("test")
     sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
-    metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), sampling, run_dir)
+    trainer_config = resolved(cfg, "trainer")
+    override = cfg.get("attention_override")
+    if not override:
+        metrics = run_evaluation(module, datamodule, trainer_config, sampling,
+                                 run_dir / "metrics.json")
+        return metrics, {"module": module, "datamodule": datamodule}
+    # Retrofit: evaluate the trained model, then with the other attention swapped in; the
+    # run's own metrics.json is left as it is.
+    baseline = run_evaluation(module, datamodule, trainer_config, SamplingConfig(), None)
+    module = _retrofit(cfg, module, checkpoint["state_dict"], run_cfg)
+    metrics = run_evaluation(module, datamodule, trainer_config, sampling, None)
+    metrics |= {f"baseline_{key}": baseline[key] for key in METRIC_KEYS}
+    metrics |= {f"delta_{key}": metrics[key] - baseline[key] for key in METRIC_KEYS}
+    (run_dir / f"metrics_{override}.json").write_text(json.dumps(metrics, indent=2))
     return metrics, {"module": module, "datamodule": datamodule}
+
+
+def _retrofit(cfg: DictConfig, module: LanguageModelModule, state_dict: dict[str, Any],
+              run_cfg: DictConfig) -> LanguageModelModule:
+    """A module with `cfg.attention_override` (its settings from the `cfg.<name>` section)
+    in place of the trained attention, loaded with every trained weight that fits."""
+    name = cfg.attention_override
+    override = {"name": name, **(resolved(cfg, name) if cfg.get(name) else {})}
+    config = swap_attention(module.model_config, override)
+    retrofitted = LanguageModelModule(model=config.to_dict(),
+                                      optim=OmegaConf.to_container(run_cfg.optim))
+    report = transfer_weights(retrofitted, state_dict)
+    log.info("attention_override=%s: untrained %s; unused trained %s", name, report.missing,
+             report.unexpected)
+    return retrofitted

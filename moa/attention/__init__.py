@@ -5,13 +5,14 @@ A scheme is an `nn.Module` built as `builder(config, model_config)` whose forwar
 decode incrementally through `ctx.cache` with the same results as a full forward.
 """
 
-from moa.attention.registry import ATTENTION
 from moa.attention import (  # noqa: F401  (registers its schemes)
+    alcca,
     channel_mix,
     dot_product,
     local_conv,
     metric,
     mixture,
 )
+from moa.attention.registry import ATTENTION
 
 __all__ = ["ATTENTION"]

@@ -1,0 +1,172 @@
+"""ALCCA: Barnes-Hut-style nearest-neighbour attention, causal and trainable.
+
+For query i over the keys j <= i of its head (in the head's metric space, as metric
+attention maps them): if ||q_i - c_i|| < theta, where c_i is those keys' centre of mass,
+the output is the mean of their values (the far-field approximation); otherwise the
+min(k, i + 1) nearest keys by Euclidean distance d_ij are found by the `index` backend
+(`moa/kernels/neighbours.py`) and their values averaged with weights 1 / (d_ij + eps)
+(`weighting=inverse_distance`, the ALCCA card's rule) or softmax(-alpha d_ij^2)
+(`weighting=softmax`, metric attention restricted to the neighbours). The spec is
+`moa/kernels/alcca_reference.py`; the centres come from running sums, never an L x L tensor.
+
+Gradients: through the chosen neighbours, q, k, v and alpha get exact gradients of the
+weighted average (distances are recomputed from the gathered keys). Nothing flows through
+the choices themselves: not the top-k selection (keys outside a query's neighbours get no
+gradient from it), not the theta test (which branch a query takes), and theta, k and eps
+are not learned. A query in the centre-of-mass branch passes gradient only to the values
+(the mean); its q and the keys get none from it.
+
+The module is metric attention's (`MetricAttention`) with another forward: the same
+projections, metric map and alpha, under the same state-dict keys, so a trained metric
+model loads into ALCCA unchanged (`moa/retrofit.py`). The KV cache holds the keys (metric
+space) and values; `cache.state` holds the growing neighbour index and the running sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from moa.attention.heads import HeadsConfig
+from moa.attention.metric import MetricAttention, MetricAttentionConfig, MetricConfig
+from moa.attention.registry import ATTENTION
+from moa.kernels.alcca_reference import WEIGHTINGS, neighbour_weights
+from moa.kernels.neighbours import INDEXES, IndexOptions, faiss_available
+from moa.schema import check, check_choice
+
+if TYPE_CHECKING:
+    from moa.config import ModelConfig
+    from moa.context import ForwardContext
+
+
+@dataclass
+class AlccaConfig(HeadsConfig):
+    name: str = "alcca"
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    alpha_init: float = 1.0
+    learn_alpha: bool = True
+    k: int = 32  # nearest keys per query
+    theta: float = 0.0  # centre-of-mass radius; 0 never takes the mean
+    eps: float = 1e-6  # inverse_distance: 1 / (d + eps)
+    weighting: str = "softmax"
+    index: str = "exact"
+    index_options: IndexOptions = field(default_factory=IndexOptions)
+    block: int = 1024  # queries per block when averaging neighbours (memory block*k*D)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (ALCCA has no dropout)")
+        check(self.alpha_init > 0, "alpha_init", self.alpha_init, "a positive float")
+        check(self.k > 0, "k", self.k, "a positive integer")
+        check(self.theta >= 0, "theta", self.theta, ">= 0")
+        check(self.eps > 0, "eps", self.eps, "a positive float")
+        check(self.block > 0, "block", self.block, "a positive integer")
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("index", self.index, tuple(INDEXES))
+        check(self.index == "exact" or faiss_available(), "index", self.index,
+              "exact, or install faiss (pip install 'moa[faiss]')", "faiss is not installed")
+
+    def metric_attention(self) -> MetricAttentionConfig:
+        """The metric-attention config whose parameters ALCCA shares."""
+        return MetricAttentionConfig(n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
+                                     bias=self.bias, metric=self.metric,
+                                     alpha_init=self.alpha_init, learn_alpha=self.learn_alpha,
+                                     impl="eager")
+
+
+@ATTENTION.register("alcca", AlccaConfig)
+class AlccaAttention(MetricAttention):
+    def __init__(self, config: AlccaConfig, model: ModelConfig) -> None:
+        super().__init__(config.metric_attention(), model)
+        self.alcca = config
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
+        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
+        q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        B, Hq, T, D = q.shape
+        G = self.group
+        state: dict[str, Any] = {} if ctx.cache is None else ctx.cache.state
+        if "index" not in state:
+            state["index"] = INDEXES[self.alcca.index](D, self.alcca.index_options)
+        index = state["index"]
+        start = len(index)  # positions seen before this call
+        centre = _prefix_mean(state, "key_sum", k, start)  # (B, Hkv, T, D)
+        value_mean = _prefix_mean(state, "value_sum", v, start)  # (B, Hkv, T, D)
+        new_keys = k.flatten(0, 1)  # (N, T, D), N = B * Hkv
+        if ctx.cache is not None:
+            k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
+
+        queries = q.unflatten(1, (-1, G)).transpose(2, 3)  # (B, Hkv, T, G, D)
+        positions = (start + torch.arange(T, device=x.device)).repeat_interleave(G)  # (T*G,)
+        top_k = min(self.alcca.k, start + T)
+        if x.device.type == "meta":  # a shape-only pass (FLOP counting) does not search
+            ids = torch.zeros(B * k.size(1), T * G, top_k, dtype=torch.long, device=x.device)
+        else:
+            ids = search_neighbours(index, queries.flatten(0, 1).flatten(1, 2), new_keys,
+                                    positions, G, top_k)  # (N, T*G, k)
+        alpha = self.log_alpha.exp().view(-1, 1, G).expand(-1, T, G)  # (Hkv, T, G)
+        y = neighbour_average(queries.flatten(0, 1).flatten(1, 2), k.flatten(0, 1),
+                              v.flatten(0, 1), ids, alpha.flatten(1).repeat(B, 1),
+                              self.alcca.weighting, self.alcca.eps, self.alcca.block)
+        y = y.view(B, -1, T, G, D)  # (B, Hkv, T, G, D)
+        near = (queries - centre[:, :, :, None].to(q.dtype)).norm(dim=-1) < self.alcca.theta
+        ctx.record.stat("centre_fraction", near.float().mean())
+        y = torch.where(near[..., None], value_mean[:, :, :, None].to(y.dtype), y)
+        return self.heads.merge(y.transpose(2, 3).reshape(B, Hq, T, D))
+
+
+def _prefix_mean(state: dict[str, Any], name: str, x: torch.Tensor, start: int) -> torch.Tensor:
+    """Mean of x over positions 0..t for each new position t, from a running float64 sum
+    kept in `state[name]` (B, H, D): x (B, H, T, D) -> (B, H, T, D)."""
+    sums = x.double().cumsum(2)  # (B, H, T, D)
+    if name in state:
+        sums = sums + state[name][:, :, None]
+    state[name] = sums[:, :, -1].detach()
+    counts = start + torch.arange(1, x.size(2) + 1, device=x.device, dtype=sums.dtype)
+    return sums / counts[:, None]
+
+
+def search_neighbours(index: Any, queries: torch.Tensor, keys: torch.Tensor,
+                      positions: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """Add the new keys (N, T, D) chunk by chunk, each time searching the queries (N, T*G, D)
+    of the chunk's positions, so every query finds its neighbours among keys up to its own
+    position. -> ids (N, T*G, k), -1 where fewer than k keys are visible."""
+    found = []
+    for begin in range(0, keys.size(1), index.chunk):
+        end = min(begin + index.chunk, keys.size(1))
+        index.add(keys[:, begin:end])
+        rows = slice(begin * group, end * group)
+        found.append(index.search(queries[:, rows].detach(), positions[rows], k))
+    return torch.cat(found, dim=1)
+
+
+def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      ids: torch.Tensor, alpha: torch.Tensor, weighting: str, eps: float,
+                      block: int) -> torch.Tensor:
+    """Weighted average of each query's chosen values, differentiable in queries (N, M, D),
+    keys and values (N, S, D) and alpha (N, M); ids (N, M, k), -1 for none -> (N, M, D).
+    Computed `block` queries at a time; under autograd each block is checkpointed, so only
+    the ids are kept and memory stays O(M * k), not O(M * k * D)."""
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (queries, keys, values, alpha))
+    out = []
+    for begin in range(0, queries.size(1), block):
+        part = (queries[:, begin:begin + block], keys, values, ids[:, begin:begin + block],
+                alpha[:, begin:begin + block], weighting, eps)
+        out.append(checkpoint(_average, *part, use_reentrant=False) if grad else _average(*part))
+    return torch.cat(out, dim=1)
+
+
+def _average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+             alpha: torch.Tensor, weighting: str, eps: float) -> torch.Tensor:
+    N, m, k = ids.shape
+    flat = ids.clamp_min(0).view(N, m * k, 1).expand(-1, -1, keys.size(-1))  # (N, m*k, D)
+    chosen_k = keys.gather(1, flat).view(N, m, k, -1)  # (N, m, k, D)
+    chosen_v = values.gather(1, flat).view(N, m, k, -1)
+    distance_sq = (queries[:, :, None] - chosen_k).pow(2).sum(-1)  # (N, m, k)
+    weights = neighbour_weights(distance_sq, alpha, weighting, eps, ids >= 0)
+    return (weights[..., None].to(chosen_v.dtype) * chosen_v).sum(-2)  # (N, m, D)

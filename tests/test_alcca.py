@@ -1,0 +1,202 @@
+"""ALCCA: the module against the brute-force reference, metric attention, the centre-of-
+mass branch, causality, cached decoding, retrofit and a smoke train."""
+
+from __future__ import annotations
+
+import json
+
+import math
+
+import pytest
+import torch
+
+from moa.attention import ATTENTION
+from moa.attention import alcca as alcca_module
+from moa.auxiliary import AuxiliaryRecorder
+from moa.context import ForwardContext
+from moa.errors import ConfigError
+from moa.kernels.alcca_reference import alcca_attention_eager
+from moa.model import build_model
+from moa.position import POSITION
+from moa.retrofit import swap_attention, transfer_weights
+from tests.conftest import tiny_model_config
+
+
+def _alcca_config(position="rope", **attention):
+    return tiny_model_config({"name": "alcca", **attention}, position=position)
+
+
+def _context(config, T: int) -> ForwardContext:
+    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
+    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
+
+
+def _reference_forward(attention, x, ctx):
+    """The module's projections and metric map around the brute-force reference."""
+    q, k, v = attention.heads.split(x)
+    q, k = attention.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+    c = attention.alcca
+    y = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
+                              c.weighting)
+    return attention.heads.merge(y)
+
+
+def _median_centre_distance(attention, x, ctx):
+    """A theta that sends about half the queries to the centre-of-mass branch."""
+    q, k, _ = attention.heads.split(x)
+    q, k = attention.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+    centre = k.cumsum(2) / torch.arange(1, k.size(2) + 1, dtype=k.dtype)[:, None]
+    return float((q - centre.repeat_interleave(attention.group, 1)).norm(dim=-1).median())
+
+
+@pytest.mark.parametrize("T", [1, 17, 113])
+@pytest.mark.parametrize("top_k", [1, 4, 200])
+@pytest.mark.parametrize("weighting", ["softmax", "inverse_distance"])
+def test_forward_and_gradients_match_the_reference(T, top_k, weighting):
+    torch.manual_seed(T * 7 + top_k)
+    config = tiny_model_config({"name": "alcca", "k": top_k, "weighting": weighting,
+                                "n_kv_heads": 2, "block": 32, "metric": {"name": "maha_diag"},
+                                "index_options": {"block": 16}}, max_seq_len=128)
+    attention = ATTENTION.build(config.attention, config).double()
+    with torch.no_grad():
+        attention.log_alpha.uniform_(-2.0, 0.0)
+        attention.log_maha.normal_(0.0, 0.3)
+    x = torch.randn(2, T, config.d_model, dtype=torch.float64)
+    ctx = _context(config, T)
+    attention.alcca.theta = _median_centre_distance(attention, x, ctx) if T > 1 else 0.0
+    weights = torch.randn(2, T, config.d_model, dtype=torch.float64)
+
+    def value_and_grads(forward):
+        x_ = x.clone().requires_grad_()
+        y = forward(attention, x_, ctx)
+        params = [x_, *attention.parameters()]
+        grads = torch.autograd.grad((y * weights).sum(), params, allow_unused=True)
+        return y, [torch.zeros_like(p) if g is None else g
+                   for p, g in zip(params, grads, strict=True)]
+
+    got, got_grads = value_and_grads(lambda a, x_, c: a(x_, c))
+    want, want_grads = value_and_grads(_reference_forward)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_all_neighbours_and_softmax_equal_metric_attention():
+    """k >= L, theta = 0, softmax weighting: ALCCA is metric attention, with the weights of
+    a metric model loaded unchanged."""
+    torch.manual_seed(0)
+    metric_config = tiny_model_config({"name": "metric", "impl": "eager", "n_kv_heads": 2,
+                                       "metric": {"name": "maha_diag"}})
+    metric = build_model(metric_config).eval()
+    config = swap_attention(metric_config, {"name": "alcca", "k": 64, "theta": 0.0,
+                                            "weighting": "softmax"})
+    alcca = build_model(config).eval()
+    report = transfer_weights(alcca, metric.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    ids = torch.randint(0, 50, (2, 41))
+    with torch.no_grad():
+        torch.testing.assert_close(alcca(ids).logits, metric(ids).logits)
+
+
+def test_retrofit_of_dot_product_maps_q_k_as_l2_with_matching_alpha():
+    config = tiny_model_config({"name": "dot_product", "n_kv_heads": 2})
+    swapped = swap_attention(config, {"name": "alcca", "k": 8})
+    assert swapped.attention.metric.name == "l2" and swapped.attention.n_kv_heads == 2
+    assert swapped.attention.alpha_init == pytest.approx(1 / (2 * math.sqrt(config.head_dim)))
+    report = transfer_weights(build_model(swapped), build_model(config).state_dict())
+    assert report.unexpected == []
+    assert report.missing == [f"blocks.{i}.attention.log_alpha" for i in range(2)]
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss_flat"])
+def test_alcca_is_causal(index):
+    if index != "exact":
+        pytest.importorskip("faiss")
+    torch.manual_seed(1)
+    config = _alcca_config(k=3, index=index, theta=0.4, n_kv_heads=2,
+                           index_options={"chunk": 4})
+    attention = ATTENTION.build(config.attention, config).eval()
+    x = torch.randn(2, 13, config.d_model)
+    y = attention(x, _context(config, 13))
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn_like(x2[:, 7:])
+    y2 = attention(x2, _context(config, 13))
+    torch.testing.assert_close(y2[:, :7], y[:, :7])
+    assert not torch.allclose(y2[:, 7:], y[:, 7:])
+
+
+def test_centre_of_mass_branch_is_the_running_mean_of_values():
+    """theta beyond every distance: each output is the mean of the values so far, and the
+    queries and keys get no gradient (only the values do)."""
+    torch.manual_seed(2)
+    config = _alcca_config(theta=1e6, position="learned")
+    attention = ATTENTION.build(config.attention, config)
+    x = torch.randn(2, 19, config.d_model)
+    ctx = _context(config, 19)
+    y = attention(x, ctx)
+    assert float(ctx.record.stats["centre_fraction"]) == 1.0
+    _, _, v = attention.heads.split(x)  # (B, H, T, D)
+    mean = v.cumsum(2) / torch.arange(1, 20)[:, None]
+    torch.testing.assert_close(y, attention.heads.merge(mean))
+    y.sum().backward()
+    assert attention.heads.q.weight.grad is None or not attention.heads.q.weight.grad.any()
+    kv_grad = attention.heads.kv.weight.grad.view(2, -1, config.d_model)
+    assert not kv_grad[0].any() and kv_grad[1].any()  # keys none, values some
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss_flat", "faiss_ivf"])
+def test_cached_decoding_equals_uncached(index):
+    """A prefix, then one token at a time, through the growing index and running sums."""
+    if index != "exact":
+        pytest.importorskip("faiss")
+    torch.manual_seed(3)
+    config = _alcca_config(k=4, index=index, theta=0.6, n_kv_heads=2,
+                           index_options={"chunk": 5, "block": 4, "nlist": 1, "nprobe": 1})
+    model = build_model(config).eval()  # faiss_ivf trains on the first 39 keys, mid-decode
+    ids = torch.randint(0, 50, (2, 48))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :20], cache).logits]
+        steps += [model(ids[:, t:t + 1], cache).logits for t in range(20, 48)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match="attention.weighting"):
+        _alcca_config(weighting="uniform")
+    with pytest.raises(ConfigError, match="attention.k"):
+        _alcca_config(k=0)
+    monkeypatch.setattr(alcca_module, "faiss_available", lambda: False)
+    with pytest.raises(ConfigError, match="attention.index.*faiss is not installed"):
+        _alcca_config(index="faiss_hnsw")
+
+
+def test_smoke_train_with_alcca(compose_config):
+    from moa.tasks import train
+
+    cfg = compose_config("trainer=smoke", "attention=alcca", "attention.k=8", "tokenizer=byte",
+                         "trainer.max_steps=12", "trainer.val_check_interval=6")
+    metrics, objects = train(cfg)
+    assert objects["module"].model_config.attention.name == "alcca"
+    assert math.isfinite(metrics["val_loss"])
+    assert metrics["val_loss"] < math.log(objects["module"].model_config.vocab_size)
+
+
+@pytest.mark.slow
+def test_eval_retrofit_of_a_metric_model_reports_no_change_at_full_k(compose_config, tmp_path):
+    """eval.py run_dir=DIR attention_override=alcca with k >= L, theta = 0 and softmax: the
+    retrofitted model is the trained one, so the reported loss change is zero."""
+    from moa.tasks import evaluate, train
+
+    trained, _ = train(compose_config("trainer=smoke", "attention=metric", "attention.impl=eager",
+                                      "trainer.max_steps=6", "trainer.val_check_interval=3"))
+    metrics, _ = evaluate(compose_config(
+        f"run_dir={tmp_path / 'run'}", "attention_override=alcca", "alcca.k=100000",
+        "alcca.weighting=softmax", "sampling.max_new_tokens=2", "trainer.limit_test_batches=2",
+        config_name="eval"))
+    assert metrics["delta_val_loss"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["val_loss"] == pytest.approx(metrics["baseline_val_loss"], abs=1e-4)
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "metrics_alcca.json").read_text()) == pytest.approx(metrics)
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(trained)

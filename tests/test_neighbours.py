@@ -1,0 +1,91 @@
+"""Causal nearest-key search: exact blocked top-k against brute force, FAISS recall."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa.errors import ConfigError
+from moa.kernels.neighbours import INDEXES, IndexOptions
+
+FAISS_BACKENDS = ["faiss_flat", "faiss_ivf", "faiss_hnsw"]
+
+
+def _brute_force(queries, keys, positions, k):
+    """Sets of the k nearest visible keys per query, by a dense distance matrix."""
+    distance = torch.cdist(queries.double(), keys.double())  # (N, M, S)
+    hidden = torch.arange(keys.size(1))[None, :] > positions[:, None]
+    distance = distance.masked_fill(hidden, float("inf"))
+    top = distance.topk(min(k, keys.size(1)), dim=-1, largest=False)
+    return top.indices.masked_fill(top.values.isinf(), -1)
+
+
+def _search(name, queries, keys, positions, k, chunk=None, **options):
+    """Add the keys `chunk` positions at a time (all at once by default), after each add
+    searching the queries at those positions, as ALCCA's forward does."""
+    index = INDEXES[name](keys.size(-1), IndexOptions(**options))
+    chunk = chunk or keys.size(1)
+    found = []
+    for begin in range(0, keys.size(1), chunk):
+        index.add(keys[:, begin:begin + chunk])
+        rows = (positions >= begin) & (positions < begin + chunk)
+        found.append(index.search(queries[:, rows], positions[rows], k))
+    return torch.cat(found, dim=1)
+
+
+def _causal_inputs(N, S, D, seed, group=1):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(N, S, D, generator=generator)
+    queries = torch.randn(N, S * group, D, generator=generator)
+    return queries, keys, torch.arange(S).repeat_interleave(group)
+
+
+@pytest.mark.parametrize("S", [1, 17, 113])
+@pytest.mark.parametrize("k", [1, 4, 200])
+def test_exact_search_is_the_causal_top_k(S, k):
+    queries, keys, positions = _causal_inputs(3, S, 8, seed=S * 1000 + k, group=2)
+    got = _search("exact", queries, keys, positions, min(k, S), block=16)
+    want = _brute_force(queries, keys, positions, k)
+    torch.testing.assert_close(got, want)
+
+
+def test_exact_search_does_not_depend_on_blocks_or_chunks():
+    queries, keys, positions = _causal_inputs(2, 57, 8, seed=1)
+    whole = _search("exact", queries, keys, positions, 5, block=512)
+    assert torch.equal(_search("exact", queries, keys, positions, 5, chunk=7, block=5), whole)
+
+
+def _recall(got, want):
+    hits = sum(len(set(g.tolist()) & set(w.tolist()) - {-1})
+               for g, w in zip(got.flatten(0, 1), want.flatten(0, 1), strict=True))
+    return hits / int((want >= 0).sum())
+
+
+@pytest.mark.parametrize("name", FAISS_BACKENDS)
+def test_faiss_recall_against_exact_search(name):
+    pytest.importorskip("faiss")
+    queries, keys, positions = _causal_inputs(2, 1500, 16, seed=2)
+    exact = _search("exact", queries, keys, positions, 10)
+    options = {"nlist": 8, "nprobe": 6}  # IVF recall on random data needs many probes
+    got = _search(name, queries, keys, positions, 10, chunk=64, **options)
+    recall = _recall(got, exact)
+    assert recall == 1.0 if name == "faiss_flat" else recall >= 0.95, recall
+    assert bool(((got <= positions[:, None]) | (got == -1)).all())  # never a future key
+
+
+@pytest.mark.parametrize("name", ["faiss_flat", "faiss_ivf"])
+def test_faiss_results_do_not_depend_on_chunks(name):
+    """Decoding adds one key at a time; a full forward adds chunks: same neighbours."""
+    pytest.importorskip("faiss")
+    queries, keys, positions = _causal_inputs(2, 300, 8, seed=3)
+    options = {"nlist": 2, "nprobe": 1}  # trained on the first 78 keys
+    whole = _search(name, queries, keys, positions, 6, **options)
+    assert torch.equal(_search(name, queries, keys, positions, 6, chunk=1, **options), whole)
+    assert torch.equal(_search(name, queries, keys, positions, 6, chunk=37, **options), whole)
+
+
+def test_index_options_errors_name_the_key():
+    with pytest.raises(ConfigError, match="index_options.nprobe"):
+        IndexOptions(nlist=4, nprobe=8)
+    with pytest.raises(ConfigError, match="index_options.chunk"):
+        IndexOptions(chunk=0)
