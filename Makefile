@@ -37,6 +37,7 @@ test-all: $(STAMP)  ## everything, slow tests included
 bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results/
 	mkdir -p bench/results
 	$(BIN)/python bench/attention.py --device cpu --json bench/results/attention-cpu.json
+	$(BIN)/python bench/alcca.py --json bench/results/alcca.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
