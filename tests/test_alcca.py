@@ -4,7 +4,6 @@ mass branch, causality, cached decoding, retrofit and a smoke train."""
 from __future__ import annotations
 
 import json
-
 import math
 
 import pytest
