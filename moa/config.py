@@ -1,8 +1,8 @@
 """Typed configs for the model and the optimiser, and the check of a whole run config.
 
 `ModelConfig` is what `build_model` takes: the `model` section's sizes plus the parsed
-configs of the `attention`, `ffn`, `position` and `norm` groups. It round-trips through
-a plain dict, which is what checkpoints store beside the weights.
+configs of the `attention`, `ffn`, `position`, `norm` and `head` groups. It round-trips
+through a plain dict, which is what checkpoints store beside the weights.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from moa.errors import ConfigError
 from moa.schema import check, check_choice, check_range, parse, to_plain
 
-COMPONENTS = ("attention", "ffn", "position", "norm")
+COMPONENTS = ("attention", "ffn", "position", "norm", "head")
+# What a component left out means: configs and checkpoints from before `head` was a group.
+DEFAULT_COMPONENTS = {"head": {"name": "linear"}}
 
 
 def _register_resolvers() -> None:
@@ -48,6 +50,7 @@ class ModelConfig:
     ffn: Any = None
     position: Any = None
     norm: Any = None
+    head: Any = None
 
     def __post_init__(self) -> None:
         check(self.d_model > 0, "d_model", self.d_model, "a positive integer")
@@ -77,12 +80,16 @@ class ModelConfig:
         """Parse the `model` section and each component group, then check them together."""
         from moa.attention import ATTENTION
         from moa.ffn import FFN
+        from moa.head import HEAD
         from moa.norm import NORM
         from moa.position import POSITION
 
-        registries = {"attention": ATTENTION, "ffn": FFN, "position": POSITION, "norm": NORM}
+        registries = {"attention": ATTENTION, "ffn": FFN, "position": POSITION, "norm": NORM,
+                      "head": HEAD}
         config = parse(cls, to_plain(model), "model")
-        parsed = {name: registries[name].parse(components[name], name) for name in COMPONENTS}
+        parsed = {name: registries[name].parse(components.get(name, DEFAULT_COMPONENTS.get(name)),
+                                               name)
+                  for name in COMPONENTS}
         config = dataclasses.replace(config, **parsed)
         for name in COMPONENTS:
             validate = getattr(parsed[name], "validate_for", None)
@@ -93,7 +100,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(to_plain(data))
-        components = {name: data.pop(name) for name in COMPONENTS}
+        components = {name: data.pop(name) for name in COMPONENTS if name in data}
         return cls.from_sections(data, **components)
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Each layer owns a `LayerCache`: named tensors (keys, values, and whatever else a scheme
 must remember, such as metric attention's key norms) written in place into buffers sized
 for `capacity` positions along the time axis, so a decoding step copies only the new
-token's entries. `state` holds non-sequence state (a convolution's rolling window).
+token's entries. `state` holds non-sequence state (a convolution's rolling window) and
+the child caches of a layer's branches (`child`). Besides the layers, the model keeps one
+cache for a shared FFN after the stack (`ffn`) and one for the LM head (`head`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,19 @@ class LayerCache:
         self.lengths[name] = end
         return buffer.narrow(dim, 0, end)
 
+    def child(self, name: str) -> LayerCache:
+        """The cache of the branch `name` (a mixture's path, the FFN), kept in `state`."""
+        if name not in self.state:
+            self.state[name] = LayerCache(self.capacity)
+        return self.state[name]
+
 
 class KVCache:
     """Per-layer caches plus the number of positions already consumed."""
 
     def __init__(self, n_layers: int, capacity: int) -> None:
         self.layers = [LayerCache(capacity) for _ in range(n_layers)]
+        self.ffn = LayerCache(capacity)  # the FFN after the stack (ffn.placement: shared)
+        self.head = LayerCache(capacity)  # the LM head's attention (head: moa)
         self.capacity = capacity
         self.length = 0

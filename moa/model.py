@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,9 +17,11 @@ from torch import nn
 
 from moa.attention import ATTENTION
 from moa.auxiliary import AuxiliaryRecorder
+from moa.branches import branch_context
 from moa.config import ModelConfig
 from moa.context import ForwardContext
 from moa.ffn import FFN
+from moa.head import HEAD
 from moa.kv_cache import KVCache
 from moa.norm import NORM
 from moa.position import POSITION
@@ -36,24 +38,44 @@ class ModelOutput:
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + ffn(norm(x)); each branch
-    optionally through LayerScale and DropPath (`model.layer_scale_init`, `model.drop_path`)."""
+    optionally through LayerScale and DropPath (`model.layer_scale_init`, `model.drop_path`).
+    With `ffn.placement: shared` the block has no FFN (`SharedFFN` follows the stack)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        has_ffn = config.ffn.placement == "block"
         self.attention_norm = NORM.build(config.norm, config.d_model, config.bias)
         self.attention = ATTENTION.build(config.attention, config)
-        self.ffn_norm = NORM.build(config.norm, config.d_model, config.bias)
-        self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
+        if has_ffn:
+            self.ffn_norm = NORM.build(config.norm, config.d_model, config.bias)
+        self.ffn = FFN.build(config.ffn, config.d_model, config.bias) if has_ffn else None
         self.dropout = nn.Dropout(config.dropout)
         init = config.layer_scale_init
         self.attention_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
-        self.ffn_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
+        if has_ffn:
+            self.ffn_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
         self.drop_path = DropPath(config.drop_path)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = self.attention(self.attention_norm(x), ctx.scoped("attention"))
         x = x + self.drop_path(self.attention_scale(self.dropout(y)))
-        return x + self.drop_path(self.ffn_scale(self.dropout(self.ffn(self.ffn_norm(x)))))
+        if self.ffn is None:
+            return x
+        y = self.ffn(self.ffn_norm(x), branch_context(ctx, "ffn"))
+        return x + self.drop_path(self.ffn_scale(self.dropout(y)))
+
+
+class SharedFFN(nn.Module):
+    """x + ffn(norm(x)) once after the stack (`ffn.placement: shared`, DiscoverLM's HyperFFN)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = NORM.build(config.norm, config.d_model, config.bias)
+        self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return x + self.dropout(self.ffn(self.norm(x), ctx))
 
 
 class LanguageModel(nn.Module):
@@ -67,10 +89,9 @@ class LanguageModel(nn.Module):
                                        config.head_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.shared_ffn = SharedFFN(config) if config.ffn.placement == "shared" else None
         self.norm = NORM.build(config.norm, config.d_model, config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embedding.weight
+        self.lm_head = HEAD.build(config.head, config, self.embedding)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -98,9 +119,11 @@ class LanguageModel(nn.Module):
         x = self.dropout(self.position.embed(self.embedding(input_ids), positions))
         for index, block in enumerate(self.blocks):
             x = block(x, ctx.for_layer(index, cache))
+        if self.shared_ffn is not None:
+            x = self.shared_ffn(x, _slot(ctx, cache, "ffn"))
+        logits = self.lm_head(self.norm(x), _slot(ctx, cache, "head"))
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))
         return ModelOutput(logits, record.losses, record.stats, record.total_loss())
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
@@ -112,6 +135,12 @@ class LanguageModel(nn.Module):
         if exclude_embedding:
             total -= self.embedding.weight.numel()
         return total
+
+
+def _slot(ctx: ForwardContext, cache: KVCache | None, name: str) -> ForwardContext:
+    """The context of the module `name` after the stack (`ffn`, `head`): its record scope
+    and its slot of the cache."""
+    return replace(ctx.scoped(name), cache=None if cache is None else getattr(cache, name))
 
 
 def build_model(config: ModelConfig | Mapping[str, Any]) -> LanguageModel:

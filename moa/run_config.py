@@ -26,7 +26,7 @@ TOP_LEVEL_KEYS = {
     "hydra",
     "model", "attention", "ffn", "position", "norm", "optim", "data", "tokenizer", "trainer",
     "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "evaluate",
-    "metric", "regularizer", "router",
+    "metric", "regularizer", "router", "head",
 }
 
 
@@ -72,7 +72,7 @@ def parse_run(cfg: DictConfig) -> RunSpec:
                               "unknown key")
     check_model_size(cfg.model)
     model = ModelConfig.from_sections(
-        resolved(cfg, "model"), **{key: resolved(cfg, key) for key in COMPONENTS})
+        resolved(cfg, "model"), **{key: resolved(cfg, key) for key in COMPONENTS if key in cfg})
     optim = parse(OptimConfig, resolved(cfg, "optim"), "optim")
     data = CORPORA.parse(resolved(cfg, "data"), "data")
     tokenizer = None

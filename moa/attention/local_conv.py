@@ -24,6 +24,7 @@ from moa.schema import check
 if TYPE_CHECKING:
     from moa.config import ModelConfig
     from moa.context import ForwardContext
+    from moa.kv_cache import LayerCache
 
 
 @dataclass
@@ -36,26 +37,39 @@ class LocalConvConfig:
         check(self.conv_kernel > 0, "conv_kernel", self.conv_kernel, "a positive integer")
 
 
+class CausalDepthwiseConv(nn.Conv1d):
+    """Each of `channels` convolved with its own kernel over the last `kernel` positions;
+    with a cache, the last `kernel - 1` inputs roll in `cache.state["conv"]` (B, C, K - 1).
+    Also the HyperFFN's conv branch (`moa/hyper_ffn.py`)."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool) -> None:
+        super().__init__(channels, channels, kernel, groups=channels, bias=bias)
+        self.history = kernel - 1
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C), the cached inputs first."""
+        x = x.transpose(1, 2)  # (B, C, T)
+        past = None if cache is None else cache.state.get("conv")
+        if past is None:
+            past = x.new_zeros(x.size(0), x.size(1), self.history)
+        window = torch.cat((past, x), dim=2)  # (B, C, history + T)
+        if cache is not None:
+            cache.state["conv"] = window[:, :, window.size(2) - self.history:]
+        return super().forward(window).transpose(1, 2)
+
+
 @ATTENTION.register("local_conv", LocalConvConfig)
 class LocalConv(nn.Module):
     def __init__(self, config: LocalConvConfig, model: ModelConfig) -> None:
         super().__init__()
         C = model.d_model
-        self.history = config.conv_kernel - 1
-        self.depthwise = nn.Conv1d(C, C, config.conv_kernel, groups=C, bias=config.bias)
+        self.depthwise = CausalDepthwiseConv(C, config.conv_kernel, config.bias)
         self.pointwise = nn.Linear(C, C, bias=config.bias)
         self.pointwise.residual = True  # scaled at init as a residual-stream projection
 
     def sequence_part(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> depthwise causal convolution (B, T, C), the cached inputs first."""
-        x = x.transpose(1, 2)  # (B, C, T)
-        past = None if ctx.cache is None else ctx.cache.state.get("conv")
-        if past is None:
-            past = x.new_zeros(x.size(0), x.size(1), self.history)
-        window = torch.cat((past, x), dim=2)  # (B, C, history + T)
-        if ctx.cache is not None:
-            ctx.cache.state["conv"] = window[:, :, window.size(2) - self.history:]
-        return self.depthwise(window).transpose(1, 2)
+        return self.depthwise(x, ctx.cache)
 
     def token_part(self, h: torch.Tensor) -> torch.Tensor:
         """h: (..., C) -> (..., C), each row alone."""

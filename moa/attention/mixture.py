@@ -9,27 +9,25 @@ MoA cards is this with local-conv, metric, channel-mix and metric-MQA paths.
 Each path records under `paths.<i>.` and owns a child `LayerCache` in the layer cache's
 `state`, so paths never share cache names (two dot-product paths both append "k"/"v").
 
-Sparse execution, when the router chooses (topk): a path that splits into a
-`sequence_part(x, ctx)` over all tokens and a `token_part(h)` acting on each row alone
-(`channel_mix`: the whole MLP; `local_conv`: the pointwise projection) runs its
-`token_part` on the routed tokens only, gathered into one (N, C) batch and scattered
-back. Other paths (attention) are computed for every token, since later tokens and the
-cache need every key and value, and their output is weighted by 0 where unrouted; a
-path that no token of the batch chose is skipped entirely when no cache is kept. The
-result equals the dense computation with the unrouted weights zeroed.
+Sparse execution, when the router chooses (topk), is `moa/branches.py`'s `routed_sum`: a
+path that splits into a `sequence_part(x, ctx)` over all tokens and a `token_part(h)`
+acting on each row alone (`channel_mix`: the whole MLP; `local_conv`: the pointwise
+projection) runs its `token_part` on the routed tokens only. Other paths (attention) are
+computed for every token and weighted by 0 where unrouted. The result equals the dense
+computation with the unrouted weights zeroed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from moa.attention.registry import ATTENTION
+from moa.branches import routed_sum
 from moa.errors import ConfigError
-from moa.kv_cache import LayerCache
 from moa.router import ROUTER, FeatureGates, RouterConfig
 from moa.schema import check
 
@@ -64,16 +62,6 @@ class MixtureConfig:
                                   error.reason) from None
 
 
-def path_cache(cache: LayerCache | None, index: int) -> LayerCache | None:
-    """Path `index`'s own cache, kept in the layer cache's state."""
-    if cache is None:
-        return None
-    name = f"paths.{index}"
-    if name not in cache.state:
-        cache.state[name] = LayerCache(cache.capacity)
-    return cache.state[name]
-
-
 @ATTENTION.register("mixture", MixtureConfig)
 class MixtureOfAttentions(nn.Module):
     def __init__(self, config: MixtureConfig, model: ModelConfig) -> None:
@@ -89,24 +77,5 @@ class MixtureOfAttentions(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal when every path is, the router being per token."""
-        B, T, C = x.shape
         routing = self.router(x, ctx.record.scoped("router"))
-        weights = routing.weights.flatten(0, 1)  # (B*T, n)
-        rows_x = x.flatten(0, 1)  # (B*T, C)
-        out = torch.zeros_like(rows_x)
-        for i, path in enumerate(self.paths):
-            path_ctx = replace(ctx.scoped(f"paths.{i}"), cache=path_cache(ctx.cache, i))
-            chosen = None if routing.chosen is None else routing.chosen[..., i].flatten()  # (B*T,)
-            if hasattr(path, "token_part"):
-                h = path.sequence_part(x, path_ctx).flatten(0, 1)  # (B*T, C'), every token
-                rows = None if chosen is None else chosen.nonzero().squeeze(1)  # (N,)
-                if rows is None:
-                    y = self.gate(i, rows_x, path.token_part(h))  # (B*T, C)
-                    out = out + weights[:, i, None].to(y.dtype) * y
-                elif rows.numel():
-                    y = self.gate(i, rows_x[rows], path.token_part(h[rows]))  # (N, C)
-                    out = out.index_add(0, rows, (weights[rows, i, None] * y).to(out.dtype))
-            elif chosen is None or ctx.cache is not None or chosen.any():
-                y = self.gate(i, rows_x, path(x, path_ctx).flatten(0, 1))  # (B*T, C)
-                out = out + weights[:, i, None].to(y.dtype) * y
-        return out.view(B, T, C)
+        return routed_sum(x, routing, self.paths, ctx, "paths", self.feature_gates)
