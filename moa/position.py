@@ -1,7 +1,9 @@
-"""Position encodings: `learned` (absolute, added to the embeddings) | `rope` (rotary).
+"""Position encodings: `learned` (absolute, added to the embeddings) | `rope` (rotary) |
+`blackhole_rope` (rotary with learned frequencies and a bounded gate on the values).
 
 One instance is shared by all layers. `embed` acts on the token embeddings; `rotate`
-acts on each attention layer's queries and keys (identity where it does not apply).
+acts on each attention layer's queries and keys and `scale_values` on its values, before
+they are cached (each is the identity where it does not apply).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class PositionEncoding(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
+
+    def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return v
 
 
 @dataclass
@@ -59,8 +64,8 @@ class RotaryPosition(PositionEncoding):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
-        inv_freq = config.theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64),
+                             rotary_frequencies(config.theta, head_dim))
         self.register_buffer("cos", angles.cos().float(), persistent=False)  # (L, D/2)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
@@ -72,6 +77,97 @@ class RotaryPosition(PositionEncoding):
         return _rotate_half_split(q, cos, sin), _rotate_half_split(k, cos, sin)
 
 
+@dataclass
+class BlackHoleRoPEConfig:
+    name: str = "blackhole_rope"
+    theta_base: float = 10000.0  # RoPE's theta for the unperturbed frequencies
+    r_basis: int = 4  # Fourier modes of each learned perturbation
+    energy_amplification: float = 1.0  # A: the value gate is 2^(A tanh h), clamped to [1/2, 2]
+    enable_v_energy: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.theta_base > 0, "theta_base", self.theta_base, "a positive float")
+        check(self.r_basis > 0, "r_basis", self.r_basis, "a positive integer")
+        check(self.energy_amplification > 0, "energy_amplification", self.energy_amplification,
+              "a positive float")
+
+
+class BlackHoleRoPE(PositionEncoding):
+    """RoPE whose frequencies learn a bounded perturbation, plus a bounded gate on values.
+
+    With D = head_dim, i < D/2 a rotation pair, p a position, L = max_seq_len and
+    F_R(x) = [1, cos(pi r x), sin(pi r x) for r = 1..R] (2R + 1 features, R = r_basis):
+
+        omega_i  = theta_base^(-2i / D)                     RoPE's frequencies
+        g_i      = a . F_R((i + 1/2) / (D/2))               a: (2R + 1,) learned
+        phi(p,i) = p * omega_i * 2^tanh(g_i)                phase of pair i at position p
+        q, k     rotated by phi in the half-split layout (as `rope`)
+        h(p,c)   = F_R(2p / L) . b[:, c]                    b: (2R + 1, D) learned, c < D
+        e(p,c)   = clamp(2^(A tanh h(p,c)), 1/2, 2)         A = energy_amplification
+        v[..., p, c] <- e(p,c) * v[..., p, c]               only with enable_v_energy
+
+    a and b start at zero, so the encoding starts as `rope` with theta = theta_base. The
+    perturbation moves each frequency by at most one octave; the phase stays linear in p,
+    so q and k keep their norms (a rotation) and q_m . k_n still depends on m - n only.
+    The value gate is absolute: a learned amplitude per position and channel, shared by
+    the heads, mode r making r periods over the L positions. It scales a value's energy by
+    e(p,c)^2 in [1/4, 4]; the clamp bounds it whatever A is (for A <= 1 it never binds).
+    Values are gated before they are cached, so cached decoding sees the same values.
+    """
+
+    def __init__(self, config: BlackHoleRoPEConfig, max_seq_len: int, d_model: int,
+                 head_dim: int) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"blackhole_rope needs an even head_dim, got {head_dim}")
+        half, features = head_dim // 2, 2 * config.r_basis + 1
+        pairs = (torch.arange(half, dtype=torch.float64) + 0.5) / half
+        self.register_buffer("frequencies", rotary_frequencies(config.theta_base, head_dim)
+                             .float(), persistent=False)  # (D/2,)
+        self.register_buffer("pair_features", fourier_features(pairs, config.r_basis).float(),
+                             persistent=False)  # (D/2, 2R+1)
+        self.phase_coefficients = nn.Parameter(torch.zeros(features))
+        self.energy_coefficients = None
+        if config.enable_v_energy:
+            self.energy_coefficients = nn.Parameter(torch.zeros(features, head_dim))
+        self.r_basis = config.r_basis
+        self.max_seq_len = max_seq_len
+        self.energy_amplification = config.energy_amplification
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Elementwise products, not matmuls: autocast would round the angles to bfloat16.
+        shift = torch.tanh((self.pair_features * self.phase_coefficients).sum(-1))  # (D/2,)
+        frequencies = self.frequencies * torch.exp2(shift)
+        angles = positions.float()[:, None] * frequencies  # (T, D/2)
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        return _rotate_half_split(q, cos, sin), _rotate_half_split(k, cos, sin)
+
+    def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.energy_coefficients is None:
+            return v
+        return v * self.energy_gate(positions).to(v.dtype)  # (B, H, T, D) * (T, D)
+
+    def energy_gate(self, positions: torch.Tensor) -> torch.Tensor:
+        """e(p, c) in [1/2, 2] for positions (T,) -> (T, D)."""
+        features = fourier_features(2 * positions.float() / self.max_seq_len, self.r_basis)
+        h = features @ self.energy_coefficients  # (T, D)
+        return torch.exp2(self.energy_amplification * torch.tanh(h)).clamp(0.5, 2.0)
+
+
+def fourier_features(x: torch.Tensor, modes: int) -> torch.Tensor:
+    """[1, cos(pi r x), sin(pi r x) for r = 1..modes]: x (N,) -> (N, 2 * modes + 1)."""
+    r = torch.arange(1, modes + 1, dtype=x.dtype, device=x.device)
+    angles = torch.pi * x[:, None] * r  # (N, modes)
+    return torch.cat([torch.ones_like(x)[:, None], angles.cos(), angles.sin()], dim=-1)
+
+
+def rotary_frequencies(theta: float, head_dim: int) -> torch.Tensor:
+    """RoPE's angular frequencies omega_i = theta^(-2i / D), i < D/2: (D/2,) float64."""
+    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
 def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -79,3 +175,4 @@ def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 POSITION.register("learned", LearnedPositionConfig)(LearnedPosition)
 POSITION.register("rope", RotaryConfig)(RotaryPosition)
+POSITION.register("blackhole_rope", BlackHoleRoPEConfig)(BlackHoleRoPE)

@@ -87,6 +87,7 @@ class AlccaAttention(MetricAttention):
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        v = ctx.position.scale_values(v, ctx.positions)
         B, Hq, T, D = q.shape
         G = self.group
         state: dict[str, Any] = {} if ctx.cache is None else ctx.cache.state

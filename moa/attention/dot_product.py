@@ -33,6 +33,7 @@ class SelfAttention(nn.Module):
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         q, k = ctx.position.rotate(q, k, ctx.positions)
+        v = ctx.position.scale_values(v, ctx.positions)
         if ctx.cache is not None:
             k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
         mask = causal_mask(q.size(2), k.size(2), x.device)

@@ -140,6 +140,7 @@ class MetricAttention(nn.Module):
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        v = ctx.position.scale_values(v, ctx.positions)
         k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)

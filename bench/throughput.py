@@ -1,0 +1,127 @@
+"""Training throughput of every model preset at one common size, against `gpt`.
+
+    python bench/throughput.py --json throughput.json
+    python bench/throughput.py --presets gpt moas --d-model 256 --n-layers 4
+
+Every preset in `conf/model/` (found there, so new presets join by themselves; `gpt`
+always, as the baseline) is composed with the same d_model, n_layers, n_heads, context and
+vocabulary, through the same checks as `train.py`. One training step is what the
+Lightning module does: forward, cross-entropy plus the auxiliary losses, backward, an
+AdamW step over moa's parameter groups, on random tokens. After `--warmup` steps each,
+the presets take turns, one step each per round for `--steps` rounds, so a slowdown of the
+shared machine hits them alike; a preset's step time is its median. tokens/s is
+batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted once on a
+meta-device copy, as the training callback does; the optimizer step is not counted) over
+it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moa.callbacks import training_flops
+from moa.lit import token_metrics
+from moa.model import build_model
+from moa.optim import parameter_groups
+from moa.params import CONF_DIR, model_config
+
+BASELINE = "gpt"
+
+
+def presets() -> list[str]:
+    """The baseline, then every other preset of conf/model/ in name order."""
+    names = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+    return [BASELINE] + [name for name in names if name != BASELINE]
+
+
+class Trainee:
+    """One preset's model, optimizer and fixed random batch."""
+
+    def __init__(self, preset: str, args: argparse.Namespace) -> None:
+        self.config = model_config([
+            f"model={preset}", f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}",
+            f"model.n_heads={args.n_heads}", f"model.max_seq_len={args.block_size}",
+            f"model.vocab_size={args.vocab_size}", f"data.block_size={args.block_size}",
+        ])
+        torch.manual_seed(0)
+        self.model = build_model(self.config).train()
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.1), lr=3e-4)
+        shape = (args.batch_size, args.block_size + 1)
+        tokens = torch.randint(0, args.vocab_size, shape)
+        self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:]
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        output = self.model(self.inputs)
+        loss = token_metrics(output.logits, self.labels)[0]
+        if output.aux_loss is not None:
+            loss = loss + output.aux_loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="*", default=None, help="default: all of conf/model")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", default=None, help="write the records here")
+    args = parser.parse_args()
+
+    names = presets()
+    if args.presets:
+        names = [BASELINE] + [name for name in args.presets if name != BASELINE]
+    trainees = {name: Trainee(name, args) for name in names}
+    for trainee in trainees.values():
+        for _ in range(args.warmup):
+            trainee.step()
+    for _ in range(args.steps):
+        for trainee in trainees.values():
+            trainee.times.append(trainee.step())
+
+    tokens = args.batch_size * args.block_size
+    records = []
+    for name, trainee in trainees.items():
+        seconds = statistics.median(trainee.times)
+        flops = training_flops(trainee.config, (args.batch_size, args.block_size))
+        records.append({
+            "preset": name, "tokens_per_s": tokens / seconds,
+            "gflops_per_s": flops / seconds / 1e9, "step_ms": 1e3 * seconds,
+            "parameters": trainee.model.num_parameters(),
+            "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
+            "block_size": args.block_size, "batch_size": args.batch_size,
+            "vocab_size": args.vocab_size, "threads": torch.get_num_threads(),
+        })
+    baseline = records[0]["tokens_per_s"]
+    for record in records:
+        record["ratio_to_gpt"] = record["tokens_per_s"] / baseline
+
+    print(f"d_model={args.d_model} n_layers={args.n_layers} n_heads={args.n_heads} "
+          f"block={args.block_size} batch={args.batch_size} vocab={args.vocab_size} "
+          f"threads={torch.get_num_threads()}; median of {args.steps} steps")
+    print(f"{'preset':<14} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+          f"{'ratio':>6}")
+    for r in records:
+        print(f"{r['preset']:<14} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['gflops_per_s']:>8.2f} {r['ratio_to_gpt']:>6.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()

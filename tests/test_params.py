@@ -1,0 +1,71 @@
+"""`python -m moa.params`: the per-component table sums to the model's parameters, counted
+once each, for every preset in conf/model/."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moa.model import build_model
+from moa.params import main, model_config, parameter_table
+from tests.conftest import CONF_DIR, ROOT
+
+PRESETS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def unique_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def top_level(rows: list[tuple[str, int]]) -> dict[str, int]:
+    return {name: count for name, count in rows if not name.startswith(" ")}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_table_sums_to_the_model_total(preset, capsys):
+    overrides = [f"model={preset}", "model.size=tiny"]
+    with torch.device("meta"):
+        model = build_model(model_config(overrides))
+    rows = parameter_table(model)
+    components = top_level(rows)
+    assert sum(components.values()) == unique_parameters(model) == model.num_parameters()
+    assert {"embedding", "blocks", "norm", "lm_head"} <= set(components)
+    parts = [count for name, count in rows if name.startswith("  ")]
+    assert sum(parts) == components["blocks"]
+    main(overrides)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"Total  {model.num_parameters() / 1e6:.2f}M"
+
+
+def test_tied_head_counts_zero_and_untied_counts_its_matrix():
+    tied = top_level(parameter_table(build_model(model_config(["model.size=tiny"]))))
+    assert tied["lm_head"] == 0
+    untied_model = build_model(model_config(["model.size=tiny", "model.tie_embeddings=false"]))
+    untied = top_level(parameter_table(untied_model))
+    assert untied["lm_head"] == untied["embedding"] == 8192 * 64
+    assert sum(untied.values()) == sum(tied.values()) + 8192 * 64
+
+
+def test_vocabulary_comes_from_the_model_or_the_tokenizer():
+    assert model_config(["tokenizer=byte"]).vocab_size == 265
+    assert model_config(["tokenizer=bpe", "tokenizer.vocab_size=1000"]).vocab_size == 1000
+    assert model_config(["tokenizer=byte", "model.vocab_size=300"]).vocab_size == 300
+
+
+def test_command_line_ends_with_the_total():
+    result = subprocess.run([sys.executable, "-m", "moa.params", "model=gpt", "model.size=card"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"Total  \d+\.\d\dM", last)
+    with torch.device("meta"):
+        model = build_model(model_config(["model=gpt", "model.size=card"]))
+    assert last == f"Total  {model.num_parameters() / 1e6:.2f}M"
+
+
+def test_bad_override_is_an_error_naming_the_key():
+    with pytest.raises(SystemExit, match=r"^error: invalid config model.n_heads=5 "):
+        main(["model.n_heads=5"])
