@@ -160,7 +160,7 @@ def _retrofit_losses(run_dir: str, grid: list[tuple[int, float, str]]) -> list[d
                         f"alcca.k={k}", f"alcca.theta={theta}", f"alcca.weighting={weighting}",
                         "sampling.prompts=[]", "hydra.run.dir=/tmp/alcca-bench-eval"],
                        cwd=ROOT, check=True, capture_output=True)
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        metrics = json.loads((Path(run_dir) / "metrics_alcca.json").read_text())
         records.append(dict(impl="retrofit_alcca_exact", k=k, theta=theta, weighting=weighting,
                             val_loss=metrics["val_loss"],
                             baseline_val_loss=metrics["baseline_val_loss"]))
@@ -171,15 +171,18 @@ def _retrofit_losses(run_dir: str, grid: list[tuple[int, float, str]]) -> list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--lengths", type=int, nargs="*", default=None,
+                        help="sequence lengths to time; none given (`--lengths`): no timings")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="one repeat, a small loss grid, and L = 256, 512 unless --lengths")
     parser.add_argument("--run-dir", default=None, help="a trained run to retrofit")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
-    lengths = args.lengths or ([256, 512] if args.quick else [1024, 2048, 4096, 8192, 16384])
-    records = _timings(lengths, 1 if args.quick else args.repeats, args.json)
+    lengths = args.lengths
+    if lengths is None:
+        lengths = [256, 512] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    records = _timings(lengths, 1 if args.quick else args.repeats, args.json) if lengths else []
     if args.run_dir:
         ks = [8, 256] if args.quick else [4, 16, 64, 100000]
         grid = [(k, theta, weighting) for k in ks for theta in (0.0, 1.0)
