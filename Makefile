@@ -38,6 +38,7 @@ bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results
 	mkdir -p bench/results
 	$(BIN)/python bench/attention.py --device cpu --json bench/results/attention-cpu.json
 	$(BIN)/python bench/alcca.py --json bench/results/alcca.json
+	$(BIN)/python bench/throughput.py --json bench/results/throughput-cpu.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
