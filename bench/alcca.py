@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from moa.auxiliary import AuxiliaryRecorder
 from moa.config import ModelConfig
 from moa.context import ForwardContext
 from moa.kernels.neighbours import INDEXES, faiss_available
+from moa.memory import peak_allocated_mb
 from moa.position import POSITION
 
 H, D, TOP_K = 8, 64, 32
@@ -75,25 +77,6 @@ def _time_ms(module, config, x, repeats: int) -> float:
         _forward(module, config, x)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def _peak_mb(module, config, x) -> float:
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _forward(module, config, x)
-    allocations, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while nodes:
-        node = nodes.pop()
-        if node.tag == _EventType.Allocation:
-            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
-        nodes.extend(node.children)
-    running = peak = 0
-    for _, size in sorted(allocations):
-        running += size
-        peak = max(peak, running)
-    return peak / 2**20
 
 
 def _recall(module, exact, config, x) -> float:
@@ -136,7 +119,8 @@ def _timings(lengths: list[int], repeats: int, json_path: str | None) -> list[di
             module, config = _attention(spec, L)
             exact = module if impl == "alcca_exact" else exact
             fwd = _time_ms(module, config, x, repeats if L <= 4096 else 1)
-            record = dict(impl=impl, L=L, H=H, D=D, fwd_ms=fwd, peak_mb=_peak_mb(module, config, x))
+            peak = peak_allocated_mb(partial(_forward, module, config, x))
+            record = dict(impl=impl, L=L, H=H, D=D, fwd_ms=fwd, peak_mb=peak)
             if impl.startswith("alcca"):
                 record |= dict(k=TOP_K, theta=0.0, recall=_recall(module, exact, config, x))
             records.append(record)

@@ -21,12 +21,14 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
+from moa.memory import peak_allocated_mb
 
 H, D = 8, 64
 
@@ -72,34 +74,6 @@ def _time_ms(fn, inputs, backward: bool, device: str, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _peak_mb(fn, inputs, device: str) -> float:
-    """Peak bytes allocated by one forward+backward above those allocated before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        _step(fn, inputs, backward=True)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(fn, inputs, backward=True)
-    allocations = []  # (time, +bytes allocated | -bytes freed), from the profiler's tree
-    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
-    while nodes:
-        node = nodes.pop()
-        if node.tag == _EventType.Allocation:
-            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
-        nodes.extend(node.children)
-    running = peak = 0
-    for _, size in sorted(allocations):
-        running += size
-        peak = max(peak, running)
-    return peak / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -123,7 +97,7 @@ def main() -> None:
             fn = _call(impl)
             fwd = _time_ms(fn, inputs, False, device, args.repeats)
             fwd_bwd = _time_ms(fn, inputs, True, device, args.repeats)
-            peak = _peak_mb(fn, inputs, device)
+            peak = peak_allocated_mb(partial(_step, fn, inputs, backward=True), device)
             sdpa_times = sdpa_times or (fwd, fwd_bwd)
             ratio = {"fwd": fwd / sdpa_times[0], "fwd_bwd": fwd_bwd / sdpa_times[1]}
             records.append(dict(impl=impl, L=L, device=device, dtype=str(dtype).split(".")[-1],

@@ -79,3 +79,51 @@ def compose_config(tmp_path, cache_dir):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def assert_same_outputs_and_gradients(actual, expected, inputs) -> None:
+    """`actual == expected`, and so are the gradients of their squared sums with respect to
+    every tensor in `inputs` (one either side leaves unused must be absent or zero)."""
+    import torch
+
+    torch.testing.assert_close(actual, expected)
+    inputs = list(inputs)
+    grads_actual = torch.autograd.grad(actual.square().sum(), inputs, allow_unused=True)
+    grads_expected = torch.autograd.grad(expected.square().sum(), inputs, allow_unused=True)
+    for got, want in zip(grads_actual, grads_expected, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want)
+
+
+def forward_context(config, T: int):
+    """A fresh ForwardContext for positions 0..T-1 of a model with `config`."""
+    from moa.auxiliary import AuxiliaryRecorder
+    from moa.context import ForwardContext
+    from moa.position import POSITION
+
+    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
+    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
+
+
+def assert_causal(module, config, T: int = 13, t: int = 6) -> None:
+    """`module(x, ctx)` keeps x's shape, and new inputs after position t change no output
+    at positions <= t (and do change later ones)."""
+    x = torch.randn(2, T, config.d_model)
+    y = module(x, forward_context(config, T))
+    assert y.shape == x.shape
+    changed = x.clone()
+    changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+    y_changed = module(changed, forward_context(config, T))
+    torch.testing.assert_close(y_changed[:, : t + 1], y[:, : t + 1])
+    assert not torch.allclose(y_changed[:, t + 1:], y[:, t + 1:])
+
+
+def assert_cached_matches_full(model, ids, prefill: int = 3) -> None:
+    """Logits of one full forward equal a prefill of `prefill` tokens, then one at a time."""
+    full = model(ids).logits
+    cache = model.new_cache()
+    steps = [model(ids[:, :prefill], cache).logits]
+    steps += [model(ids[:, t:t + 1], cache).logits for t in range(prefill, ids.size(1))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)

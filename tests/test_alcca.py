@@ -11,23 +11,15 @@ import torch
 
 from moa.attention import ATTENTION
 from moa.attention import alcca as alcca_module
-from moa.auxiliary import AuxiliaryRecorder
-from moa.context import ForwardContext
 from moa.errors import ConfigError
 from moa.kernels.alcca_reference import alcca_attention_eager
 from moa.model import build_model
-from moa.position import POSITION
 from moa.retrofit import swap_attention, transfer_weights
-from tests.conftest import tiny_model_config
+from tests.conftest import assert_causal, forward_context, tiny_model_config
 
 
 def _alcca_config(position="rope", **attention):
     return tiny_model_config({"name": "alcca", **attention}, position=position)
-
-
-def _context(config, T: int) -> ForwardContext:
-    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
-    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
 
 
 def _reference_forward(attention, x, ctx):
@@ -61,7 +53,7 @@ def test_forward_and_gradients_match_the_reference(T, top_k, weighting):
         attention.log_alpha.uniform_(-2.0, 0.0)
         attention.log_maha.normal_(0.0, 0.3)
     x = torch.randn(2, T, config.d_model, dtype=torch.float64)
-    ctx = _context(config, T)
+    ctx = forward_context(config, T)
     attention.alcca.theta = _median_centre_distance(attention, x, ctx) if T > 1 else 0.0
     weights = torch.randn(2, T, config.d_model, dtype=torch.float64)
 
@@ -114,14 +106,7 @@ def test_alcca_is_causal(index):
     torch.manual_seed(1)
     config = _alcca_config(k=3, index=index, theta=0.4, n_kv_heads=2,
                            index_options={"chunk": 4})
-    attention = ATTENTION.build(config.attention, config).eval()
-    x = torch.randn(2, 13, config.d_model)
-    y = attention(x, _context(config, 13))
-    x2 = x.clone()
-    x2[:, 7:] = torch.randn_like(x2[:, 7:])
-    y2 = attention(x2, _context(config, 13))
-    torch.testing.assert_close(y2[:, :7], y[:, :7])
-    assert not torch.allclose(y2[:, 7:], y[:, 7:])
+    assert_causal(ATTENTION.build(config.attention, config).eval(), config)
 
 
 def test_centre_of_mass_branch_is_the_running_mean_of_values():
@@ -131,7 +116,7 @@ def test_centre_of_mass_branch_is_the_running_mean_of_values():
     config = _alcca_config(theta=1e6, position="learned")
     attention = ATTENTION.build(config.attention, config)
     x = torch.randn(2, 19, config.d_model)
-    ctx = _context(config, 19)
+    ctx = forward_context(config, 19)
     y = attention(x, ctx)
     assert float(ctx.record.stats["centre_fraction"]) == 1.0
     _, _, v = attention.heads.split(x)  # (B, H, T, D)

@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.auxiliary import AuxiliaryRecorder
-from moa.context import ForwardContext
 from moa.model import build_model
-from moa.position import POSITION
-from tests.conftest import tiny_model_config
+from tests.conftest import assert_causal, forward_context, tiny_model_config
 
 SCHEMES = {  # the head layouts of conf/attention/{mha,gqa,mqa,sqa}.yaml on 4 model heads
     "mha": {},
@@ -20,25 +17,11 @@ SCHEMES = {  # the head layouts of conf/attention/{mha,gqa,mqa,sqa}.yaml on 4 mo
 }
 
 
-def _context(config, T: int) -> ForwardContext:
-    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
-    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_attention_shape_and_causality(scheme):
     torch.manual_seed(0)
     config = tiny_model_config(SCHEMES[scheme])
-    attention = ATTENTION.build(config.attention, config).eval()
-    x = torch.randn(2, 13, config.d_model)
-    y = attention(x, _context(config, 13))
-    assert y.shape == x.shape
-    t = 6
-    x2 = x.clone()
-    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])  # change only the future of position t
-    y2 = attention(x2, _context(config, 13))
-    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1])
-    assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+    assert_causal(ATTENTION.build(config.attention, config).eval(), config)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -62,8 +45,8 @@ def test_gqa_with_all_kv_heads_equals_mha():
     gqa = ATTENTION.build(gqa_config.attention, gqa_config)
     gqa.load_state_dict(mha.state_dict())
     x = torch.randn(3, 9, 32, requires_grad=True)
-    out_mha = mha(x, _context(mha_config, 9))
-    out_gqa = gqa(x, _context(gqa_config, 9))
+    out_mha = mha(x, forward_context(mha_config, 9))
+    out_gqa = gqa(x, forward_context(gqa_config, 9))
     torch.testing.assert_close(out_gqa, out_mha)
     grad_mha, = torch.autograd.grad(out_mha.square().sum(), x)
     grad_gqa, = torch.autograd.grad(out_gqa.square().sum(), x)
@@ -84,7 +67,8 @@ def test_grouped_heads_share_keys_like_repeated_mha():
     state["heads.kv.weight"] = repeated.reshape(-1, d)
     mha.load_state_dict(state)
     x = torch.randn(2, 7, d)
-    torch.testing.assert_close(gqa(x, _context(gqa_config, 7)), mha(x, _context(mha_config, 7)))
+    torch.testing.assert_close(gqa(x, forward_context(gqa_config, 7)),
+                               mha(x, forward_context(mha_config, 7)))
 
 
 def test_sqa_uses_fewer_query_heads():

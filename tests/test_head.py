@@ -17,8 +17,8 @@ from moa.head import HEAD
 from moa.model import build_model
 from moa.position import POSITION
 from moa.tasks import train
+from tests.conftest import assert_cached_matches_full
 from tests.test_hyper_ffn import C, hyper, model_config
-from tests.test_paths import assert_cached_matches_full
 
 V = 50
 

@@ -11,7 +11,12 @@ from moa.config import ModelConfig
 from moa.errors import ConfigError
 from moa.ffn import FFN
 from moa.model import build_model
-from tests.test_paths import assert_cached_matches_full, forward_context
+from tests.conftest import (
+    assert_cached_matches_full,
+    assert_causal,
+    assert_same_outputs_and_gradients,
+    forward_context,
+)
 
 C = 32
 
@@ -65,14 +70,7 @@ def test_hyper_ffn_equals_its_definition():
 def test_hyper_ffn_is_causal(router):
     torch.manual_seed(1)
     module, config = build_ffn(hyper(router))
-    x = torch.randn(2, 11, C)
-    y = module(x, forward_context(config, 11))
-    assert y.shape == x.shape
-    x2 = x.clone()
-    x2[:, 6:] = torch.randn_like(x2[:, 6:])
-    y2 = module(x2, forward_context(config, 11))
-    torch.testing.assert_close(y2[:, :6], y[:, :6])
-    assert not torch.allclose(y2[:, 6:], y[:, 6:])
+    assert_causal(module, config, T=11, t=5)
 
 
 def test_conv_branch_sees_its_window():
@@ -104,15 +102,7 @@ def test_sparse_topk_equals_dense_with_unrouted_weights_zeroed(k):
     ctx = forward_context(config, 10)
     dense = sum(routing.weights[..., i:i + 1] * module.feature_gates(i, x, branch(x, ctx))
                 for i, branch in enumerate(module.branches))
-    torch.testing.assert_close(sparse, dense)
-    params = [x, *module.parameters()]
-    grads_sparse = torch.autograd.grad(sparse.square().sum(), params, allow_unused=True)
-    grads_dense = torch.autograd.grad(dense.square().sum(), params, allow_unused=True)
-    for g_sparse, g_dense in zip(grads_sparse, grads_dense, strict=True):
-        if g_dense is None:
-            assert g_sparse is None or not g_sparse.any()
-        else:
-            torch.testing.assert_close(g_sparse, g_dense)
+    assert_same_outputs_and_gradients(sparse, dense, [x, *module.parameters()])
 
 
 @pytest.mark.parametrize("placement", ["block", "shared"])

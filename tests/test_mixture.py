@@ -14,8 +14,13 @@ from moa.errors import ConfigError
 from moa.model import build_model
 from moa.run_config import parse_run
 from moa.tasks import train
-from tests.conftest import tiny_model_config
-from tests.test_paths import assert_cached_matches_full, forward_context
+from tests.conftest import (
+    assert_cached_matches_full,
+    assert_causal,
+    assert_same_outputs_and_gradients,
+    forward_context,
+    tiny_model_config,
+)
 
 MOA_PATHS = [  # the MoA cards' four paths, with dot-product stand-ins for the metric ones
     {"name": "local_conv", "conv_kernel": 3},
@@ -41,15 +46,7 @@ ROUTERS = {
 def test_mixture_is_causal(router):
     torch.manual_seed(0)
     config = mixture_config(ROUTERS[router])
-    mixture = ATTENTION.build(config.attention, config).eval()
-    x = torch.randn(2, 11, config.d_model)
-    y = mixture(x, forward_context(config, 11))
-    assert y.shape == x.shape
-    x2 = x.clone()
-    x2[:, 6:] = torch.randn_like(x2[:, 6:])
-    y2 = mixture(x2, forward_context(config, 11))
-    torch.testing.assert_close(y2[:, :6], y[:, :6])
-    assert not torch.allclose(y2[:, 6:], y[:, 6:])
+    assert_causal(ATTENTION.build(config.attention, config).eval(), config, T=11, t=5)
 
 
 def dense_reference(mixture, x, ctx):
@@ -75,15 +72,7 @@ def test_sparse_execution_equals_dense_with_unrouted_weights_zeroed(k):
     routed = mixture.router(x, AuxiliaryRecorder()).chosen[..., 2].sum().item()
     assert rows_seen == [routed]  # channel mix ran on its routed tokens only
     dense = dense_reference(mixture, x, forward_context(config, 10))
-    torch.testing.assert_close(sparse, dense)
-    params = [x, *mixture.parameters()]
-    grads_sparse = torch.autograd.grad(sparse.square().sum(), params, allow_unused=True)
-    grads_dense = torch.autograd.grad(dense.square().sum(), params, allow_unused=True)
-    for g_sparse, g_dense in zip(grads_sparse, grads_dense, strict=True):
-        if g_dense is None:
-            assert g_sparse is None or not g_sparse.any()
-        else:
-            torch.testing.assert_close(g_sparse, g_dense)
+    assert_same_outputs_and_gradients(sparse, dense, [x, *mixture.parameters()])
 
 
 def test_a_path_no_token_chose_is_not_computed():

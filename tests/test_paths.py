@@ -7,44 +7,24 @@ import torch
 import torch.nn.functional as F
 
 from moa.attention import ATTENTION
-from moa.auxiliary import AuxiliaryRecorder
-from moa.context import ForwardContext
 from moa.errors import ConfigError
 from moa.model import build_model
-from moa.position import POSITION
-from tests.conftest import tiny_model_config
+from tests.conftest import (
+    assert_cached_matches_full,
+    assert_causal,
+    forward_context,
+    tiny_model_config,
+)
 
 PATHS = {"local_conv": {"name": "local_conv", "conv_kernel": 3},
          "channel_mix": {"name": "channel_mix", "mixer_hidden": 24}}
-
-
-def forward_context(config, T: int) -> ForwardContext:
-    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
-    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
-
-
-def assert_cached_matches_full(model, ids: torch.Tensor, prefill: int = 3) -> None:
-    """Logits of one full forward equal a prefill of `prefill` tokens, then one at a time."""
-    full = model(ids).logits
-    cache = model.new_cache()
-    steps = [model(ids[:, :prefill], cache).logits]
-    steps += [model(ids[:, t:t + 1], cache).logits for t in range(prefill, ids.size(1))]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_path_shape_and_causality(path):
     torch.manual_seed(0)
     config = tiny_model_config(PATHS[path])
-    module = ATTENTION.build(config.attention, config).eval()
-    x = torch.randn(2, 13, config.d_model)
-    y = module(x, forward_context(config, 13))
-    assert y.shape == x.shape
-    x2 = x.clone()
-    x2[:, 7:] = torch.randn_like(x2[:, 7:])
-    y2 = module(x2, forward_context(config, 13))
-    torch.testing.assert_close(y2[:, :7], y[:, :7])
-    assert not torch.allclose(y2[:, 7:], y[:, 7:])
+    assert_causal(ATTENTION.build(config.attention, config).eval(), config)
 
 
 def test_local_conv_equals_its_definition():
