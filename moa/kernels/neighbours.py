@@ -29,6 +29,7 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,7 @@ class ExactIndex:
         return ids
 
 
-class _FaissIndex:
+class _FaissIndex(ABC):
     """One FAISS index per head; subclasses say how one is made."""
 
     def __init__(self, dim: int, options: IndexOptions) -> None:
@@ -126,8 +127,9 @@ class _FaissIndex:
     def __len__(self) -> int:
         return self.size
 
+    @abstractmethod
     def _new(self) -> Any:
-        raise NotImplementedError
+        """A new, empty FAISS index for one head."""
 
     def add(self, keys: torch.Tensor) -> None:
         keys = _numpy(keys)  # (N, s, D)
@@ -137,8 +139,8 @@ class _FaissIndex:
             index.add(head_keys)
         self.size += keys.shape[1]
 
-    def _prepare(self, fetch: int) -> None:
-        """Set search-time parameters for fetching `fetch` ids."""
+    def _prepare(self, fetch: int) -> None:  # noqa: B027 (a hook; only HNSW needs it)
+        """Set search-time parameters for fetching `fetch` ids (none by default)."""
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
