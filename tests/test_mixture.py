@@ -193,3 +193,16 @@ def test_metric_paths_plug_in_by_config():
     model = build_model(mixture_config({"name": "topk", "enable_feature_gates": True},
                                        paths=paths)).eval()
     assert_cached_matches_full(model, torch.randint(0, 50, (2, 12)))
+
+
+def test_top_k_routed_preset_trains_with_the_throughput_callback(compose_config, tmp_path):
+    """Top-k routing is data-dependent (no FLOP count on the meta device): tokens/s is
+    still logged and training runs."""
+    cfg = compose_config("trainer=smoke", "model=moas", "router=topk", "trainer.max_steps=12",
+                         "trainer.log_every_n_steps=1", "evaluate=false", "tokenizer=byte",
+                         "model.n_layers=1")
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 12
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row.get("train|device|items_per_sec") for row in rows)
