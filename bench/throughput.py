@@ -69,6 +69,11 @@ class Trainee:
         return time.perf_counter() - start
 
 
+def _gflops(record: dict) -> str:
+    """GFLOP/s, or "-" for a model without a static FLOP count (top-k routing)."""
+    return "-" if record["gflops_per_s"] is None else f"{record['gflops_per_s']:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="*", default=None, help="default: all of conf/model")
@@ -101,7 +106,8 @@ def main() -> None:
         flops = training_flops(trainee.config, (args.batch_size, args.block_size))
         records.append({
             "preset": name, "tokens_per_s": tokens / seconds,
-            "gflops_per_s": flops / seconds / 1e9, "step_ms": 1e3 * seconds,
+            "gflops_per_s": None if flops is None else flops / seconds / 1e9,
+            "step_ms": 1e3 * seconds,
             "parameters": trainee.model.num_parameters(),
             "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
             "block_size": args.block_size, "batch_size": args.batch_size,
@@ -118,7 +124,7 @@ def main() -> None:
           f"{'ratio':>6}")
     for r in records:
         print(f"{r['preset']:<14} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
-              f"{r['tokens_per_s']:>10,.0f} {r['gflops_per_s']:>8.2f} {r['ratio_to_gpt']:>6.2f}")
+              f"{r['tokens_per_s']:>10,.0f} {_gflops(r):>8} {r['ratio_to_gpt']:>6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
 

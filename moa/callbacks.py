@@ -22,21 +22,23 @@ def _tokens(batch: dict[str, Any]) -> int:
     return batch["input_ids"].numel()
 
 
-def training_flops(config: ModelConfig, batch_shape: tuple[int, int]) -> int:
-    """FLOPs of one forward + backward on a (B, T) batch, counted on a meta-device copy."""
+def training_flops(config: ModelConfig, batch_shape: tuple[int, int]) -> int | None:
+    """FLOPs of one forward + backward on a (B, T) batch, counted on a meta-device copy;
+    None for a model whose work depends on the data (top-k routing picks tokens with
+    `nonzero` and tests `.any()`, which the meta device cannot run)."""
     with torch.device("meta"):
         model = build_model(config)
         input_ids = torch.zeros(batch_shape, dtype=torch.long)
-    return measure_flops(model, lambda: model(input_ids).logits, lambda logits: logits.sum())
+    try:
+        return measure_flops(model, lambda: model(input_ids).logits, lambda out: out.sum())
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens: logs `train|items_per_sec` (tokens/s)
-    and `train|device|flops_per_sec`, the FLOPs measured once from the first batch's shape.
-
-    A model whose work depends on the data (top-k routing picks tokens with `nonzero` and
-    tests `.any()`, which the meta device cannot run) has no static FLOP count: it logs
-    tokens/s only."""
+    and `train|device|flops_per_sec`, the FLOPs measured once from the first batch's shape
+    (tokens/s only for a model without a static FLOP count: see `training_flops`)."""
 
     def __init__(self, window_size: int = 10) -> None:
         super().__init__(batch_size_fn=_batch_size, length_fn=_tokens,
@@ -49,8 +51,6 @@ class TokenThroughput(ThroughputMonitor):
             return
         self._counted = True
         shape = tuple(batch["input_ids"].shape)
-        try:
-            pl_module.flops_per_batch = training_flops(pl_module.model_config, shape)
-        except (NotImplementedError, RuntimeError) as error:  # data-dependent ops on meta
-            pl_module.flops_per_batch = None
-            rank_zero_warn(f"no FLOP count for this model ({error}); logging tokens/s only")
+        pl_module.flops_per_batch = training_flops(pl_module.model_config, shape)
+        if pl_module.flops_per_batch is None:
+            rank_zero_warn("this model's work depends on its data: logging tokens/s, no FLOPs")
