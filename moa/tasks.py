@@ -117,7 +117,7 @@ def print_samples(module: LanguageModelModule, datamodule: LMDataModule,
     for prompt in sampling.prompts:
         ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]], device=module.device)
         for label, how in (("greedy", greedy), (f"sampled t={sampling.temperature}", sampling)):
-            out = generate(model, ids, how, generator=generator)
+            out = generate(model, ids, how, generator=generator, stop_token=tokenizer.eos_id)
             continuation = tokenizer.decode(out[0, ids.size(1):].tolist())
             print(f"--- {label} | {prompt!r}\n{prompt}{continuation}")
 

@@ -107,3 +107,13 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
     assert factors[110] == pytest.approx(0.1)
+
+
+def test_generation_stops_when_every_sequence_emits_the_stop_token():
+    torch.manual_seed(3)
+    model = build_model(tiny_model_config())
+    prompt = torch.randint(0, 50, (1, 4))
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    first = int(generate(model, prompt, greedy)[0, 4])
+    stopped = generate(model, prompt, greedy, stop_token=first)
+    assert stopped.shape == (1, 5) and int(stopped[0, -1]) == first
