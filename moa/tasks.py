@@ -8,6 +8,7 @@ Run directory layout (single run or one job of a sweep):
     checkpoints/         best.ckpt (lowest val/loss) and last.ckpt
     metrics.csv          the training/validation log (CSVLogger)
     metrics.json         final val_/test_ loss, ppl and acc
+    status.json          running | finished | failed (with the error): moa.run_status
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from moa.errors import ConfigError
 from moa.generation import SamplingConfig, generate
 from moa.lit import CHECKPOINT_FORMAT_VERSION, LanguageModelModule
 from moa.retrofit import swap_attention, transfer_weights
-from moa.run_config import check_trainer, parse_run, resolved
+from moa.run_config import RunSpec, check_trainer, parse_run, resolved
+from moa.run_status import recording_status
 from moa.schema import parse
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,18 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Validate the config, train, then evaluate the best checkpoint; return metrics."""
+    """Validate the config, train, then evaluate the best checkpoint; return metrics.
+
+    The run directory's status.json says running, then finished or failed."""
     spec = parse_run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with recording_status(run_dir):
+        return _train(cfg, spec, run_dir)
+
+
+def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
+           ) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = LMDataModule(spec.data, spec.tokenizer, seed=cfg.seed,

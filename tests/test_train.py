@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
 
 from moa.errors import ConfigError
+from moa.run_status import read_status
 from moa.tasks import METRIC_KEYS, evaluate, train
 from tests.conftest import ROOT
 
@@ -35,6 +37,7 @@ def test_smoke_train_then_eval(compose_config, tmp_path):
         assert checkpoint["model_config"]["d_model"] == 64  # the tiny size of trainer=smoke
     for name in ("config.yaml", "tokenizer.json", "run.json", "metrics.json"):
         assert (run_dir / name).is_file(), name
+    assert read_status(run_dir) == {"status": "finished", "error": None, "time": ANY}
     assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics)
 
     losses = _train_losses(run_dir)
@@ -61,6 +64,18 @@ def test_same_seed_same_loss_curve(compose_config, tmp_path):
         train(cfg)
         curves.append(_train_losses(tmp_path / str(attempt)))
     assert len(curves[0]) == 6 and curves[0] == curves[1]
+
+
+def test_a_failed_run_records_failed_with_its_error(compose_config, tmp_path, monkeypatch):
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", broken_fit)
+    with pytest.raises(RuntimeError):
+        train(compose_config("trainer=smoke"))
+    status = read_status(tmp_path / "run")
+    assert status["status"] == "failed"
+    assert status["error"] == "RuntimeError: the disk is full"
 
 
 def test_eval_without_checkpoint_names_the_key(compose_config, tmp_path):
