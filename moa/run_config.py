@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from moa.card import apply_card_config
 from moa.config import COMPONENTS, ModelConfig, OptimConfig
 from moa.data import CORPORA, TOKENIZERS
 from moa.errors import ConfigError
@@ -65,14 +66,20 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 
 
 def parse_run(cfg: DictConfig) -> RunSpec:
-    """Parse and cross-check a composed training config; raise ConfigError on bad input."""
+    """Parse and cross-check a composed training config; raise ConfigError on bad input.
+
+    A `model.card_config` file is applied onto `cfg` first (moa.card), so the run's saved
+    config holds the card's values."""
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(str(key), cfg[key], f"top-level keys {sorted(TOP_LEVEL_KEYS)}",
                               "unknown key")
     check_model_size(cfg.model)
+    apply_card_config(cfg)
+    model_section = resolved(cfg, "model")
+    parse(ModelConfig, model_section, "model")  # first: the components interpolate its values
     model = ModelConfig.from_sections(
-        resolved(cfg, "model"), **{key: resolved(cfg, key) for key in COMPONENTS if key in cfg})
+        model_section, **{key: resolved(cfg, key) for key in COMPONENTS if key in cfg})
     optim = parse(OptimConfig, resolved(cfg, "optim"), "optim")
     data = CORPORA.parse(resolved(cfg, "data"), "data")
     tokenizer = None

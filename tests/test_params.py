@@ -42,9 +42,10 @@ def test_table_sums_to_the_model_total(preset, capsys):
 
 
 def test_tied_head_counts_zero_and_untied_counts_its_matrix():
-    tied = top_level(parameter_table(build_model(model_config(["model.size=tiny"]))))
+    tied = top_level(parameter_table(build_model(model_config(["model=gpt", "model.size=tiny"]))))
     assert tied["lm_head"] == 0
-    untied_model = build_model(model_config(["model.size=tiny", "model.tie_embeddings=false"]))
+    untied_model = build_model(model_config(["model=gpt", "model.size=tiny",
+                                             "model.tie_embeddings=false"]))
     untied = top_level(parameter_table(untied_model))
     assert untied["lm_head"] == untied["embedding"] == 8192 * 64
     assert sum(untied.values()) == sum(tied.values()) + 8192 * 64

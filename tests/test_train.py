@@ -128,7 +128,8 @@ def test_overfit_batch_drives_the_loss_down(compose_config, tmp_path):
 
 
 def test_mqar_trains_and_reports_recall_accuracy(compose_config):
-    cfg = compose_config("trainer=smoke", "data=mqar", "data.vocab_size=64", "data.seq_len=32",
+    cfg = compose_config("trainer=smoke", "model=gpt", "data=mqar", "data.vocab_size=64",
+                         "data.seq_len=32",
                          "data.num_kv_pairs=4", "data.num_train_examples=512",
                          "data.num_val_examples=64", "data.num_test_examples=64",
                          "model.max_seq_len=32", "trainer.max_steps=10")
