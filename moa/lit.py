@@ -99,3 +99,13 @@ class LanguageModelModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["moa_format_version"] = CHECKPOINT_FORMAT_VERSION
         checkpoint["model_config"] = self.model_config.to_dict()
+        # Lightning does not save the global RNGs: dropout after a resume needs them
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            if torch.cuda.is_available() and states["cuda"]:
+                torch.cuda.set_rng_state_all(states["cuda"])
