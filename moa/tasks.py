@@ -22,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moa.checkpoint import check_same_model, keep_metrics_before, load_checkpoint, resume_checkpoint
@@ -72,16 +73,12 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
         check_same_model(model_config, checkpoint, Path(ckpt_path), key)
     module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
 
-    run_config = {str(key): resolved(cfg, str(key)) for key in cfg if key != "hydra"}
-    OmegaConf.save(OmegaConf.create(run_config), run_dir / "config.yaml")
-    if datamodule.tokenizer is not None:
-        datamodule.tokenizer.save(run_dir / "tokenizer.json")
     record = {
         "data": datamodule.fingerprint,
         "parameters": module.model.num_parameters(),
         "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
     }
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+    _write_run_files(cfg, run_dir, datamodule, record)
     log.info("model: %.2fM parameters; data: %s", record["parameters"] / 1e6,
              datamodule.fingerprint)
 
@@ -92,9 +89,12 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if torch.distributed.is_initialized():
+        # training is over: rank 0 evaluates alone, and torchmetrics must not wait for the others
+        torch.distributed.destroy_process_group()
 
     metrics: dict[str, float] = {}
-    if cfg.get("evaluate", True):
+    if cfg.get("evaluate", True) and trainer.is_global_zero:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if best:
             module.load_state_dict(load_checkpoint(Path(best))["state_dict"])
@@ -103,17 +103,30 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
+@rank_zero_only
+def _write_run_files(cfg: DictConfig, run_dir: Path, datamodule: LMDataModule,
+                     record: dict[str, Any]) -> None:
+    """config.yaml, tokenizer.json and run.json; rank 0 only (under DDP every rank runs this
+    same config, and Lightning's launcher gives them the same run directory)."""
+    run_config = {str(key): resolved(cfg, str(key)) for key in cfg if key != "hydra"}
+    OmegaConf.save(OmegaConf.create(run_config), run_dir / "config.yaml")
+    if datamodule.tokenizer is not None:
+        datamodule.tokenizer.save(run_dir / "tokenizer.json")
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
 def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
                    trainer_config: dict[str, Any], sampling: SamplingConfig,
                    metrics_path: Path | None) -> dict[str, float]:
     """Val and test metrics over the whole splits (or limit_test_batches), written to
-    `metrics_path` (unless None), then samples."""
+    `metrics_path` (unless None), then samples. On one device: a distributed sampler would
+    pad the splits with repeated blocks (after DDP training, rank 0 evaluates alone)."""
     check_trainer(trainer_config)
     limit = trainer_config.get("limit_test_batches")
     evaluator = instantiate(
         {k: v for k, v in trainer_config.items() if k not in ("fast_dev_run", "overfit_batches")},
         limit_val_batches=limit, limit_test_batches=limit, logger=False,
-        enable_checkpointing=False, callbacks=[],
+        enable_checkpointing=False, callbacks=[], devices=1, num_nodes=1, strategy="auto",
     )
     results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     results |= evaluator.test(module, datamodule=datamodule, verbose=False)[0]
