@@ -50,7 +50,8 @@ def check_same_model(config: ModelConfig, checkpoint: dict[str, Any], path: Path
     instead of the size-mismatch traceback of loading its weights."""
     saved = ModelConfig.from_dict(checkpoint["model_config"]).to_dict()
     ours = config.to_dict()
-    differ = [name for name in ours if name not in ("size", "sizes") and ours[name] != saved[name]]
+    ignored = ("size", "sizes", "compile")  # names and how it runs, not the architecture
+    differ = [name for name in ours if name not in ignored and ours[name] != saved[name]]
     if differ:
         shown = "; ".join(f"{name}: {ours[name]!r} here, {saved[name]!r} in the checkpoint"
                           for name in differ)

@@ -46,6 +46,7 @@ class ModelConfig:
     init_std: float = 0.02
     layer_scale_init: float | None = None  # LayerScale on both branches, started here; None: off
     drop_path: float = 0.0  # stochastic depth: probability of dropping a branch per sequence
+    compile: bool = False  # torch.compile for training: how the model runs, not what it is
     attention: Any = None
     ffn: Any = None
     position: Any = None

@@ -40,6 +40,8 @@ class LanguageModelModule(pl.LightningModule):
         self.model_config = ModelConfig.from_dict(model)
         self.optim_config = parse(OptimConfig, optim, "optim")
         self.model = build_model(self.model_config)
+        if self.model_config.compile:
+            self.model.compile()  # in place: the state dict keeps its keys (no `_orig_mod.`)
         self.eval_metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": MeanMetric()
             for stage in ("val", "test") for name in ("loss", "acc")

@@ -185,7 +185,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_dir, checkpoint_path = _locate_checkpoint(cfg)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     checkpoint = load_checkpoint(checkpoint_path)
-    model_config = ModelConfig.from_dict(checkpoint["model_config"])
+    # evaluation and sampling run eagerly: compiling would cost more than it saves
+    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
     run_model = ModelConfig.from_sections(run_cfg.model, **{
         name: run_cfg[name] for name in COMPONENTS if name in run_cfg})
     check_same_model(run_model.with_vocab(model_config.vocab_size), checkpoint, checkpoint_path)
