@@ -68,8 +68,8 @@ def test_two_process_cpu_ddp(tmp_path, cache_dir):
 
 def test_bf16_mixed_on_cpu_learns(compose_config, tmp_path):
     metrics, objects = train(compose_config(
-        "trainer=smoke", *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=10",
-        "trainer.val_check_interval=10", "trainer.limit_test_batches=1", "optim.lr=1e-2"))
+        "trainer=smoke", *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=6",
+        "trainer.val_check_interval=6", "trainer.limit_test_batches=1", "optim.lr=1e-2"))
     assert objects["trainer"].precision == "bf16-mixed"
     losses = train_losses(tmp_path / "run")
     assert all(math.isfinite(loss) for loss in losses) and math.isfinite(metrics["val_loss"])
