@@ -23,13 +23,14 @@ def write(tmp_path: Path, name: str, content: bytes) -> Path:
 
 
 def corpus(content: bytes):
-    return lambda tmp: ["data=text_files", "tokenizer=byte",
+    return lambda tmp: ["data=text_files", "tokenizer=byte", "data.sample_by=paragraph",
                         f"data.train_files={write(tmp, 'corpus.txt', content)}"]
 
 
 CASES = {
     "empty corpus": (corpus(b"\n\n \n"), "data.train_files", "no non-empty text"),
-    "corpus smaller than one block": (corpus(b"a few words\n"), "data.", "tokens"),
+    "corpus smaller than one block": (corpus(b"a few\n\nshort\n\nparagraphs\n"), "data.",
+                                      "tokens"),
     "non-UTF-8 text": (corpus("caf\u00e9\n".encode("latin-1")), "data.train_files",
                        "not UTF-8"),
     "missing tokenizer file": (
