@@ -13,6 +13,11 @@ shared machine hits them alike; a preset's step time is its median. tokens/s is
 batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted once on a
 meta-device copy, as the training callback does; the optimizer step is not counted) over
 it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
+
+After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`):
+`bf16-mixed` (forward and loss under bfloat16 autocast, as trainer.precision=bf16-mixed),
+`compile` (model.compile=true) and `accumulate=2` (the same batch as two half batches, as
+trainer.accumulate_grad_batches=2 with half data.batch_size).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from moa.optim import parameter_groups
 from moa.params import CONF_DIR, model_config
 
 BASELINE = "gpt"
+VARIANTS = ("bf16-mixed", "compile", "accumulate=2")
 
 
 def presets() -> list[str]:
@@ -41,9 +47,9 @@ def presets() -> list[str]:
 
 
 class Trainee:
-    """One preset's model, optimizer and fixed random batch."""
+    """One preset's model, optimizer and fixed random batch, run as `variant` says."""
 
-    def __init__(self, preset: str, args: argparse.Namespace) -> None:
+    def __init__(self, preset: str, args: argparse.Namespace, variant: str = "") -> None:
         self.config = model_config([
             f"model={preset}", f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}",
             f"model.n_heads={args.n_heads}", f"model.max_seq_len={args.block_size}",
@@ -51,6 +57,10 @@ class Trainee:
         ])
         torch.manual_seed(0)
         self.model = build_model(self.config).train()
+        if variant == "compile":
+            self.model.compile()
+        self.autocast = variant == "bf16-mixed"
+        self.micro_batches = 2 if variant == "accumulate=2" else 1
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.1), lr=3e-4)
         shape = (args.batch_size, args.block_size + 1)
         tokens = torch.randint(0, args.vocab_size, shape)
@@ -59,11 +69,14 @@ class Trainee:
 
     def step(self) -> float:
         start = time.perf_counter()
-        output = self.model(self.inputs)
-        loss = token_metrics(output.logits, self.labels)[0]
-        if output.aux_loss is not None:
-            loss = loss + output.aux_loss
-        loss.backward()
+        for inputs, labels in zip(self.inputs.chunk(self.micro_batches),
+                                  self.labels.chunk(self.micro_batches), strict=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                output = self.model(inputs)
+                loss = token_metrics(output.logits, labels)[0]
+                if output.aux_loss is not None:
+                    loss = loss + output.aux_loss
+            (loss / self.micro_batches).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
@@ -85,6 +98,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS,
+                        help="rows for the gpt baseline run these ways (default: all)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
 
@@ -92,6 +107,8 @@ def main() -> None:
     if args.presets:
         names = [BASELINE] + [name for name in args.presets if name != BASELINE]
     trainees = {name: Trainee(name, args) for name in names}
+    trainees |= {f"{BASELINE} {variant}": Trainee(BASELINE, args, variant)
+                 for variant in args.variants}
     for trainee in trainees.values():
         for _ in range(args.warmup):
             trainee.step()
@@ -120,10 +137,10 @@ def main() -> None:
     print(f"d_model={args.d_model} n_layers={args.n_layers} n_heads={args.n_heads} "
           f"block={args.block_size} batch={args.batch_size} vocab={args.vocab_size} "
           f"threads={torch.get_num_threads()}; median of {args.steps} steps")
-    print(f"{'preset':<14} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+    print(f"{'preset':<18} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'ratio':>6}")
     for r in records:
-        print(f"{r['preset']:<14} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
+        print(f"{r['preset']:<18} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
               f"{r['tokens_per_s']:>10,.0f} {_gflops(r):>8} {r['ratio_to_gpt']:>6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))

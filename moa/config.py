@@ -47,6 +47,7 @@ class ModelConfig:
     layer_scale_init: float | None = None  # LayerScale on both branches, started here; None: off
     drop_path: float = 0.0  # stochastic depth: probability of dropping a branch per sequence
     card_config: str | None = None  # a MoA card's config.json, applied by moa.card
+    compile: bool = False  # torch.compile for training: how the model runs, not what it is
     attention: Any = None
     ffn: Any = None
     position: Any = None
@@ -128,6 +129,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | constant (after warmup)
     min_lr_ratio: float = 0.1  # final lr of the cosine, as a fraction of lr
+    nonfinite_patience: int = 10  # non-finite steps in a row (each skipped) that stop the run
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, ["adamw"])
@@ -138,3 +140,5 @@ class OptimConfig:
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         check_choice("schedule", self.schedule, ["cosine", "constant"])
         check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check(self.nonfinite_patience >= 1, "nonfinite_patience", self.nonfinite_patience,
+              "a positive integer")

@@ -26,11 +26,20 @@ class ConfigError(ValueError):
         return ConfigError(key, self.value, self.allowed, self.reason)
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. non-finite steps in a row); the message says why and where
+    the last good checkpoint is."""
+
+
 @contextmanager
 def exit_on_config_error() -> Iterator[None]:
-    """Turn a ConfigError into a one-line message and exit status 2, no traceback."""
+    """Turn a ConfigError into a one-line message and exit status 2 (1 for TrainingStopped),
+    no traceback."""
     try:
         yield
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

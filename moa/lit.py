@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from moa.config import ModelConfig, OptimConfig
+from moa.errors import TrainingStopped
 from moa.model import build_model
 from moa.optim import build_optimizer
 from moa.schema import parse
@@ -39,10 +40,15 @@ class LanguageModelModule(pl.LightningModule):
         self.model_config = ModelConfig.from_dict(model)
         self.optim_config = parse(OptimConfig, optim, "optim")
         self.model = build_model(self.model_config)
+        if self.model_config.compile:
+            self.model.compile()  # in place: the state dict keeps its keys (no `_orig_mod.`)
         self.eval_metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": MeanMetric()
             for stage in ("val", "test") for name in ("loss", "acc")
         })
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self._nonfinite_in_a_row = 0
+        self._loss_finite = torch.tensor(True)
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
@@ -60,7 +66,28 @@ class LanguageModelModule(pl.LightningModule):
         if output.aux_loss is not None:
             self.log("train/total_loss", total)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self._loss_finite = total.detach().isfinite()
         return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip a step whose loss or gradient is not finite: its gradients are dropped, so the
+        optimizer leaves the weights as they were (and no checkpoint ever holds NaN weights).
+        `optim.nonfinite_patience` such steps in a row stop the run."""
+        grads = [p.grad.isfinite().all() for p in self.parameters() if p.grad is not None]
+        if bool(torch.stack([self._loss_finite.to(self.device), *grads]).all()):
+            self._nonfinite_in_a_row = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._nonfinite_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self._nonfinite_in_a_row >= self.optim_config.nonfinite_patience:
+            saved = [c.last_model_path for c in self.trainer.checkpoint_callbacks
+                     if getattr(c, "last_model_path", "")]
+            raise TrainingStopped(
+                f"{self._nonfinite_in_a_row} non-finite steps in a row at step "
+                f"{self.trainer.global_step}; last good checkpoint: "
+                f"{saved[0] if saved else 'none saved yet'}")
 
     def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         output = self.model(batch["input_ids"])
@@ -99,3 +126,15 @@ class LanguageModelModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["moa_format_version"] = CHECKPOINT_FORMAT_VERSION
         checkpoint["model_config"] = self.model_config.to_dict()
+        # Lightning does not save the global RNGs: dropout after a resume needs them
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all()}
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            if torch.cuda.is_available() and states["cuda"]:
+                torch.cuda.set_rng_state_all(states["cuda"])

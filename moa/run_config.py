@@ -26,7 +26,8 @@ from moa.schema import check_choice, parse
 TOP_LEVEL_KEYS = {
     "hydra",
     "model", "attention", "ffn", "position", "norm", "optim", "data", "tokenizer", "trainer",
-    "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "evaluate",
+    "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "resume",
+    "evaluate",
     "metric", "regularizer", "router", "head",
 }
 

@@ -5,7 +5,7 @@ Run directory layout (single run or one job of a sweep):
     .hydra/              Hydra's own record of the composition and overrides
     run.json             data fingerprint (corpus and tokenizer hashes), parameter counts
     tokenizer.json       the tokenizer the model was trained with
-    checkpoints/         best.ckpt (lowest val/loss) and last.ckpt
+    checkpoints/         best.ckpt (lowest val/loss) and last.ckpt (also every few steps)
     metrics.csv          the training/validation log (CSVLogger)
     metrics.json         final val_/test_ loss, ppl and acc
     status.json          running | finished | failed (with the error): moa.run_status
@@ -22,16 +22,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from moa.config import ModelConfig
+from moa.checkpoint import check_same_model, keep_metrics_before, load_checkpoint, resume_checkpoint
+from moa.config import COMPONENTS, ModelConfig
 from moa.data import CORPORA, TOKENIZERS, LMDataModule
 from moa.errors import ConfigError
 from moa.generation import SamplingConfig, generate
-from moa.lit import CHECKPOINT_FORMAT_VERSION, LanguageModelModule
+from moa.lit import LanguageModelModule
 from moa.retrofit import swap_attention, transfer_weights
 from moa.run_config import RunSpec, check_trainer, parse_run, resolved
-from moa.run_status import recording_status
+from moa.run_status import FINISHED, read_status, recording_status
 from moa.schema import parse
 
 log = logging.getLogger(__name__)
@@ -64,48 +66,67 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
     datamodule.prepare_data()
     datamodule.setup("fit")
     model_config = spec.model.with_vocab(datamodule.vocab_size)
+    key = "resume" if cfg.get("resume") else "ckpt_path"
+    ckpt_path = resume_checkpoint(run_dir) if cfg.get("resume") else cfg.get("ckpt_path")
+    checkpoint = load_checkpoint(Path(ckpt_path), key) if ckpt_path else None
+    if checkpoint is not None:
+        check_same_model(model_config, checkpoint, Path(ckpt_path), key)
     module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
 
-    run_config = {str(key): resolved(cfg, str(key)) for key in cfg if key != "hydra"}
-    OmegaConf.save(OmegaConf.create(run_config), run_dir / "config.yaml")
-    if datamodule.tokenizer is not None:
-        datamodule.tokenizer.save(run_dir / "tokenizer.json")
     record = {
         "data": datamodule.fingerprint,
         "parameters": module.model.num_parameters(),
         "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
     }
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+    _write_run_files(cfg, run_dir, datamodule, record)
     log.info("model: %.2fM parameters; data: %s", record["parameters"] / 1e6,
              datamodule.fingerprint)
 
+    loggers = _instantiate_all(cfg.get("logger"))
+    if cfg.get("resume"):
+        keep_metrics_before(loggers, checkpoint["global_step"])
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
-        logger=_instantiate_all(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if torch.distributed.is_initialized():
+        # training is over: rank 0 evaluates alone, and torchmetrics must not wait for the others
+        torch.distributed.destroy_process_group()
 
     metrics: dict[str, float] = {}
-    if cfg.get("evaluate", True):
+    if cfg.get("evaluate", True) and trainer.is_global_zero:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if best:
-            module.load_state_dict(_load_checkpoint(Path(best))["state_dict"])
+            module.load_state_dict(load_checkpoint(Path(best))["state_dict"])
         metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), spec.sampling,
                                  run_dir / "metrics.json")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@rank_zero_only
+def _write_run_files(cfg: DictConfig, run_dir: Path, datamodule: LMDataModule,
+                     record: dict[str, Any]) -> None:
+    """config.yaml, tokenizer.json and run.json; rank 0 only (under DDP every rank runs this
+    same config, and Lightning's launcher gives them the same run directory)."""
+    run_config = {str(key): resolved(cfg, str(key)) for key in cfg if key != "hydra"}
+    OmegaConf.save(OmegaConf.create(run_config), run_dir / "config.yaml")
+    if datamodule.tokenizer is not None:
+        datamodule.tokenizer.save(run_dir / "tokenizer.json")
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
 
 
 def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
                    trainer_config: dict[str, Any], sampling: SamplingConfig,
                    metrics_path: Path | None) -> dict[str, float]:
     """Val and test metrics over the whole splits (or limit_test_batches), written to
-    `metrics_path` (unless None), then samples."""
+    `metrics_path` (unless None), then samples. On one device: a distributed sampler would
+    pad the splits with repeated blocks (after DDP training, rank 0 evaluates alone)."""
     check_trainer(trainer_config)
     limit = trainer_config.get("limit_test_batches")
     evaluator = instantiate(
         {k: v for k, v in trainer_config.items() if k not in ("fast_dev_run", "overfit_batches")},
         limit_val_batches=limit, limit_test_batches=limit, logger=False,
-        enable_checkpointing=False, callbacks=[],
+        enable_checkpointing=False, callbacks=[], devices=1, num_nodes=1, strategy="auto",
     )
     results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     results |= evaluator.test(module, datamodule=datamodule, verbose=False)[0]
@@ -132,18 +153,6 @@ def print_samples(module: LanguageModelModule, datamodule: LMDataModule,
             print(f"--- {label} | {prompt!r}\n{prompt}{continuation}")
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError("ckpt_path", str(path), "an existing checkpoint file", "not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    version = checkpoint.get("moa_format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise ConfigError("ckpt_path", str(path),
-                          f"a moa checkpoint of format version {CHECKPOINT_FORMAT_VERSION}",
-                          f"found format version {version}")
-    return checkpoint
-
-
 def _locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
     """(run directory, checkpoint file) from `run_dir` or `ckpt_path`."""
     if cfg.get("ckpt_path"):
@@ -158,6 +167,12 @@ def _locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
     names = {"best": ["best.ckpt", "last.ckpt"], "last": ["last.ckpt"]}
     if cfg.checkpoint not in names:
         raise ConfigError("checkpoint", cfg.checkpoint, "best | last")
+    status = read_status(run_dir)
+    if cfg.checkpoint == "best" and status is not None and status["status"] != FINISHED:
+        why = f": {status['error']}" if status.get("error") else ""
+        raise ConfigError("run_dir", str(run_dir),
+                          "a finished run, or checkpoint=last to evaluate an unfinished one",
+                          f"the run is {status['status']}{why}")
     for name in names[cfg.checkpoint]:
         if (run_dir / "checkpoints" / name).is_file():
             return run_dir, run_dir / "checkpoints" / name
@@ -169,8 +184,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a run's checkpoint with its saved config; write DIR/metrics.json."""
     run_dir, checkpoint_path = _locate_checkpoint(cfg)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    checkpoint = _load_checkpoint(checkpoint_path)
-    model_config = ModelConfig.from_dict(checkpoint["model_config"])
+    checkpoint = load_checkpoint(checkpoint_path)
+    # evaluation and sampling run eagerly: compiling would cost more than it saves
+    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
+    run_model = ModelConfig.from_sections(run_cfg.model, **{
+        name: run_cfg[name] for name in COMPONENTS if name in run_cfg})
+    check_same_model(run_model.with_vocab(model_config.vocab_size), checkpoint, checkpoint_path)
     module = LanguageModelModule(model=model_config.to_dict(),
                                  optim=OmegaConf.to_container(run_cfg.optim))
     module.load_state_dict(checkpoint["state_dict"])

@@ -92,6 +92,9 @@ INVALID = [
     (["sampling.top_p=1.5"], "sampling.top_p", "top_p <= 1.0"),
     (["optim.schedule=linear"], "optim.schedule", "cosine | constant"),
     (["+bogus=1"], "bogus", "unknown key"),
+    (["attention=moa", "router=topk", "router.router_topk=5"], "attention.router.router_topk",
+     "the number of paths"),
+    (["optim.nonfinite_patience=0"], "optim.nonfinite_patience", "a positive integer"),
 ]
 
 

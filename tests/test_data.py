@@ -200,6 +200,7 @@ def write(path: Path, text: str) -> str:
     ({"train_files": "{tmp}/x.jsonl", "text_field": "body"}, "data.text_field", "text"),
     ({"train_files": "{tmp}/x.txt", "block_size": 5000}, "data.block_size", "tokens"),
     ({"train_files": "{tmp}/x.txt", "batch_size": 1000}, "data.batch_size", "blocks"),
+    ({"train_files": "{tmp}/latin1.txt"}, "data.train_files", "not UTF-8"),
 ])
 def test_bad_text_data_is_a_config_error_naming_its_key(tmp_path, data, key, says):
     write(tmp_path / "x.txt", "\n\n".join(f"paragraph {i} " * 20 for i in range(60)))
@@ -207,6 +208,7 @@ def test_bad_text_data_is_a_config_error_naming_its_key(tmp_path, data, key, say
     write(tmp_path / "x.jsonl", '{"text": "hello"}\n')
     write(tmp_path / "blank.txt", "\n  \n\n\t\n")
     write(tmp_path / "two.txt", "one document\n\nand another")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n\n".encode("latin-1") * 50)
     mapping = {"name": "text_files", "block_size": 64, "batch_size": 4,
                **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in data.items()}}
     with pytest.raises(ConfigError) as error:

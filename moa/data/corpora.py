@@ -6,6 +6,7 @@ its registered builder turns them into token splits (`corpus.token_splits`).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 from dataclasses import dataclass
@@ -109,8 +110,16 @@ def load_text_files(config: TextFilesConfig, cache_dir: Path) -> Corpus:
              for split, field in fields.items() if getattr(config, field) is not None}
     builder = _builder(config.format, [file for split in files.values() for file in split])
     options = {"sample_by": config.sample_by} if builder == "text" else {}
-    loaded = datasets.load_dataset(builder, data_files=files, cache_dir=_hf_cache(cache_dir),
-                                   **options)
+    try:
+        loaded = datasets.load_dataset(builder, data_files=files,
+                                       cache_dir=_hf_cache(cache_dir), **options)
+    except datasets.exceptions.DatasetGenerationError:
+        # datasets wraps a decoding error in its own; find the file only on this path
+        for split, paths in files.items():
+            for path in paths:
+                reason = _not_utf8(path)
+                check(reason is None, f"data.{fields[split]}", path, "UTF-8 text files", reason)
+        raise
     splits = {split: documents(loaded[split], config.text_field, f"data.{fields[split]}",
                                getattr(config, fields[split]))
               for split in files}
@@ -156,6 +165,24 @@ def _builder(file_format: str, files: list[str]) -> str:
           " | ".join(FILE_FORMATS[1:]),
           f"cannot tell one format from the extensions of {sorted(set(files))[:3]}")
     return builders.pop()
+
+
+def _not_utf8(path: str) -> str | None:
+    """Why `path` is not UTF-8 text (None if it is), read in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                return f"not UTF-8: {error.reason} at byte {offset + error.start}"
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        return f"not UTF-8: {error.reason} at the end"
+    return None
 
 
 def _hf_cache(cache_dir: Path) -> str:

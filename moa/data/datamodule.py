@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from moa.data.sampler import ResumableSampler
 from moa.data.source import CORPORA, DataConfig, LMSplits
 from moa.data.tokenizer import TOKENIZERS, Tokenizer, TokenizerConfig
 from moa.errors import ConfigError
@@ -20,8 +21,9 @@ class LMDataModule(pl.LightningDataModule):
     """Batches of {"input_ids": (B, T), "labels": (B, T)} from `data`'s source.
 
     `prepare_data` builds and caches the corpus, tokenizer and packed tokens under
-    `cache_dir` (cheap when cached); `setup` loads them. The train loader shuffles with a
-    generator seeded by `seed`, so the batch order is a function of the seed.
+    `cache_dir` (cheap when cached); `setup` loads them. The train loader's order is a
+    function of (seed, epoch) (`ResumableSampler`); checkpoints hold where in it training
+    stands (`state_dict`), so a resumed run continues the order without repeating batches.
     To evaluate with a run's tokenizer, pass `PretrainedConfig(path=RUN_DIR/tokenizer.json)`.
     """
 
@@ -36,6 +38,7 @@ class LMDataModule(pl.LightningDataModule):
         self.data_config, self.tokenizer_config = data, tokenizer
         self.seed, self.cache_dir = seed, Path(cache_dir)
         self._splits: LMSplits | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches consumed) from a checkpoint
 
     def prepare_data(self) -> None:
         CORPORA.build(self.data_config, self.tokenizer_config, self.cache_dir)
@@ -70,22 +73,44 @@ class LMDataModule(pl.LightningDataModule):
         return self.splits.fingerprint
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.data_config.batch_size, train=True)
+        batch_size = self.data_config.batch_size
+        sampler = ResumableSampler(self.splits.datasets["train"], self.seed, batch_size)
+        if self._resume is not None:
+            sampler.set_epoch(self._resume[0])
+            sampler.resume_at(*self._resume)
+        return self._loader("train", batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.data_config.eval_batch_size, train=False)
+        return self._loader("validation", self.data_config.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.data_config.eval_batch_size, train=False)
+        return self._loader("test", self.data_config.eval_batch_size)
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        """Training: shuffled by the seed, full batches only; evaluation: every block, in order."""
+    def _loader(self, split: str, batch_size: int,
+                sampler: ResumableSampler | None = None) -> DataLoader:
+        """Training: the sampler's order, full batches only; evaluation: every block, in order.
+        Each loader has its own generator: starting an iteration would otherwise draw from the
+        global RNG, which a resumed run must find where the interrupted one left it."""
         workers = self.data_config.num_workers
         return DataLoader(
-            self.splits.datasets[split], batch_size=batch_size, shuffle=train,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-            drop_last=train, num_workers=workers, persistent_workers=workers > 0,
+            self.splits.datasets[split], batch_size=batch_size, sampler=sampler,
+            drop_last=sampler is not None, num_workers=workers, persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data order (saved in checkpoints by Lightning)."""
+        if self.trainer is None:
+            return {}
+        epoch = self.trainer.current_epoch
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= self.trainer.num_training_batches:
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = (state_dict["epoch"], state_dict["batches"])
 
 
 def build_datamodule(

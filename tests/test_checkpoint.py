@@ -1,0 +1,143 @@
+"""Checkpoints: written atomically, loaded without running code, refused with one clear line
+when missing, broken, foreign or from an unfinished run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from moa.checkpoint_io import AtomicCheckpointIO
+from moa.errors import ConfigError
+from moa.run_status import FAILED, RUNNING, write_status
+from moa.tasks import METRIC_KEYS, evaluate, train
+from tests.conftest import ROOT
+
+RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "model.n_layers=1", "data.batch_size=8",
+       "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_test_batches=1",
+       "sampling.prompts=[]")
+EVAL = ("trainer.limit_test_batches=1", "sampling.prompts=[]")
+
+SAVER = """
+import sys, torch
+from moa.checkpoint_io import AtomicCheckpointIO
+io, step = AtomicCheckpointIO(), 0
+while True:
+    step += 1
+    weights = torch.full((4_000_000,), float(step))
+    io.save_checkpoint({"step": step, "weights": weights}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+def test_smoke_trainer_writes_checkpoints_atomically(compose_config):
+    trainer = instantiate(compose_config("trainer=smoke").trainer)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_a_kill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    """A process saving again and again is SIGKILLed at random moments: last.ckpt is always
+    absent or a whole checkpoint, and no other file looks like one."""
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    for _ in range(2):
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=ROOT,
+                                 stdout=subprocess.PIPE, text=True)
+        saver.stdout.readline()  # one save done: the next ones overwrite it
+        time.sleep(rng.uniform(0.0, 0.4))
+        saver.kill()
+        saver.wait()
+        checkpoint = torch.load(path, weights_only=True)
+        assert (checkpoint["weights"] == checkpoint["step"]).all()
+        assert [p.name for p in path.parent.glob("*.ckpt")] == ["last.ckpt"]
+    AtomicCheckpointIO().save_checkpoint({"step": 0}, path)  # the next save clears leftovers
+    assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+class CreatesAFile:
+    """A pickle that would run `open(marker, "w")` when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def malicious_checkpoint(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"moa_format_version": 1, "model_config": {}, "state_dict": {},
+                "payload": CreatesAFile(marker)}, path)
+    return path
+
+
+@pytest.fixture
+def trained_run(compose_config, tmp_path) -> Path:
+    train(compose_config(*RUN))
+    return tmp_path / "run"
+
+
+def test_malicious_checkpoint_is_refused_without_running_it(compose_config, trained_run,
+                                                            tmp_path):
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(ConfigError, match="ckpt_path=.*refused to load"):
+        evaluate(compose_config(f"run_dir={trained_run}", f"ckpt_path={evil}", *EVAL,
+                                config_name="eval"))
+    with pytest.raises(ConfigError, match="ckpt_path=.*refused to load"):
+        train(compose_config(*RUN, f"ckpt_path={evil}"))
+    malicious_checkpoint(trained_run / "checkpoints" / "last.ckpt", marker)
+    with pytest.raises(ConfigError, match="resume=.*refused to load"):
+        train(compose_config(*RUN, "resume=true"))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_command_line_eval_of_a_malicious_checkpoint_is_one_line(trained_run, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    result = subprocess.run([sys.executable, "eval.py", f"run_dir={trained_run}",
+                             f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'eval'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: invalid config ckpt_path='{evil}' (refused to load")
+    assert "Traceback" not in result.stderr and not marker.exists()
+
+
+def test_eval_refuses_missing_broken_and_foreign_checkpoints(compose_config, trained_run,
+                                                             tmp_path):
+    def refused(ckpt_path: Path) -> str:
+        with pytest.raises(ConfigError) as error:
+            evaluate(compose_config(f"run_dir={trained_run}", f"ckpt_path={ckpt_path}", *EVAL,
+                                    config_name="eval"))
+        assert error.value.key == "ckpt_path" and "\n" not in str(error.value)
+        return str(error.value)
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    assert "not found" in refused(tmp_path / "missing.ckpt")
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(last.read_bytes()[:1000])
+    assert "unreadable" in refused(broken)
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["model_config"]["n_layers"] = 2
+    torch.save(checkpoint, tmp_path / "foreign.ckpt")
+    assert "n_layers: 1 here, 2 in the checkpoint" in refused(tmp_path / "foreign.ckpt")
+
+
+def test_eval_takes_an_unfinished_run_only_when_asked(compose_config, trained_run):
+    for status, error in ((RUNNING, None), (FAILED, "RuntimeError: the disk is full")):
+        write_status(trained_run, status, error)
+        with pytest.raises(ConfigError, match=f"the run is {status}") as refused:
+            evaluate(compose_config(f"run_dir={trained_run}", *EVAL, config_name="eval"))
+        assert error is None or error in str(refused.value)
+    metrics, _ = evaluate(compose_config(f"run_dir={trained_run}", "checkpoint=last", *EVAL,
+                                         config_name="eval"))
+    assert set(metrics) == set(METRIC_KEYS)

@@ -1,0 +1,118 @@
+"""resume=true continues a run exactly: same loss curve, data order and dropout included."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moa.errors import ConfigError
+from moa.run_status import read_status
+from moa.tasks import train
+from tests.conftest import ROOT
+
+# dropout on, so the restored RNG state matters; a step logged at every step
+RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "evaluate=false", "model.dropout=0.1",
+       "model.n_layers=1", "data.batch_size=8", "trainer.log_every_n_steps=1",
+       "trainer.deterministic=true")
+
+
+def train_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train/loss) rows of metrics.csv, in order."""
+    with open(run_dir / "metrics.csv") as handle:
+        return [(int(row["step"]), float(row["train/loss"]))
+                for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [(int(row["step"]), float(row["val/loss"]))
+                for row in csv.DictReader(handle) if row.get("val/loss")]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_path,
+                                                            monkeypatch):
+    steps = ("trainer.max_steps=9", "trainer.val_check_interval=4")
+    train(compose_config(*RUN, *steps, f"paths.output_dir={tmp_path / 'whole'}"))
+
+    from moa.lit import LanguageModelModule
+    original = LanguageModelModule.training_step
+
+    def crash_at_step_7(self, batch, batch_idx):
+        if self.trainer.global_step == 7:
+            raise Crash("the node went away")
+        return original(self, batch, batch_idx)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(LanguageModelModule, "training_step", crash_at_step_7)
+    with pytest.raises(Crash):
+        train(compose_config(*RUN, *steps))
+    assert read_status(run)["status"] == "failed"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5  # the smoke preset saves last.ckpt every 5 steps
+
+    monkeypatch.setattr(LanguageModelModule, "training_step", original)
+    train(compose_config(*RUN, *steps, "resume=true"))
+    assert read_status(run)["status"] == "finished"
+    whole = train_curve(tmp_path / "whole")
+    assert [step for step, _ in whole] == list(range(9))
+    assert train_curve(run) == whole  # bitwise, step by step
+    assert val_curve(run) == val_curve(tmp_path / "whole")
+
+
+def test_resume_without_a_checkpoint_is_a_config_error(compose_config):
+    with pytest.raises(ConfigError, match="resume=True .*no checkpoint to resume from"):
+        train(compose_config(*RUN, "resume=true"))
+
+
+def test_resume_into_another_model_names_the_difference(compose_config, tmp_path):
+    train(compose_config(*RUN, "trainer.max_steps=5", "trainer.val_check_interval=5"))
+    with pytest.raises(ConfigError, match="n_layers: 3 here, 1 in the checkpoint"):
+        train(compose_config(*RUN, "trainer.max_steps=5", "model.n_layers=3", "resume=true"))
+
+
+def _last_step(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["global_step"]
+    except FileNotFoundError:
+        return -1
+
+
+@pytest.mark.slow
+def test_command_line_resume_after_sigkill(tmp_path, cache_dir):
+    """The commands outside checks use: train.py trainer=smoke trainer.max_steps=N
+    hydra.run.dir=DIR, SIGKILLed mid-run, then the same with resume=true."""
+    env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
+    command = [sys.executable, "train.py", *RUN, "trainer.max_steps=40",
+               "trainer.val_check_interval=20"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*command, f"hydra.run.dir={whole}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+
+    process = subprocess.Popen([*command, f"hydra.run.dir={killed}"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while _last_step(killed / "checkpoints" / "last.ckpt") < 15 and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_status(killed)["status"] == "running"  # a killed run cannot say otherwise
+    assert _last_step(killed / "checkpoints" / "last.ckpt") < 40
+
+    subprocess.run([*command, f"hydra.run.dir={killed}", "resume=true"], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)
+    assert read_status(killed)["status"] == "finished"
+    assert train_curve(killed) == train_curve(whole)
+    assert len(train_curve(whole)) == 40
