@@ -35,6 +35,7 @@ from moa.run_status import recording_status
 from moa.schema import parse
 
 log = logging.getLogger(__name__)
+EXPORTED_RUN_CONFIG = "moa_run.yaml"  # the run's config.yaml in a `moa.export` directory
 METRIC_KEYS = [f"{split}_{name}" for split in ("val", "test") for name in ("loss", "ppl", "acc")]
 
 
@@ -165,11 +166,22 @@ def _locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
                       "no checkpoint found")
 
 
-def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Load a run's checkpoint with its saved config; write DIR/metrics.json."""
+def _load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any]]:
+    """(directory, run config, checkpoint dict) of `run_dir`/`ckpt_path`: a training run
+    directory, or a directory written by `python -m moa.export`."""
+    exported = Path(cfg.run_dir or "") / EXPORTED_RUN_CONFIG
+    if cfg.get("run_dir") and not cfg.get("ckpt_path") and exported.is_file():
+        from moa.export import load_exported  # needs transformers, the `hf` extra
+
+        return exported.parent, *load_exported(exported.parent)
     run_dir, checkpoint_path = _locate_checkpoint(cfg)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    checkpoint = _load_checkpoint(checkpoint_path)
+    return run_dir, OmegaConf.load(run_dir / "config.yaml"), _load_checkpoint(checkpoint_path)
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
+    config; write DIR/metrics.json."""
+    run_dir, run_cfg, checkpoint = _load_run(cfg)
     model_config = ModelConfig.from_dict(checkpoint["model_config"])
     module = LanguageModelModule(model=model_config.to_dict(),
                                  optim=OmegaConf.to_container(run_cfg.optim))
