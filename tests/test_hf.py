@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from moa.errors import ConfigError  # noqa: E402
 from moa.export import export  # noqa: E402
 from moa.generation import SamplingConfig, generate  # noqa: E402
-from moa.hf import MoaConfig, MoaForCausalLM  # noqa: E402
+from moa.hf import MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
 from moa.params import model_config  # noqa: E402
 from moa.tasks import evaluate, train  # noqa: E402
 
@@ -59,6 +59,17 @@ def test_left_padded_row_generates_what_it_generates_alone(overrides):
         out = greedy(model, batch, attention_mask=mask, use_cache=use_cache)
         assert torch.equal(out[0], greedy(model, long)[0])
         assert torch.equal(out[1, 4:], greedy(model, short)[0])
+
+
+def test_a_reset_cache_generates_as_a_fresh_one():
+    model = tiny_hf_model(["model=moa_metric"])
+    ids = torch.randint(3, 200, (2, 6))
+    cache = MoaCache(model.model, batch_size=2, per_row=False)
+    first = greedy(model, ids, past_key_values=cache)
+    assert cache.get_seq_length() == first.size(1) - 1  # the last token is not fed back
+    cache.reset()
+    assert torch.equal(greedy(model, ids, past_key_values=cache), first)
+    assert torch.equal(first, greedy(model, ids))
 
 
 def test_padding_on_the_right_is_refused():
