@@ -165,7 +165,7 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and padded and not cache.per_row:
             raise ValueError("attention_mask has padding but the cache was started without: "
                              "start generation with the padded attention_mask")
-        if cache is not None and cache.per_row or cache is None and padded:
+        if (cache is not None and cache.per_row) or (cache is None and padded):
             keep = (attention_mask[:, -T:] if attention_mask is not None
                     else input_ids.new_ones(B, T)).bool()
             logits = self._per_row(input_ids, keep, cache)

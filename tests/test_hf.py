@@ -7,6 +7,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -16,6 +19,7 @@ from moa.generation import SamplingConfig, generate  # noqa: E402
 from moa.hf import MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
 from moa.params import model_config  # noqa: E402
 from moa.tasks import evaluate, train  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "metric_mqa", "alcca", "local_conv",
            "channel_mix", "moas", "moas_static", "moa"]
@@ -98,7 +102,10 @@ def test_export_round_trip(compose_config, tmp_path):
     trained, objects = train(compose_config("trainer=smoke", "model=moa_metric", "tokenizer=byte",
                                       "trainer.max_steps=6", "sampling.prompts=[]"))
     ours = objects["module"].model.eval()
-    export(compose_config(f"run_dir={run_dir}", f"out={out}", config_name="export"))
+    exported = subprocess.run([sys.executable, "-m", "moa.export", f"run_dir={run_dir}",
+                               f"out={out}", f"hydra.run.dir={tmp_path / 'export-log'}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
