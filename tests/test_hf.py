@@ -17,6 +17,7 @@ from moa.errors import ConfigError  # noqa: E402
 from moa.export import export  # noqa: E402
 from moa.generation import SamplingConfig, generate  # noqa: E402
 from moa.hf import MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
+from moa.lit import token_metrics  # noqa: E402
 from moa.params import model_config  # noqa: E402
 from moa.tasks import evaluate, train  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -113,6 +114,8 @@ def test_export_round_trip(compose_config, tmp_path):
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("To be, or not")]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+        loss = token_metrics(ours(ids).logits[:, :-1], ids[:, 1:])[0]
+        torch.testing.assert_close(model(ids, labels=ids).loss, loss)
     expected = generate(ours, ids, SamplingConfig(max_new_tokens=12, temperature=0.0))
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
 
