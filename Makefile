@@ -39,6 +39,7 @@ bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results
 	$(BIN)/python bench/attention.py --device cpu --json bench/results/attention-cpu.json
 	$(BIN)/python bench/alcca.py --json bench/results/alcca.json
 	$(BIN)/python bench/throughput.py --json bench/results/throughput-cpu.json
+	$(BIN)/python bench/generate.py --json bench/results/generate-cpu.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

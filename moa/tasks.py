@@ -37,6 +37,7 @@ from moa.run_status import FINISHED, read_status, recording_status
 from moa.schema import parse
 
 log = logging.getLogger(__name__)
+EXPORTED_RUN_CONFIG = "moa_run.yaml"  # the run's config.yaml in a `moa.export` directory
 METRIC_KEYS = [f"{split}_{name}" for split in ("val", "test") for name in ("loss", "ppl", "acc")]
 
 
@@ -153,7 +154,7 @@ def print_samples(module: LanguageModelModule, datamodule: LMDataModule,
             print(f"--- {label} | {prompt!r}\n{prompt}{continuation}")
 
 
-def _locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
+def locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
     """(run directory, checkpoint file) from `run_dir` or `ckpt_path`."""
     if cfg.get("ckpt_path"):
         checkpoint = Path(cfg.ckpt_path)
@@ -180,16 +181,30 @@ def _locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
                       "no checkpoint found")
 
 
-def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Load a run's checkpoint with its saved config; write DIR/metrics.json."""
-    run_dir, checkpoint_path = _locate_checkpoint(cfg)
+def _load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any]]:
+    """(directory, run config, checkpoint dict) of `run_dir`/`ckpt_path`: a training run
+    directory, or a directory written by `python -m moa.export`."""
+    exported = Path(cfg.run_dir or "") / EXPORTED_RUN_CONFIG
+    if cfg.get("run_dir") and not cfg.get("ckpt_path") and exported.is_file():
+        from moa.export import load_exported  # needs transformers, the `hf` extra
+
+        return exported.parent, *load_exported(exported.parent)
+    run_dir, checkpoint_path = locate_checkpoint(cfg)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     checkpoint = load_checkpoint(checkpoint_path)
-    # evaluation and sampling run eagerly: compiling would cost more than it saves
-    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
     run_model = ModelConfig.from_sections(run_cfg.model, **{
         name: run_cfg[name] for name in COMPONENTS if name in run_cfg})
-    check_same_model(run_model.with_vocab(model_config.vocab_size), checkpoint, checkpoint_path)
+    check_same_model(run_model.with_vocab(checkpoint["model_config"]["vocab_size"]), checkpoint,
+                     checkpoint_path)
+    return run_dir, run_cfg, checkpoint
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
+    config; write DIR/metrics.json."""
+    run_dir, run_cfg, checkpoint = _load_run(cfg)
+    # evaluation and sampling run eagerly: compiling would cost more than it saves
+    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
     module = LanguageModelModule(model=model_config.to_dict(),
                                  optim=OmegaConf.to_container(run_cfg.optim))
     module.load_state_dict(checkpoint["state_dict"])

@@ -1,0 +1,163 @@
+"""Generation speed through transformers' generate(): our KV cache against recomputing.
+
+    python bench/generate.py --json generate.json
+    python bench/generate.py --presets moa_metric --prompt 128 --new-tokens 32 --repeats 1
+
+Every preset of `conf/model/` at `--size` (the context stretched to prompt + new tokens,
+the vocabulary `--vocab-size`), random weights, wrapped in `moa.hf.MoaForCausalLM`:
+greedy generation of `--new-tokens` after a random `--prompt`-token prompt, batch 1,
+`use_cache=True` (prefill once, then one token per step through `MoaCache`) against
+`use_cache=False` (the whole context recomputed at every step, as MoA-100M's card does).
+tokens/s is new tokens over the median wall time of `--repeats` runs, prefill included;
+`speedup` is cached over recomputed tokens/s in the same run. Latency: one decode step at
+each of `--contexts` context lengths, cached (one token after a prefill of the context)
+and recomputed (a forward over the whole context), median of `--steps` steps.
+
+KV-cache bytes per token: after the prompt, every tensor the cache holds for the
+sequence, per position (our buffers are preallocated to the capacity, so bytes over
+capacity), for the attention schemes (`model=gpt attention=<scheme>`) and the presets;
+`state_bytes` is what does not grow with the context (convolution windows, running sums).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moa.hf import MoaConfig, MoaForCausalLM
+from moa.kv_cache import LayerCache
+from moa.params import CONF_DIR, model_config
+
+SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "moas"]
+
+
+def presets() -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def build(overrides: list[str], args: argparse.Namespace) -> MoaForCausalLM:
+    config = model_config([*overrides, f"model.size={args.size}",
+                           f"model.max_seq_len={args.prompt + args.new_tokens}",
+                           f"model.vocab_size={args.vocab_size}"])
+    torch.manual_seed(0)
+    return MoaForCausalLM(MoaConfig.from_model_config(config)).eval()
+
+
+def timed(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def generation_speed(model: MoaForCausalLM, args: argparse.Namespace) -> dict[str, float]:
+    prompt = torch.randint(0, args.vocab_size, (1, args.prompt))
+    record = {}
+    for label, use_cache in (("cached", True), ("recompute", False)):
+        seconds = timed(lambda c=use_cache: model.generate(
+            prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+            do_sample=False, use_cache=c), args.repeats)
+        record[f"{label}_tokens_per_s"] = args.new_tokens / seconds
+    record["speedup"] = record["cached_tokens_per_s"] / record["recompute_tokens_per_s"]
+    return record
+
+
+@torch.no_grad()
+def step_latency(model: MoaForCausalLM, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """ms of one decode step at each context length, cached and recomputed."""
+    cached, recompute = {}, {}
+    lm = model.model
+    for context in args.contexts:
+        ids = torch.randint(0, args.vocab_size, (1, context))
+        cache = lm.new_cache()
+        lm(ids[:, :-args.steps], cache)
+        times = []
+        for t in range(context - args.steps, context):
+            start = time.perf_counter()
+            lm(ids[:, t:t + 1], cache)
+            times.append(time.perf_counter() - start)
+        cached[context] = 1e3 * statistics.median(times)
+        recompute[context] = 1e3 * timed(lambda i=ids: lm(i), max(1, args.steps // 4))
+    return {"cached_step_ms": cached, "recompute_step_ms": recompute}
+
+
+def cache_bytes(model: MoaForCausalLM, prompt: int, vocab_size: int) -> dict[str, float]:
+    cache = model.model.new_cache()
+    with torch.no_grad():
+        model.model(torch.randint(0, vocab_size, (1, prompt)), cache)
+    per_position, state = _walk([*cache.layers, cache.ffn, cache.head])
+    return {"kv_bytes_per_token": per_position / cache.capacity, "state_bytes": state}
+
+
+def _walk(caches: list[LayerCache]) -> tuple[int, int]:
+    """(bytes of the sequence buffers, bytes of other tensors) held by `caches` and their
+    children."""
+    sequence = state = 0
+    for layer in caches:
+        sequence += sum(b.numel() * b.element_size() for b in layer.buffers.values())
+        for value in layer.state.values():
+            if isinstance(value, LayerCache):
+                child_sequence, child_state = _walk([value])
+                sequence, state = sequence + child_sequence, state + child_state
+            elif isinstance(value, torch.Tensor):
+                state += value.numel() * value.element_size()
+    return sequence, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="*", default=None, help="default: all of conf/model")
+    parser.add_argument("--schemes", nargs="*", default=SCHEMES)
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--contexts", type=int, nargs="*", default=[64, 256, 512, 767])
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per latency point")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
+                        "torch's); 1 on a shared machine keeps small ops from thrashing")
+    parser.add_argument("--json", default=None, help="write the records here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    records: dict[str, Any] = {"settings": {**vars(args), "threads": torch.get_num_threads()},
+                               "presets": [], "schemes": []}
+    print(f"size={args.size} prompt={args.prompt} new={args.new_tokens} vocab={args.vocab_size}"
+          f" batch=1 threads={torch.get_num_threads()}; median of {args.repeats}")
+    print(f"{'preset':<12} {'params':>10} {'cached tok/s':>13} {'recompute tok/s':>16} "
+          f"{'speedup':>8} {'KV B/token':>11}  cached | recompute ms/step at {args.contexts}")
+    for name in args.presets or presets():
+        model = build([f"model={name}"], args)
+        record = {"preset": name, "parameters": model.model.num_parameters(),
+                  **generation_speed(model, args), **step_latency(model, args),
+                  **cache_bytes(model, args.prompt, args.vocab_size)}
+        records["presets"].append(record)
+        cached = " ".join(f"{v:.1f}" for v in record["cached_step_ms"].values())
+        recompute = " ".join(f"{v:.1f}" for v in record["recompute_step_ms"].values())
+        print(f"{name:<12} {record['parameters']:>10,} {record['cached_tokens_per_s']:>13.1f} "
+              f"{record['recompute_tokens_per_s']:>16.1f} {record['speedup']:>8.1f} "
+              f"{record['kv_bytes_per_token']:>11,.0f}  {cached} | {recompute}")
+
+    print(f"\n{'scheme':<12} {'KV bytes/token':>15} {'state bytes':>12}   (model=gpt)")
+    for scheme in args.schemes:
+        record = {"scheme": scheme, **cache_bytes(build(["model=gpt", f"attention={scheme}"],
+                                                        args), args.prompt, args.vocab_size)}
+        records["schemes"].append(record)
+        print(f"{scheme:<12} {record['kv_bytes_per_token']:>15,.0f} {record['state_bytes']:>12,}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Hugging Face interop (moa.hf, moa.export): generate() with our cache equals recomputing
+and our own decoding for every scheme, left padding, and the export round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from moa.errors import ConfigError  # noqa: E402
+from moa.export import export  # noqa: E402
+from moa.generation import SamplingConfig, generate  # noqa: E402
+from moa.hf import MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
+from moa.lit import token_metrics  # noqa: E402
+from moa.params import model_config  # noqa: E402
+from moa.tasks import evaluate, train  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "metric_mqa", "alcca", "local_conv",
+           "channel_mix", "moas", "moas_static", "moa"]
+PRESETS = ["gpt", "moas", "moa_metric", "discoverlm"]
+CASES = [["model=gpt", f"attention={scheme}"] for scheme in SCHEMES] + [
+    [f"model={preset}"] for preset in PRESETS]
+PAD = 0
+
+
+def tiny_hf_model(overrides: list[str]) -> MoaForCausalLM:
+    """A random-init tiny model (byte vocabulary) behind the transformers wrapper."""
+    config = model_config([*overrides, "model.size=tiny", "tokenizer=byte"])
+    torch.manual_seed(0)
+    return MoaForCausalLM(MoaConfig.from_model_config(config, pad_token_id=PAD)).eval()
+
+
+def greedy(model: MoaForCausalLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=10, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: o[-1].split("=")[1])
+def test_cached_generate_equals_uncached_and_ours(overrides):
+    model = tiny_hf_model(overrides)
+    ids = torch.randint(3, 200, (2, 6))
+    cached = greedy(model, ids, use_cache=True)
+    assert cached.shape == (2, 16)
+    assert torch.equal(cached, greedy(model, ids, use_cache=False))
+    ours = generate(model.model, ids, SamplingConfig(max_new_tokens=10, temperature=0.0))
+    assert torch.equal(cached, ours)
+
+
+@pytest.mark.parametrize("overrides", [["model=gpt", "position=learned"],
+                                       ["model=gpt", "attention=local_conv"],
+                                       ["model=moa_metric"]], ids=lambda o: o[-1])
+def test_left_padded_row_generates_what_it_generates_alone(overrides):
+    model = tiny_hf_model(overrides)
+    long, short = torch.randint(3, 200, (1, 9)), torch.randint(3, 200, (1, 5))
+    batch = torch.cat([long, torch.cat([torch.full((1, 4), PAD), short], dim=1)])
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()  # (2, 9), left padding
+    for use_cache in (True, False):
+        out = greedy(model, batch, attention_mask=mask, use_cache=use_cache)
+        assert torch.equal(out[0], greedy(model, long)[0])
+        assert torch.equal(out[1, 4:], greedy(model, short)[0])
+
+
+def test_a_reset_cache_generates_as_a_fresh_one():
+    model = tiny_hf_model(["model=moa_metric"])
+    ids = torch.randint(3, 200, (2, 6))
+    cache = MoaCache(model.model, batch_size=2, per_row=False)
+    first = greedy(model, ids, past_key_values=cache)
+    assert cache.get_seq_length() == first.size(1) - 1  # the last token is not fed back
+    cache.reset()
+    assert torch.equal(greedy(model, ids, past_key_values=cache), first)
+    assert torch.equal(first, greedy(model, ids))
+
+
+def test_padding_on_the_right_is_refused():
+    model = tiny_hf_model(["model=gpt"])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    with pytest.raises(ValueError, match="only left padding"):
+        model(torch.randint(3, 200, (1, 4)), attention_mask=mask)
+
+
+def test_sampling_options_follow_the_seed_and_top_k_one_is_greedy():
+    model = tiny_hf_model(["model=moa_metric"])
+    ids = torch.randint(3, 200, (2, 6))
+    options = {"do_sample": True, "temperature": 1.5, "top_p": 0.95, "max_new_tokens": 10}
+    runs = []
+    for use_cache in (True, False, True):
+        torch.manual_seed(7)
+        runs.append(model.generate(ids, use_cache=use_cache, **options))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0], greedy(model, ids))  # sampling at t=1.5 wanders off
+    top_one = model.generate(ids, do_sample=True, top_k=1, max_new_tokens=10)
+    assert torch.equal(top_one, greedy(model, ids))
+
+
+def test_export_round_trip(compose_config, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    trained, objects = train(compose_config("trainer=smoke", "model=moa_metric", "tokenizer=byte",
+                                      "trainer.max_steps=6", "sampling.prompts=[]"))
+    ours = objects["module"].model.eval()
+    exported = subprocess.run([sys.executable, "-m", "moa.export", f"run_dir={run_dir}",
+                               f"out={out}", f"hydra.run.dir={tmp_path / 'export-log'}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert isinstance(model, MoaForCausalLM)
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("To be, or not")]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+        loss = token_metrics(ours(ids).logits[:, :-1], ids[:, 1:])[0]
+        torch.testing.assert_close(model(ids, labels=ids).loss, loss)
+    expected = generate(ours, ids, SamplingConfig(max_new_tokens=12, temperature=0.0))
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "think", "content": "x"},
+                {"role": "reasoning", "content": "y"}, {"role": "user", "content": "Why?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|bos|><|system|>Be brief.<|user|>Hi<|assistant|>Hello<|eos|>"
+                    "<|think|>x<|reasoning|>y<|user|>Why?<|assistant|>")
+    chat_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    role_ids = {tokenizer.convert_tokens_to_ids(f"<|{m['role']}|>") for m in messages}
+    assert role_ids <= set(chat_ids) and tokenizer.unk_token_id not in role_ids
+    for name in ("config.json", "generation_config.json", "model.safetensors",
+                 "tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert "val_loss" in (out / "README.md").read_text()
+
+    metrics, _ = evaluate(compose_config(f"run_dir={out}", "trainer=smoke",
+                                         "sampling.prompts=[]", config_name="eval"))
+    assert metrics == pytest.approx(trained, rel=1e-4)  # the same weights, splits and batches
+
+
+def test_export_without_out_names_the_key(compose_config, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        export(compose_config(f"run_dir={tmp_path}", config_name="export"))
+    assert error.value.key == "out"
