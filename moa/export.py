@@ -25,11 +25,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from moa.checkpoint import load_checkpoint
 from moa.config import ModelConfig
 from moa.data.tokenizer import SPECIAL_TOKENS
 from moa.errors import ConfigError, exit_on_config_error
 from moa.hf import MoaConfig, MoaForCausalLM
-from moa.checkpoint import load_checkpoint
 from moa.tasks import EXPORTED_RUN_CONFIG, locate_checkpoint
 
 ROLES = ("system", "user", "assistant", "think", "reasoning")
