@@ -10,7 +10,7 @@
 `moa.model.LanguageModel` unchanged (its weights are `model.<our names>`), so logits equal
 ours. `generate()` threads a `MoaCache` (transformers' `Cache` API around our `KVCache`):
 every scheme and path keeps what it needs there (keys and values, metric attention's key
-norms, ALCCA's index, the convolutions' rolling windows, the router-free head's cache).
+norms, ALCCA's index, the convolutions' rolling windows, the MoA LM head's attention).
 
 Padding: a batch without padding runs as one batch. A left-padded batch (attention_mask
 with zeros at the start of rows) runs each row on its own, without its pads, each with its
