@@ -142,3 +142,18 @@ def test_export_without_out_names_the_key(compose_config, tmp_path):
     with pytest.raises(ConfigError) as error:
         export(compose_config(f"run_dir={tmp_path}", config_name="export"))
     assert error.value.key == "out"
+
+
+def test_import_moa_registers_when_transformers_is_imported_and_not_before():
+    """`import moa` stays free of transformers' import cost; importing transformers after
+    it registers model_type moa_metric with the Auto classes all the same."""
+    script = (
+        "import sys, moa\n"
+        "assert 'transformers' not in sys.modules\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "config = AutoConfig.for_model('moa_metric')\n"
+        "print(type(config).__name__, AutoModelForCausalLM._model_mapping[type(config)].__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["MoaConfig", "MoaForCausalLM"]

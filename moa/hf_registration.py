@@ -1,0 +1,44 @@
+"""Register `moa.hf` with transformers' Auto classes when transformers is imported.
+
+`import moa` must make `AutoModelForCausalLM.from_pretrained(exported_dir)` work, but
+importing transformers' model classes costs seconds, which every `train.py` run would pay.
+So `import moa` registers at once only if transformers is already loaded; otherwise it
+leaves a finder on `sys.meta_path` that wraps the loading of the `transformers` package
+and imports `moa.hf` (which registers) right after it, then removes itself.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+
+PACKAGE = "transformers"
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path=None, target=None):
+        if name != PACKAGE:
+            return None
+        sys.meta_path.remove(self)  # find the real spec, and never wrap twice
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def execute_then_register(module: ModuleType) -> None:
+            execute(module)
+            importlib.import_module("moa.hf")
+
+        spec.loader.exec_module = execute_then_register
+        return spec
+
+
+def register_with_transformers() -> None:
+    """Register now if transformers is loaded, else when it is (no-op without it)."""
+    if PACKAGE in sys.modules:
+        importlib.import_module("moa.hf")
+    elif importlib.util.find_spec(PACKAGE) is not None and not any(
+            isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
