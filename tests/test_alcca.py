@@ -159,8 +159,8 @@ def test_config_errors_name_the_key(monkeypatch):
 def test_smoke_train_with_alcca(compose_config):
     from moa.tasks import train
 
-    cfg = compose_config("trainer=smoke", "attention=alcca", "attention.k=8", "tokenizer=byte",
-                         "trainer.max_steps=12", "trainer.val_check_interval=6")
+    cfg = compose_config("trainer=smoke", "model=gpt", "attention=alcca", "attention.k=8",
+                         "tokenizer=byte", "trainer.max_steps=12", "trainer.val_check_interval=6")
     metrics, objects = train(cfg)
     assert objects["module"].model_config.attention.name == "alcca"
     assert math.isfinite(metrics["val_loss"])
@@ -173,7 +173,8 @@ def test_eval_retrofit_of_a_metric_model_reports_no_change_at_full_k(compose_con
     retrofitted model is the trained one, so the reported loss change is zero."""
     from moa.tasks import evaluate, train
 
-    trained, _ = train(compose_config("trainer=smoke", "attention=metric", "attention.impl=eager",
+    trained, _ = train(compose_config("trainer=smoke", "model=gpt", "attention=metric",
+                                      "attention.impl=eager",
                                       "trainer.max_steps=6", "trainer.val_check_interval=3"))
     metrics, _ = evaluate(compose_config(
         f"run_dir={tmp_path / 'run'}", "attention_override=alcca", "alcca.k=100000",

@@ -163,8 +163,8 @@ def test_gradients_reach_perturbation_and_gate(attention):
 def test_smoke_train(compose_config):
     from moa.tasks import train
 
-    cfg = compose_config("trainer=smoke", "position=blackhole_rope", "evaluate=false",
-                         "tokenizer=byte", "trainer.max_steps=10")
+    cfg = compose_config("trainer=smoke", "model=gpt", "position=blackhole_rope",
+                         "evaluate=false", "tokenizer=byte", "trainer.max_steps=10")
     metrics, objects = train(cfg)
     rope = objects["module"].model.position
     assert isinstance(rope, BlackHoleRoPE)

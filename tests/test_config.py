@@ -77,7 +77,8 @@ def test_sqa_takes_half_the_query_heads(compose_config):
 
 INVALID = [
     (["model.n_heads=5"], "model.n_heads", "divisible"),
-    (["attention=gqa", "attention.n_kv_heads=3"], "attention.n_kv_heads", "divisors"),
+    (["model=gpt", "attention=gqa", "attention.n_kv_heads=3"], "attention.n_kv_heads",
+     "divisors"),
     (["model=gpt", "attention.n_q_heads=16"], "attention.n_q_heads", "more query heads"),
     (["model.vocab_size=100"], "model.vocab_size", "tokenizer"),
     (["model.size=huge"], "model.size", "card | small | tiny"),

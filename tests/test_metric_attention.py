@@ -177,7 +177,7 @@ def test_hydra_composes_metric_options(compose_config):
     attention = parse_run(cfg).model.attention
     assert attention.metric.name == "maha_diag" and attention.n_kv_heads == 1
     assert (attention.ti_reg_weight, attention.ti_reg_samples) == (0.01, 64)
-    plain = parse_run(compose_config("attention=metric")).model.attention
+    plain = parse_run(compose_config("model=gpt", "attention=metric")).model.attention
     assert plain.metric.name == "l2" and plain.ti_reg_weight == 0.0
 
 
