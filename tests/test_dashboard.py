@@ -30,8 +30,8 @@ def sweep(tmp_path_factory, cache_dir) -> Path:
                     "model=gpt", "tokenizer=byte", "model.n_layers=1", "trainer.max_steps=4",
                     "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
                     "trainer.limit_test_batches=1", "sampling.prompts=[]",
-                    "callbacks.throughput.window_size=2", f"hydra.sweep.dir={directory}"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
+                    "callbacks.throughput.window_size=2", f"hydra.sweep.dir={directory}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     return directory
 
 

@@ -147,3 +147,20 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir, la
     assert failed["status"] == "failed" and "model.n_heads=5" in failed["error"]
     assert finished["status"] == "finished", result.stderr[-2000:]
     assert "val_loss" in json.loads((sweep / "1" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_optuna_sweep_reports_the_lowest_val_loss(tmp_path, cache_dir):
+    from omegaconf import OmegaConf
+
+    env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
+    sweep = tmp_path / "optuna"
+    subprocess.run([sys.executable, "train.py", "-m", "hparams_search=optuna",
+                    "hydra.sweeper.n_trials=2", "trainer=smoke", "model=gpt", "tokenizer=byte",
+                    "model.n_layers=1", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                    "trainer.limit_test_batches=1", "sampling.prompts=[]",
+                    f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    losses = [json.loads((sweep / job / "metrics.json").read_text())["val_loss"]
+              for job in ("0", "1")]
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == min(losses)
