@@ -51,9 +51,9 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
     """Every run directory at or under the roots, in path order."""
     found = set()
     for root in roots:
-        for config in [root / "config.yaml", *root.rglob("config.yaml")]:
+        for config in root.rglob("config.yaml"):
             directory = config.parent
-            if config.is_file() and directory.name != ".hydra" and (
+            if directory.name != ".hydra" and (
                     (directory / ".hydra").is_dir() or (directory / "status.json").is_file()):
                 found.add(directory)
     return sorted(found)

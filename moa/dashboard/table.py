@@ -1,7 +1,8 @@
 """The runs table: the config keys that differ between runs, then the final numbers.
 
 A group choice that differs (`attention`: mha | mqa) is one column and stands for the keys
-under it; other differing config keys follow as dotted keys. Keys holding a run's own
+under it, wherever they are nested (`metric` also covers `attention.metric.name`); other
+differing config keys follow as dotted keys. Keys holding a run's own
 paths (output directories) never count as differing.
 """
 
@@ -32,7 +33,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
         key for key in keys
         if any(str(run.path) in str(run.config.get(key, "")) for run in runs)]
     dotted = [key for key in keys if key not in own_paths
-              and key.split(".")[0] not in choices and not key.startswith("paths.")
+              and not set(key.split(".")) & set(choices) and not key.startswith("paths.")
               and _differs([run.config.get(key) for run in runs])]
     return choices + dotted
 
