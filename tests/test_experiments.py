@@ -132,15 +132,19 @@ def test_config_error_survives_pickling():
     assert (copy.key, str(copy)) == (error.key, str(error))
 
 
-@pytest.mark.parametrize("launcher", [pytest.param("basic", marks=pytest.mark.slow), "joblib"])
+@pytest.mark.parametrize("launcher", [
+    pytest.param(["hydra/launcher=basic"], marks=pytest.mark.slow),
+    ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
+], ids=["basic", "joblib"])
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir, launcher):
+    """joblib runs the jobs in a worker process: the error must come back from it."""
     env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "train.py", "-m", "trainer=smoke", "model=gpt", "tokenizer=byte",
          "model.n_heads=5,4", "model.n_layers=1", "trainer.max_steps=2",
          "trainer.val_check_interval=2", "trainer.limit_test_batches=1", "sampling.prompts=[]",
-         f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
+         *launcher, f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0  # the sweep reports the failure at its end
     failed, finished = read_status(sweep / "0"), read_status(sweep / "1")
