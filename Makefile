@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-all smoke sweep bench lint clean
+.PHONY: install train test test-all smoke sweep dashboard bench lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ smoke: $(STAMP)  ## a few steps of a tiny model (under a minute)
 
 sweep: $(STAMP)  ## a small multirun: the four dot-product schemes, smoke-sized
 	$(BIN)/python train.py -m trainer=smoke attention=mha,gqa,mqa,sqa $(ARGS)
+
+DIRS ?= outputs
+dashboard: $(STAMP)  ## compare the runs under DIRS (default outputs/) in dashboard.html
+	$(BIN)/python -m moa.dashboard $(DIRS) --out dashboard.html
 
 test: $(STAMP)  ## the fast suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -1,6 +1,10 @@
 """Train a language model: python train.py [group=option ...] [key=value ...]"""
 
+from contextlib import nullcontext
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import moa.tasks
@@ -9,7 +13,10 @@ from moa.errors import exit_on_config_error
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_config_error():
+    # In a sweep a bad job raises like any failure: its status.json says why, the launcher
+    # records it and runs the other jobs. A single run exits with one line instead.
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    with nullcontext() if sweeping else exit_on_config_error():
         metrics, _ = moa.tasks.train(cfg)
     return metrics.get("val_loss")  # the objective a sweeper (e.g. Optuna) minimises
 

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
         why = f" ({reason})" if reason else ""
         super().__init__(f"invalid config {key}={value!r}{why}; allowed: {allowed}")
 
+    def __reduce__(self):
+        # rebuilt from its fields, so it crosses process boundaries (joblib, submitit)
+        return ConfigError, (self.key, self.value, self.allowed, self.reason)
+
     def under(self, prefix: str) -> ConfigError:
         """The same error with its key placed under `prefix` (e.g. `attention`)."""
         key = f"{prefix}.{self.key}" if prefix else self.key

@@ -1,4 +1,4 @@
-"""Feed-forward networks: `mlp` (GELU) | `swiglu` | `hyper` (`moa/hyper_ffn.py`).
+"""Feed-forward networks: `mlp` (GELU) | `swiglu` | `hyper` (`moa/hyper_ffn.py`) | `none`.
 
 Every FFN is built as `cls(config, d_model, bias)` and called as `ffn(x, ctx)` with
 x: (B, T, C); `ctx` gives it a record scope and its own cache (the HyperFFN's conv branch
@@ -89,7 +89,19 @@ class SwiGLU(TokenwiseFFN):
         return self.dropout(self.down(F.silu(gate) * up))
 
 
+class NoFFN(TokenwiseFFN):
+    """No FFN: the block adds nothing after attention (attention-only models, as in the
+    Zoology MQAR grid). Its norm before it is the only trace left."""
+
+    def __init__(self, config: FFNConfig, d_model: int, bias: bool = False) -> None:
+        super().__init__()
+
+    def token_part(self, h: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C) zeros
+        return torch.zeros_like(h)
+
+
 FFN.register("mlp", FFNConfig)(MLP)
 FFN.register("swiglu", FFNConfig)(SwiGLU)
+FFN.register("none", FFNConfig)(NoFFN)
 
 from moa import hyper_ffn  # noqa: E402, F401  (registers "hyper"; it builds on the classes above)

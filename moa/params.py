@@ -10,6 +10,9 @@ over the blocks), then `Total  <millions>M`. A weight shared by two components (
 embeddings) counts once, in the first: the LM head shows 0 when tied. The vocabulary is
 `model.vocab_size` if set, else the tokenizer config's bound (bpe: its vocab_size, byte:
 265), or the data's own (mqar).
+
+`active_parameters` and `kv_cache_bytes_per_token` describe what one token costs: the
+parameters it runs through under top-k routing, and the cache it adds when decoding.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from torch import nn
 
 from moa.config import ModelConfig
 from moa.errors import ConfigError
+from moa.kv_cache import LayerCache
 from moa.model import build_model
+from moa.router import TopKRouter
 from moa.run_config import parse_run
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -82,6 +87,42 @@ def format_table(rows: list[tuple[str, int]], title: str) -> str:
         lines.append(f"{name:<{width}}  {count:>13,}  {count / max(total, 1):>6.1%}")
     lines.append(f"Total  {total / 1e6:.2f}M")
     return "\n".join(lines)
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token runs through: the total, less in each top-k routed module (a
+    mixture's `paths`, the HyperFFN's `branches`) the branches it skips. A token runs k of
+    the n branches; counting the k largest gives the most any token uses."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for module in model.modules():
+        router = getattr(module, "router", None)
+        if not isinstance(router, TopKRouter):
+            continue
+        branches = getattr(module, "paths", None) or module.branches
+        sizes = sorted((sum(p.numel() for p in branch.parameters()) for branch in branches),
+                       reverse=True)
+        total -= sum(sizes[router.config.router_topk:])
+    return total
+
+
+@torch.no_grad()
+def kv_cache_bytes_per_token(model: nn.Module, probe_tokens: int = 4) -> int:
+    """Bytes the decoding cache grows by per token (batch 1, the model's dtype), measured
+    by decoding `probe_tokens` tokens into a cache of that capacity: every buffer that grows
+    with the sequence, in every layer and branch, divided by its length."""
+    cache = model.new_cache(capacity=probe_tokens)
+    was_training = model.training
+    model.eval()
+    model(torch.zeros(1, probe_tokens, dtype=torch.long,
+                      device=next(model.parameters()).device), cache)
+    model.train(was_training)
+    pending = [*cache.layers, cache.ffn, cache.head]
+    total = 0
+    while pending:
+        layer = pending.pop()
+        total += sum(buffer.numel() * buffer.element_size() for buffer in layer.buffers.values())
+        pending.extend(state for state in layer.state.values() if isinstance(state, LayerCache))
+    return total // probe_tokens
 
 
 def main(argv: list[str] | None = None) -> None:

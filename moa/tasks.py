@@ -4,9 +4,12 @@ Run directory layout (single run or one job of a sweep):
     config.yaml          the resolved config of the run (eval reads it)
     .hydra/              Hydra's own record of the composition and overrides
     run.json             data fingerprint (corpus and tokenizer hashes), parameter counts
+                         (total, without embedding, active per token under top-k routing),
+                         KV-cache bytes per token
     tokenizer.json       the tokenizer the model was trained with
     checkpoints/         best.ckpt (lowest val/loss) and last.ckpt (also every few steps)
-    metrics.csv          the training/validation log (CSVLogger)
+    metrics.csv          the training/validation log (CSVLogger), router statistics
+                         included: train/stats/<layer path>.usage.<i> | .routed.<i> | .entropy
     metrics.json         final val_/test_ loss, ppl and acc
     status.json          running | finished | failed (with the error): moa.run_status
 """
@@ -25,12 +28,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+import moa.loggers  # noqa: F401  (the resolvers of conf/logger/wandb.yaml)
 from moa.checkpoint import check_same_model, keep_metrics_before, load_checkpoint, resume_checkpoint
 from moa.config import COMPONENTS, ModelConfig
 from moa.data import CORPORA, TOKENIZERS, LMDataModule
 from moa.errors import ConfigError
 from moa.generation import SamplingConfig, generate
 from moa.lit import LanguageModelModule
+from moa.params import active_parameters, kv_cache_bytes_per_token
 from moa.retrofit import swap_attention, transfer_weights
 from moa.run_config import RunSpec, check_trainer, parse_run, resolved
 from moa.run_status import FINISHED, read_status, recording_status
@@ -50,12 +55,12 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Validate the config, train, then evaluate the best checkpoint; return metrics.
 
-    The run directory's status.json says running, then finished or failed."""
-    spec = parse_run(cfg)
+    The run directory's status.json says running, then finished or failed (a bad config
+    too, so that a failed job of a sweep shows why)."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with recording_status(run_dir):
-        return _train(cfg, spec, run_dir)
+        return _train(cfg, parse_run(cfg), run_dir)
 
 
 def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
@@ -78,6 +83,8 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
         "data": datamodule.fingerprint,
         "parameters": module.model.num_parameters(),
         "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
+        "active_parameters": active_parameters(module.model),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(module.model),
     }
     _write_run_files(cfg, run_dir, datamodule, record)
     log.info("model: %.2fM parameters; data: %s", record["parameters"] / 1e6,

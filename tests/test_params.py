@@ -70,3 +70,34 @@ def test_command_line_ends_with_the_total():
 def test_bad_override_is_an_error_naming_the_key():
     with pytest.raises(SystemExit, match=r"^error: invalid config model.n_heads=5 "):
         main(["model.n_heads=5"])
+
+
+def test_kv_cache_bytes_per_token_count_keys_and_values_per_kv_head():
+    from moa.params import kv_cache_bytes_per_token
+
+    mha = build_model(model_config(["model.size=tiny", "tokenizer=byte"]))
+    mqa = build_model(model_config(["model.size=tiny", "tokenizer=byte", "attention=mqa"]))
+    config = mha.config
+    assert kv_cache_bytes_per_token(mha) == config.n_layers * 2 * config.d_model * 4  # float32
+    assert kv_cache_bytes_per_token(mqa) * config.n_heads == kv_cache_bytes_per_token(mha)
+    conv = build_model(model_config(["model.size=tiny", "tokenizer=byte", "attention=local_conv"]))
+    assert kv_cache_bytes_per_token(conv) == 0  # a fixed window, nothing grows per token
+
+
+def test_active_parameters_leave_out_the_paths_top_k_skips():
+    from moa.params import active_parameters
+
+    dense = build_model(model_config(["model=moas", "model.size=tiny", "tokenizer=byte"]))
+    assert active_parameters(dense) == dense.num_parameters()  # softmax runs every path
+    top2 = build_model(model_config(["model=moas", "model.size=tiny", "tokenizer=byte",
+                                     "router=topk", "router.router_topk=2"]))
+    paths = [sum(p.numel() for p in path.parameters())
+             for path in top2.blocks[0].attention.paths]
+    skipped = top2.config.n_layers * min(paths)  # the smallest of the three paths
+    assert active_parameters(top2) == top2.num_parameters() - skipped
+
+
+def test_ffn_none_leaves_attention_only_blocks():
+    model = build_model(model_config(["model.size=tiny", "tokenizer=byte", "ffn=none"]))
+    rows = dict(parameter_table(model))
+    assert "  ffn" not in rows and "  attention" in rows  # parts without parameters are left out

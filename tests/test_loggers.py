@@ -1,0 +1,45 @@
+"""The logger group: csv always, wandb offline without an API key (never the network),
+tensorboard, and `many` for all three at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from moa.loggers import choice_tags, wandb_mode
+from moa.tasks import train
+
+
+@pytest.mark.parametrize("env,mode", [
+    ({}, "offline"),
+    ({"WANDB_API_KEY": "x" * 40}, "online"),
+    ({"WANDB_API_KEY": "x" * 40, "WANDB_MODE": "disabled"}, "disabled"),
+])
+def test_wandb_is_offline_without_an_api_key(monkeypatch, env, mode):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert wandb_mode() == mode
+
+
+def test_tags_are_the_config_choices():
+    tags = choice_tags({"attention": "mqa", "model": "gpt", "experiment": None,
+                        "hydra/launcher": "basic"})
+    assert tags == ["attention=mqa", "model=gpt"]
+
+
+def test_many_loggers_write_csv_tensorboard_and_an_offline_wandb_run(compose_config, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config("trainer=smoke", "model=gpt", "tokenizer=byte", "logger=many",
+                         "model.n_layers=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                         "evaluate=false")
+    assert [name for name in cfg.logger] == ["csv", "wandb", "tensorboard"]
+    train(cfg)
+    run = tmp_path / "run"
+    assert (run / "metrics.csv").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    [offline] = list((run / "wandb").glob("offline-run-*"))
+    assert list(offline.glob("*.wandb"))  # what `wandb sync` uploads later
