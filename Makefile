@@ -25,8 +25,8 @@ train: $(STAMP)  ## train and evaluate the default model on the built-in corpus
 smoke: $(STAMP)  ## a few steps of a tiny model (under a minute)
 	$(BIN)/python train.py trainer=smoke $(ARGS)
 
-sweep: $(STAMP)  ## a small multirun: the four dot-product schemes, smoke-sized
-	$(BIN)/python train.py -m trainer=smoke attention=mha,gqa,mqa,sqa $(ARGS)
+sweep: $(STAMP)  ## a small multirun: the four dot-product schemes on the gpt baseline, smoke-sized
+	$(BIN)/python train.py -m trainer=smoke model=gpt attention=mha,gqa,mqa,sqa $(ARGS)
 
 DIRS ?= outputs
 dashboard: $(STAMP)  ## compare the runs under DIRS (default outputs/) in dashboard.html
