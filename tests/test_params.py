@@ -75,12 +75,14 @@ def test_bad_override_is_an_error_naming_the_key():
 def test_kv_cache_bytes_per_token_count_keys_and_values_per_kv_head():
     from moa.params import kv_cache_bytes_per_token
 
-    mha = build_model(model_config(["model.size=tiny", "tokenizer=byte"]))
-    mqa = build_model(model_config(["model.size=tiny", "tokenizer=byte", "attention=mqa"]))
+    mha = build_model(model_config(["model=gpt", "model.size=tiny", "tokenizer=byte"]))
+    mqa = build_model(model_config(["model=gpt", "model.size=tiny", "tokenizer=byte",
+                                    "attention=mqa"]))
     config = mha.config
     assert kv_cache_bytes_per_token(mha) == config.n_layers * 2 * config.d_model * 4  # float32
     assert kv_cache_bytes_per_token(mqa) * config.n_heads == kv_cache_bytes_per_token(mha)
-    conv = build_model(model_config(["model.size=tiny", "tokenizer=byte", "attention=local_conv"]))
+    conv = build_model(model_config(["model=gpt", "model.size=tiny", "tokenizer=byte",
+                                     "attention=local_conv"]))
     assert kv_cache_bytes_per_token(conv) == 0  # a fixed window, nothing grows per token
 
 
