@@ -108,11 +108,11 @@ class MoaCache(Cache):
         self.seen = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("MoaCache cannot be reordered: beam search is not supported")
+        raise ValueError("MoaCache cannot be reordered: beam search (num_beams > 1) is not "
+                         "supported")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("MoaCache cannot be cropped: assisted generation is not "
-                                  "supported")
+        raise ValueError("MoaCache cannot be cropped: assisted generation is not supported")
 
 
 class MoaForCausalLM(PreTrainedModel, GenerationMixin):

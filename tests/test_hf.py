@@ -84,6 +84,12 @@ def test_padding_on_the_right_is_refused():
         model(torch.randint(3, 200, (1, 4)), attention_mask=mask)
 
 
+def test_beam_search_is_refused_with_a_clear_error():
+    model = tiny_hf_model(["model=gpt"])
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(torch.randint(3, 200, (1, 6)), num_beams=2, max_new_tokens=4)
+
+
 def test_sampling_options_follow_the_seed_and_top_k_one_is_greedy():
     model = tiny_hf_model(["model=moa_metric"])
     ids = torch.randint(3, 200, (2, 6))
