@@ -20,6 +20,9 @@ class ForwardContext:
     position: PositionEncoding  # shared by all layers; rotates q/k where it applies
     record: AuxiliaryRecorder
     cache: LayerCache | None = None
+    # (B, K) positions where logits are wanted; None: every position. Only the vocabulary
+    # projection reads it, so a loss on a few positions (mqar) skips most of its cost.
+    output_positions: torch.Tensor | None = None
 
     def for_layer(self, index: int, kv_cache: KVCache | None) -> ForwardContext:
         return replace(

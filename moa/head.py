@@ -65,7 +65,10 @@ class LinearHead(nn.Linear):
             self.weight = embedding.weight
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> logits (B, T, V)."""
+        """x: (B, T, C) -> logits (B, T, V), or (B, K, V) at `ctx.output_positions` (B, K)."""
+        if ctx.output_positions is not None:
+            index = ctx.output_positions.unsqueeze(-1).expand(-1, -1, x.size(-1))  # (B, K, C)
+            x = x.gather(1, index)
         return super().forward(x)
 
 
@@ -125,7 +128,8 @@ class MoAHead(nn.Module):
         self.vocab = LinearHead(LinearHeadConfig(), model, embedding)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> logits (B, T, V); causal, continuing `ctx.cache`."""
+        """x: (B, T, C) -> logits (B, T, V), or (B, K, V) at `ctx.output_positions`; causal,
+        continuing `ctx.cache`."""
         ctx = replace(ctx, position=self.position)
         x = x + self.dropout(self.attention(self.attention_norm(x), ctx.scoped("attention")))
         x = x + self.dropout(self.ffn(self.ffn_norm(x), branch_context(ctx, "ffn")))

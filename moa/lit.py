@@ -23,6 +23,15 @@ CHECKPOINT_FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # labels that carry no loss (mqar's non-answer positions)
 
 
+def scored_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """The model's output and the labels it is scored on. With `scored_positions` (B, K) in
+    the batch (mqar), logits and labels are those positions' only: (B, K, V), (B, K)."""
+    positions = batch.get("scored_positions")
+    output = model(batch["input_ids"], output_positions=positions)
+    labels = batch["labels"] if positions is None else batch["labels"].gather(1, positions)
+    return output, labels
+
+
 def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Mean cross-entropy, accuracy and number of labelled tokens. (B, T, V), (B, T)."""
     mask = labels != IGNORE_INDEX
@@ -54,8 +63,8 @@ class LanguageModelModule(pl.LightningModule):
         return self.model(input_ids)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        output = self.model(batch["input_ids"])
-        loss, acc, _ = token_metrics(output.logits, batch["labels"])
+        output, labels = scored_forward(self.model, batch)
+        loss, acc, _ = token_metrics(output.logits, labels)
         total = loss if output.aux_loss is None else loss + output.aux_loss
         self.log_dict({"train/loss": loss, "train/acc": acc, "train/ppl": loss.exp()},
                       prog_bar=True)
@@ -90,8 +99,8 @@ class LanguageModelModule(pl.LightningModule):
                 f"{saved[0] if saved else 'none saved yet'}")
 
     def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        output = self.model(batch["input_ids"])
-        loss, acc, count = token_metrics(output.logits, batch["labels"])
+        output, labels = scored_forward(self.model, batch)
+        loss, acc, count = token_metrics(output.logits, labels)
         # token-weighted means, so the epoch value is the per-token loss of the whole split
         self.eval_metrics[f"{stage}_loss"].update(loss, count)
         self.eval_metrics[f"{stage}_acc"].update(acc, count)

@@ -30,7 +30,7 @@ from moa.residual import DropPath, LayerScale
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V); (B, K, V) with output_positions
     aux_losses: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_loss: torch.Tensor | None = None  # sum of weight * value, None without any
@@ -106,8 +106,12 @@ class LanguageModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
-        """input_ids: (B, T) -> logits (B, T, V). With a cache, the tokens continue it."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                output_positions: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids: (B, T) -> logits (B, T, V). With a cache, the tokens continue it.
+
+        output_positions: (B, K) indices into T; the logits are then (B, K, V), those
+        positions' only (the same values as the full logits there)."""
         start = cache.length if cache is not None else 0
         T = input_ids.size(1)
         if start + T > self.config.max_seq_len:
@@ -115,7 +119,8 @@ class LanguageModel(nn.Module):
                              f"{self.config.max_seq_len}")
         positions = torch.arange(start, start + T, device=input_ids.device)
         record = AuxiliaryRecorder()
-        ctx = ForwardContext(positions=positions, position=self.position, record=record)
+        ctx = ForwardContext(positions=positions, position=self.position, record=record,
+                             output_positions=output_positions)
         x = self.dropout(self.position.embed(self.embedding(input_ids), positions))
         for index, block in enumerate(self.blocks):
             x = block(x, ctx.for_layer(index, cache))

@@ -47,7 +47,8 @@ def test_linear_head_is_the_tied_projection_of_before():
     again.load_state_dict(model.state_dict())  # same keys, strict
     ids = torch.randint(0, V, (2, 7))
     hidden = model.norm(model.embedding(ids))
-    torch.testing.assert_close(model.lm_head(hidden, None), hidden @ model.embedding.weight.T)
+    ctx = ForwardContext(torch.arange(7), model.position, AuxiliaryRecorder())
+    torch.testing.assert_close(model.lm_head(hidden, ctx), hidden @ model.embedding.weight.T)
 
 
 def head_and_context(config, T: int):

@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import default_collate
 
 from moa.data import CORPORA, build_datamodule
-from moa.data.mqar import IGNORE_INDEX, MQARConfig, multiquery_ar
+from moa.data.mqar import IGNORE_INDEX, MQARConfig, MQARDataset, multiquery_ar
 from moa.errors import ConfigError
-from tests.conftest import CONF_DIR
+from moa.lit import scored_forward, token_metrics
+from moa.model import build_model
+from tests.conftest import CONF_DIR, tiny_model_config
+from tests.test_head import moa_head
 
 
 def generate(seed: int = 0, n: int = 2000, **config):
@@ -86,6 +90,10 @@ def test_datamodule_serves_mqar_without_a_tokenizer(tmp_path):
     batch = next(iter(module.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape == (16, 32)
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    positions = batch["scored_positions"]  # (B, k): the labelled positions, in order
+    assert positions.shape == (16, 4) and (positions.diff(dim=1) > 0).all()
+    scored = torch.zeros_like(batch["labels"], dtype=torch.bool).scatter(1, positions, True)
+    assert torch.equal(scored, batch["labels"] != IGNORE_INDEX)
     assert module.fingerprint["blocks"] == {"train": 200, "validation": 50, "test": 50}
     assert module.fingerprint["tokenizer_sha256"] is None
     splits = module.splits.datasets
@@ -113,3 +121,31 @@ def test_yaml_block_size_follows_seq_len():
     node.seq_len = 128
     config = CORPORA.parse(node, "data")
     assert config.block_size == config.seq_len == 128 and not config.uses_tokenizer
+
+
+def mqar_batch(inputs: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
+    dataset = MQARDataset(inputs, labels)
+    return default_collate([dataset[i] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("head", [{"name": "linear"}, None])
+def test_scored_positions_loss_and_gradients_equal_the_full_logits(head):
+    """The module's loss on the labelled positions' logits only equals the loss over all
+    positions' logits with the others ignored, in value and in every parameter's gradient."""
+    torch.manual_seed(0)
+    config = tiny_model_config(vocab_size=40, head=head or moa_head())
+    model = build_model(config).double()
+    inputs, labels = generate(n=6, vocab_size=40, num_kv_pairs=3, seq_len=24, block_size=24)
+    batch = mqar_batch(inputs, labels)
+    output, scored_labels = scored_forward(model, batch)
+    assert output.logits.shape == (6, 3, 40) and (scored_labels != IGNORE_INDEX).all()
+    loss, acc, count = token_metrics(output.logits, scored_labels)
+    scored_grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    full = model(batch["input_ids"])
+    full_loss, full_acc, full_count = token_metrics(full.logits, batch["labels"])
+    full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, full_loss)
+    assert acc == full_acc and count == full_count == 18
+    for scored_grad, full_grad in zip(scored_grads, full_grads, strict=True):
+        torch.testing.assert_close(scored_grad, full_grad)

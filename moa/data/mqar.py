@@ -116,16 +116,23 @@ def _distinct_draws(
 
 
 class MQARDataset(Dataset):
-    """Pre-generated examples: {"input_ids": (T,), "labels": (T,)}."""
+    """Pre-generated examples: {"input_ids": (T,), "labels": (T,), "scored_positions": (k,)}.
+
+    `scored_positions` are the k query positions, the only labelled ones, in increasing
+    order: the training module computes logits there only (`LanguageModel.forward`'s
+    `output_positions`), skipping the vocabulary projection of the T - k others."""
 
     def __init__(self, inputs: np.ndarray, labels: np.ndarray) -> None:
         self.inputs, self.labels = torch.from_numpy(inputs), torch.from_numpy(labels)
+        scored = self.labels != IGNORE_INDEX  # (N, T), k per row
+        self.scored_positions = scored.nonzero()[:, 1].view(len(labels), -1)  # (N, k)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.inputs[index], "labels": self.labels[index]}
+        return {"input_ids": self.inputs[index], "labels": self.labels[index],
+                "scored_positions": self.scored_positions[index]}
 
 
 @CORPORA.register("mqar", MQARConfig)
