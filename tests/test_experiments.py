@@ -56,6 +56,10 @@ def check_schemes_mqar(specs) -> None:
     assert {s.model.d_model for s in specs} == {64, 128}
     assert {(s.data.vocab_size, s.model.n_layers, s.model.ffn.name) for s in specs} == \
         {(8192, 2, "none")}
+    # every step holds 4,096 tokens and 256 queries, at every length; fillers are 0 (fig. 2)
+    assert {(s.data.batch_size * s.data.seq_len, s.data.batch_size * s.data.num_kv_pairs)
+            for s in specs} == {(4096, 256)}
+    assert not any(s.data.random_non_queries for s in specs)
 
 
 def check_gqa_kv_heads(specs) -> None:
