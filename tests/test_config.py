@@ -11,6 +11,8 @@ from tests.conftest import CONF_DIR
 
 # Groups whose files are chosen as `group=name`; hydra/ and paths/ are merged into every run.
 ALWAYS_LOADED = {"hydra", "paths"}
+# Groups outside train.yaml's defaults (an experiment preset's own): added as `+group=name`.
+APPENDED = {"mqar_width"}
 
 
 def _choices() -> list[str]:
@@ -19,7 +21,7 @@ def _choices() -> list[str]:
         group = path.parent.relative_to(CONF_DIR).as_posix()
         if group == "." or group in ALWAYS_LOADED:
             continue
-        overrides.append(f"{group}={path.stem}")
+        overrides.append(f"{'+' if group in APPENDED else ''}{group}={path.stem}")
     return overrides
 
 

@@ -53,7 +53,7 @@ def check_moas_compare(specs) -> None:
 
 def check_schemes_mqar(specs) -> None:
     assert {(s.data.seq_len, s.data.num_kv_pairs) for s in specs} == {(64, 4), (128, 8), (256, 16)}
-    assert {s.model.d_model for s in specs} == {64, 128}
+    assert {(s.model.d_model, s.optim.lr) for s in specs} == {(64, 3e-3), (128, 1e-3)}
     assert {(s.data.vocab_size, s.model.n_layers, s.model.ffn.name) for s in specs} == \
         {(8192, 2, "none")}
     # every step holds 4,096 tokens and 256 queries, at every length; fillers are 0 (fig. 2)
@@ -73,7 +73,7 @@ def test_schemes_mqar_runs_every_scheme_on_the_grid(compose_config, tmp_path):
     schemes = {path.stem for path in (CONF_DIR / "attention").glob("*.yaml")}
     assert {job[1] for job in jobs} == {f"attention={scheme}" for scheme in schemes}
     GlobalHydra.instance().clear()
-    largest = [job for job in jobs if "data.seq_len=256" in job and "model.d_model=128" in job]
+    largest = [job for job in jobs if "data.seq_len=256" in job and "mqar_width=d128" in job]
     specs = parse_jobs(largest + [job for job in jobs if "attention=mha" in job], tmp_path)
     assert len(largest) == len(schemes)
     check_schemes_mqar(specs)
