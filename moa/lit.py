@@ -15,7 +15,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from moa.config import ModelConfig, OptimConfig
 from moa.errors import TrainingStopped
-from moa.model import build_model
+from moa.model import ModelOutput, build_model
 from moa.optim import build_optimizer
 from moa.schema import parse
 
@@ -23,7 +23,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # labels that carry no loss (mqar's non-answer positions)
 
 
-def scored_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+def scored_forward(model: torch.nn.Module,
+                   batch: dict[str, torch.Tensor]) -> tuple[ModelOutput, torch.Tensor]:
     """The model's output and the labels it is scored on. With `scored_positions` (B, K) in
     the batch (mqar), logits and labels are those positions' only: (B, K, V), (B, K)."""
     positions = batch.get("scored_positions")
