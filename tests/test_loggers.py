@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moa.loggers import choice_tags, wandb_mode
+from moa.loggers import choice_tags, run_name, wandb_mode
 from moa.tasks import train
 
 
@@ -43,3 +43,21 @@ def test_many_loggers_write_csv_tensorboard_and_an_offline_wandb_run(compose_con
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     [offline] = list((run / "wandb").glob("offline-run-*"))
     assert list(offline.glob("*.wandb"))  # what `wandb sync` uploads later
+
+
+@pytest.mark.parametrize("job,prefix,group", [
+    ([], "train-", None),
+    (["hydra.job.num=3", "hydra.sweep.dir=/sweeps/a"], "train-3-", "/sweeps/a"),
+])
+def test_wandb_run_is_named_after_its_job_and_grouped_by_its_sweep(compose_config, job, prefix,
+                                                                   group):
+    cfg = compose_config("logger=wandb", "attention=mqa", *job)
+    overrides = cfg.hydra.job.override_dirname  # "attention=mqa,logger=wandb,paths..."
+    assert "attention=mqa" in overrides
+    assert cfg.logger.wandb.name == prefix + overrides
+    assert cfg.logger.wandb.group == group
+
+
+def test_a_run_without_overrides_is_named_after_its_task():
+    assert run_name("train", None, "") == "train"
+    assert run_name("train", 0, "") == "train-0"
