@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from moa.errors import ConfigError
 from moa.run_config import parse_run
@@ -61,6 +64,15 @@ def test_model_sizes_resolve(compose_config, model, size):
 def test_eval_config_composes(compose_config):
     cfg = compose_config("run_dir=/some/run", config_name="eval")
     assert cfg.run_dir == "/some/run" and cfg.checkpoint == "best"
+
+
+def test_eval_runs_in_its_own_directory():
+    """eval.py's hydra.run.dir is outputs/eval/..., not hydra/default's training directory."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", return_hydra_config=True)
+    assert OmegaConf.to_container(cfg.hydra.run)["dir"].startswith("${paths.root_dir}/outputs/eval/")
+    GlobalHydra.instance().clear()
 
 
 def test_model_preset_picks_groups_and_command_line_wins(compose_config):

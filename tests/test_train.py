@@ -93,7 +93,8 @@ def test_command_line_train_and_eval(tmp_path, cache_dir):
                     f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     result = subprocess.run([sys.executable, "eval.py", f"run_dir={run_dir}",
-                             "sampling.max_new_tokens=4"], cwd=ROOT, env=env,
+                             "sampling.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}"],
+                            cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
