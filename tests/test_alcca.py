@@ -72,6 +72,32 @@ def test_forward_and_gradients_match_the_reference(T, top_k, weighting):
         torch.testing.assert_close(g, w)
 
 
+def test_dense_softmax_average_equals_the_gathered_one():
+    """The two ways of averaging neighbours agree in float64, forward and gradients, with
+    padded (-1) neighbour slots; the module picks the dense one for softmax where S <= k * D."""
+    torch.manual_seed(3)
+    N, M, S, D, k = 3, 9, 12, 4, 5
+    queries, keys, values = (torch.randn(N, n, D, dtype=torch.float64, requires_grad=True)
+                             for n in (M, S, S))
+    alpha = (torch.rand(N, M, dtype=torch.float64) + 0.5).requires_grad_()
+    ids = torch.stack([torch.stack([torch.randperm(S)[:k] for _ in range(M)])
+                       for _ in range(N)])  # (N, M, k), distinct keys per query
+    ids[:, :3, 2:] = -1  # the first queries see fewer than k keys
+    inputs = (queries, keys, values, alpha)
+    weights = torch.randn(N, M, D, dtype=torch.float64)
+
+    def value_and_grads(y):
+        return y, torch.autograd.grad((y * weights).sum(), inputs)
+
+    got, got_grads = value_and_grads(alcca_module._dense_softmax_average(
+        queries, keys, values, ids, alpha))
+    want, want_grads = value_and_grads(alcca_module._gathered_average(
+        queries, keys, values, ids, alpha, "softmax", 1e-6))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_all_neighbours_and_softmax_equal_metric_attention():
     """k >= L, theta = 0, softmax weighting: ALCCA is metric attention, with the weights of
     a metric model loaded unchanged."""

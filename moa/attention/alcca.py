@@ -151,18 +151,41 @@ def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     """Weighted average of each query's chosen values, differentiable in queries (N, M, D),
     keys and values (N, S, D) and alpha (N, M); ids (N, M, k), -1 for none -> (N, M, D).
     Computed `block` queries at a time; under autograd each block is checkpointed, so only
-    the ids are kept and memory stays O(M * k), not O(M * k * D)."""
+    the ids are kept. Softmax weighting over at most k * D keys takes `_dense_softmax_average`
+    (two matmuls over all S keys, O(M * S) memory, no (M, k, D) tensor); otherwise
+    `_gathered_average` (O(M * k * D) memory and elementwise work)."""
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (queries, keys, values, alpha))
+    dense = weighting == "softmax" and keys.size(1) <= ids.size(-1) * keys.size(-1)
     out = []
     for begin in range(0, queries.size(1), block):
-        part = (queries[:, begin:begin + block], keys, values, ids[:, begin:begin + block],
-                alpha[:, begin:begin + block], weighting, eps)
-        out.append(checkpoint(_average, *part, use_reentrant=False) if grad else _average(*part))
+        rows = slice(begin, begin + block)
+        if dense:
+            average, part = _dense_softmax_average, (queries[:, rows], keys, values, ids[:, rows],
+                                                     alpha[:, rows])
+        else:
+            average, part = _gathered_average, (queries[:, rows], keys, values, ids[:, rows],
+                                                alpha[:, rows], weighting, eps)
+        out.append(checkpoint(average, *part, use_reentrant=False) if grad else average(*part))
     return torch.cat(out, dim=1)
 
 
-def _average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """softmax(-alpha d^2) over the chosen keys, from one (N, m, S) product: since
+    -alpha ||q - k||^2 = alpha (2 q.k - ||k||^2) - alpha ||q||^2 and the last term is the same
+    for all of a query's keys, the chosen keys' scores are gathered from 2 q.K - ||K||^2 (no
+    cancellation against ||q||^2), and their weights scattered back onto the S keys."""
+    valid = ids >= 0
+    index = ids.clamp_min(0)  # (N, m, k)
+    logits = 2 * queries @ keys.mT - keys.pow(2).sum(-1)[:, None]  # (N, m, S)
+    scores = (alpha[..., None] * logits.gather(-1, index)).masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).masked_fill(~valid, 0.0)  # (N, m, k)
+    dense = logits.new_zeros(logits.shape).scatter_add(-1, index, weights)  # (N, m, S)
+    return dense.to(values.dtype) @ values  # (N, m, D)
+
+
+def _gathered_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
              alpha: torch.Tensor, weighting: str, eps: float) -> torch.Tensor:
     N, m, k = ids.shape
     flat = ids.clamp_min(0).view(N, m * k, 1).expand(-1, -1, keys.size(-1))  # (N, m*k, D)
