@@ -56,9 +56,9 @@ def check_schemes_mqar(specs) -> None:
     assert {(s.model.d_model, s.optim.lr) for s in specs} == {(64, 3e-3), (128, 1e-3)}
     assert {(s.data.vocab_size, s.model.n_layers, s.model.ffn.name) for s in specs} == \
         {(8192, 2, "none")}
-    # every step holds 4,096 tokens and 256 queries, at every length; fillers are 0 (fig. 2)
-    assert {(s.data.batch_size * s.data.seq_len, s.data.batch_size * s.data.num_kv_pairs)
-            for s in specs} == {(4096, 256)}
+    # 64 sequences a step at every length (256, 512, 1,024 queries); fillers are 0 (fig. 2)
+    assert {(s.data.seq_len, s.data.batch_size * s.data.num_kv_pairs) for s in specs} == \
+        {(64, 256), (128, 512), (256, 1024)}
     assert not any(s.data.random_non_queries for s in specs)
 
 
