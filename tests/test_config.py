@@ -71,7 +71,8 @@ def test_eval_runs_in_its_own_directory():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="eval", return_hydra_config=True)
-    assert OmegaConf.to_container(cfg.hydra.run)["dir"].startswith("${paths.root_dir}/outputs/eval/")
+    run_dir = OmegaConf.to_container(cfg.hydra.run)["dir"]
+    assert run_dir.startswith("${paths.root_dir}/outputs/eval/")
     GlobalHydra.instance().clear()
 
 

@@ -185,8 +185,9 @@ def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: to
     return dense.to(values.dtype) @ values  # (N, m, D)
 
 
-def _gathered_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
-             alpha: torch.Tensor, weighting: str, eps: float) -> torch.Tensor:
+def _gathered_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      ids: torch.Tensor, alpha: torch.Tensor, weighting: str,
+                      eps: float) -> torch.Tensor:
     N, m, k = ids.shape
     flat = ids.clamp_min(0).view(N, m * k, 1).expand(-1, -1, keys.size(-1))  # (N, m*k, D)
     chosen_k = keys.gather(1, flat).view(N, m, k, -1)  # (N, m, k, D)
