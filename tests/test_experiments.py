@@ -26,12 +26,13 @@ EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yam
 SWEPT = {"ablation_metric": 24, "moas_compare": 3, "gqa_kv_heads": 4, "schemes_mqar": 72}
 
 
-def sweep_jobs(compose_config, experiment: str) -> list[list[str]]:
-    """The overrides of each job of `python train.py -m experiment=NAME`, expanded by
-    Hydra's own basic sweeper from the preset's hydra.sweeper.params."""
+def sweep_jobs(compose_config, experiment: str, *command_line: str) -> list[list[str]]:
+    """The overrides of each job of `python train.py -m experiment=NAME [command_line]`,
+    expanded by Hydra's own basic sweeper from the preset's hydra.sweeper.params followed by
+    the command line (as BasicSweeper.sweep orders them)."""
     params = compose_config(f"experiment={experiment}").hydra.sweeper.get("params") or {}
     overrides = OverridesParser.create().parse_overrides(
-        [f"{key}={value}" for key, value in params.items()])
+        [f"{key}={value}" for key, value in params.items()] + list(command_line))
     [batch] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
     return [[f"experiment={experiment}", *job] for job in batch]
 
@@ -77,6 +78,13 @@ def test_schemes_mqar_runs_every_scheme_on_the_grid(compose_config, tmp_path):
     specs = parse_jobs(largest + [job for job in jobs if "attention=mha" in job], tmp_path)
     assert len(largest) == len(schemes)
     check_schemes_mqar(specs)
+
+
+def test_a_command_line_list_replaces_the_presets_sweep_list(compose_config):
+    """The README's part of schemes_mqar for a night: 2 schemes x 3 lengths x 2 widths."""
+    jobs = sweep_jobs(compose_config, "schemes_mqar", "attention=mha,gqa")
+    assert len(jobs) == 12
+    assert {job[1] for job in jobs} == {"attention=mha", "attention=gqa"}
 
 
 CHECKS = {"ablation_metric": check_ablation_metric, "moas_compare": check_moas_compare,
