@@ -10,11 +10,11 @@ min(k, i + 1) nearest keys by Euclidean distance d_ij are found by the `index` b
 `moa/kernels/alcca_reference.py`; the centres come from running sums, never an L x L tensor.
 
 Gradients: through the chosen neighbours, q, k, v and alpha get exact gradients of the
-weighted average (distances are recomputed from the gathered keys). Nothing flows through
-the choices themselves: not the top-k selection (keys outside a query's neighbours get no
-gradient from it), not the theta test (which branch a query takes), and theta, k and eps
-are not learned. A query in the centre-of-mass branch passes gradient only to the values
-(the mean); its q and the keys get none from it.
+weighted average (distances to the chosen keys are recomputed with autograd). Nothing
+flows through the choices themselves: not the top-k selection (keys outside a query's
+neighbours get no gradient from it), not the theta test (which branch a query takes),
+and theta, k and eps are not learned. A query in the centre-of-mass branch passes
+gradient only to the values (the mean); its q and the keys get none from it.
 
 The module is metric attention's (`MetricAttention`) with another forward: the same
 projections, metric map and alpha, under the same state-dict keys, so a trained metric
