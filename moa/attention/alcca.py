@@ -150,13 +150,15 @@ def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
                       block: int) -> torch.Tensor:
     """Weighted average of each query's chosen values, differentiable in queries (N, M, D),
     keys and values (N, S, D) and alpha (N, M); ids (N, M, k), -1 for none -> (N, M, D).
-    Computed `block` queries at a time; under autograd each block is checkpointed, so only
-    the ids are kept. Softmax weighting over at most k * D keys takes `_dense_softmax_average`
-    (two matmuls over all S keys, O(M * S) memory, no (M, k, D) tensor); otherwise
-    `_gathered_average` (O(M * k * D) memory and elementwise work)."""
-    grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (queries, keys, values, alpha))
+    Computed `block` queries at a time. Softmax weighting over at most k * D keys takes
+    `_dense_softmax_average`: two matmuls over all S keys, no (M, k, D) tensor, and under
+    autograd it keeps its (N, M, S) weights for the backward, as eager attention keeps its
+    probabilities (M * S <= M * k * D floats). Otherwise `_gathered_average`: O(M * k * D)
+    memory and elementwise work per block, so under autograd each block is checkpointed and
+    only the ids are kept."""
     dense = weighting == "softmax" and keys.size(1) <= ids.size(-1) * keys.size(-1)
+    checkpointed = not dense and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (queries, keys, values, alpha))
     out = []
     for begin in range(0, queries.size(1), block):
         rows = slice(begin, begin + block)
@@ -166,7 +168,8 @@ def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
         else:
             average, part = _gathered_average, (queries[:, rows], keys, values, ids[:, rows],
                                                 alpha[:, rows], weighting, eps)
-        out.append(checkpoint(average, *part, use_reentrant=False) if grad else average(*part))
+        out.append(checkpoint(average, *part, use_reentrant=False) if checkpointed
+                   else average(*part))
     return torch.cat(out, dim=1)
 
 
@@ -178,10 +181,10 @@ def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: to
     cancellation against ||q||^2), and their weights scattered back onto the S keys."""
     valid = ids >= 0
     index = ids.clamp_min(0)  # (N, m, k)
-    logits = 2 * queries @ keys.mT - keys.pow(2).sum(-1)[:, None]  # (N, m, S)
+    logits = torch.baddbmm(-keys.pow(2).sum(-1)[:, None], queries, keys.mT, alpha=2)  # (N, m, S)
     scores = (alpha[..., None] * logits.gather(-1, index)).masked_fill(~valid, float("-inf"))
     weights = torch.softmax(scores, dim=-1).masked_fill(~valid, 0.0)  # (N, m, k)
-    dense = logits.new_zeros(logits.shape).scatter_add(-1, index, weights)  # (N, m, S)
+    dense = torch.zeros_like(logits).scatter_add_(-1, index, weights)  # (N, m, S)
     return dense.to(values.dtype) @ values  # (N, m, D)
 
 

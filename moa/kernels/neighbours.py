@@ -91,26 +91,37 @@ class ExactIndex:
     def search(self, queries: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
         N, M, _ = queries.shape
         ids = torch.full((N, M, k), -1, dtype=torch.long, device=queries.device)
+        # score = ||k||^2 - 2 q.k, the squared distance less ||q||^2 (the same for all of a
+        # query's keys), as one product: [-2 q, 1] . [k, ||k||^2]
         keys = self.keys.to(queries.dtype)
-        key_norm = keys.pow(2).sum(-1)  # (N, S)
+        keys = torch.cat([keys, keys.pow(2).sum(-1, keepdim=True)], dim=-1)  # (N, S, D+1)
+        queries = torch.cat([-2 * queries, queries.new_ones(N, M, 1)], dim=-1)  # (N, M, D+1)
         for start in range(0, M, self.block):
-            q = queries[:, start:start + self.block]  # (N, m, D)
+            q = queries[:, start:start + self.block]  # (N, m, D+1)
             seen = positions[start:start + self.block]  # (m,)
-            q_norm = q.pow(2).sum(-1, keepdim=True)  # (N, m, 1)
-            best_d = q.new_full((N, q.size(1), 0), float("inf"))
-            best_i = ids.new_empty((N, q.size(1), 0))
-            for k_start in range(0, int(seen.max()) + 1, self.block):
-                k_end = min(k_start + self.block, int(seen.max()) + 1)
-                cols = torch.arange(k_start, k_end, device=q.device)  # (s,)
-                d = q_norm + key_norm[:, None, k_start:k_end] - 2 * q @ keys[:, k_start:k_end].mT
-                d = d.masked_fill(cols > seen[:, None], float("inf"))  # (N, m, s)
-                best_d = torch.cat([best_d, d], dim=-1)
-                best_i = torch.cat([best_i, cols.expand_as(d)], dim=-1)
-                best_d, top = best_d.topk(min(k, best_d.size(-1)), dim=-1, largest=False)
-                best_i = best_i.gather(-1, top)
+            visible = int(seen.max()) + 1
+            best_d, best_i = self._tile_top_k(q, keys, seen, 0, visible, k)
+            for k_start in range(self.block, visible, self.block):
+                tile_d, tile_i = self._tile_top_k(q, keys, seen, k_start, visible, k)
+                best_d, order = torch.cat([best_d, tile_d], dim=-1).topk(
+                    min(k, best_d.size(-1) + tile_d.size(-1)), dim=-1, largest=False)
+                best_i = torch.cat([best_i, tile_i], dim=-1).gather(-1, order)
             found = best_i.masked_fill(best_d.isinf(), -1)
             ids[:, start:start + self.block, :found.size(-1)] = found
         return ids
+
+    def _tile_top_k(self, q: torch.Tensor, keys: torch.Tensor, seen: torch.Tensor,
+                    k_start: int, visible: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best-scored keys k_start.. (one tile) of `keys` (N, S, D+1) for the queries q
+        (N, m, D+1) that may see keys up to `seen` (m,): -> scores and ids (N, m, min(k,
+        tile)), inf where hidden."""
+        k_end = min(k_start + self.block, visible)
+        score = q @ keys[:, k_start:k_end].mT  # (N, m, s)
+        if k_end - 1 > int(seen.min()):  # some query must not see some key of the tile
+            cols = torch.arange(k_start, k_end, device=q.device)  # (s,)
+            score.masked_fill_(cols > seen[:, None], float("inf"))
+        score, top = score.topk(min(k, k_end - k_start), dim=-1, largest=False)
+        return score, top + k_start
 
 
 class _FaissIndex(ABC):
