@@ -87,6 +87,22 @@ def test_a_command_line_list_replaces_the_presets_sweep_list(compose_config):
     assert {job[1] for job in jobs} == {"attention=mha", "attention=gqa"}
 
 
+def test_schemes_mqar_stops_at_its_validation_threshold(compose_config):
+    """Zoology's early stop: a threshold every validation passes ends training at the first
+    validation, and the test split is still scored."""
+    from moa.tasks import train
+
+    cfg = compose_config("experiment=schemes_mqar", "~callbacks.progress_bar",
+                         "data.num_train_examples=320", "data.num_val_examples=32",
+                         "data.num_test_examples=32", "data.batch_size=16",
+                         "trainer.max_steps=20", "trainer.val_check_interval=5",
+                         "callbacks.early_stopping.stopping_threshold=-1.0")
+    assert cfg.callbacks.early_stopping.monitor == "val/acc"
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 5
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+
+
 CHECKS = {"ablation_metric": check_ablation_metric, "moas_compare": check_moas_compare,
           "schemes_mqar": check_schemes_mqar, "gqa_kv_heads": check_gqa_kv_heads}
 
