@@ -18,6 +18,9 @@ own cache, so a padded row generates exactly what it generates alone, under ever
 (the convolutions' state and absolute positions included), at the price of per-row steps.
 Padding anywhere but on the left is refused. Beam search (reordering the cache) and
 assisted generation are not supported.
+
+transformers 5.24 renamed the cache argument and output field from `past_key_values` to
+`cache`; `CACHE_ARGUMENT` is the name the installed version uses, and forward takes either.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from moa.model import LanguageModel
 from moa.position import POSITION
 
 MODEL_TYPE = "moa_metric"
+CACHE_ARGUMENT = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+                  else "past_key_values")
 
 
 class MoaConfig(PreTrainedConfig):
@@ -147,18 +152,22 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.embedding
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: MoaCache | None = None, use_cache: bool | None = None,
-                labels: torch.LongTensor | None = None, **_: Any) -> CausalLMOutputWithPast:
-        """input_ids (B, T) continuing `past_key_values`; attention_mask (B, past + T), 0 at
-        left padding. -> logits (B, T, V), 0 at padded positions."""
+                cache: MoaCache | None = None, use_cache: bool | None = None,
+                labels: torch.LongTensor | None = None,
+                past_key_values: MoaCache | None = None, **_: Any) -> CausalLMOutputWithPast:
+        """input_ids (B, T) continuing `cache` (`past_key_values` before transformers 5.24);
+        attention_mask (B, past + T), 0 at left padding. -> logits (B, T, V), 0 at padded
+        positions."""
         B, T = input_ids.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if attention_mask is not None:
             _check_left_padding(attention_mask)
         padded = attention_mask is not None and not bool(attention_mask.all())
-        cache = past_key_values
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("give the cache once: as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, MoaCache):
-            raise TypeError(f"past_key_values must be a MoaCache (made by this model's forward "
+            raise TypeError(f"{CACHE_ARGUMENT} must be a MoaCache (made by this model's forward "
                             f"or generate), not {type(cache).__name__}")
         if cache is None and use_cache:
             cache = MoaCache(self.model, B, per_row=padded)
@@ -179,7 +188,7 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=cache if use_cache else None)
+                                      **{CACHE_ARGUMENT: cache if use_cache else None})
 
     def _per_row(self, input_ids: torch.Tensor, keep: torch.Tensor,
                  cache: MoaCache | None) -> torch.Tensor:

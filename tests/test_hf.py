@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from moa.errors import ConfigError  # noqa: E402
 from moa.export import export  # noqa: E402
 from moa.generation import SamplingConfig, generate  # noqa: E402
-from moa.hf import MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
+from moa.hf import CACHE_ARGUMENT, MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
 from moa.lit import token_metrics  # noqa: E402
 from moa.params import model_config  # noqa: E402
 from moa.tasks import evaluate, train  # noqa: E402
@@ -70,11 +70,25 @@ def test_a_reset_cache_generates_as_a_fresh_one():
     model = tiny_hf_model(["model=moa_metric"])
     ids = torch.randint(3, 200, (2, 6))
     cache = MoaCache(model.model, batch_size=2, per_row=False)
-    first = greedy(model, ids, past_key_values=cache)
+    first = greedy(model, ids, **{CACHE_ARGUMENT: cache})
     assert cache.get_seq_length() == first.size(1) - 1  # the last token is not fed back
     cache.reset()
-    assert torch.equal(greedy(model, ids, past_key_values=cache), first)
+    assert torch.equal(greedy(model, ids, **{CACHE_ARGUMENT: cache}), first)
     assert torch.equal(first, greedy(model, ids))
+
+
+def test_forward_takes_the_cache_under_either_name_and_returns_it_under_the_installed_one():
+    model = tiny_hf_model(["model=moa_metric"])
+    ids = torch.randint(3, 200, (1, 7))
+    whole = model(ids).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        cache = getattr(model(ids[:, :6]), CACHE_ARGUMENT)
+        assert isinstance(cache, MoaCache) and cache.get_seq_length() == 6
+        step = model(ids[:, 6:], **{name: cache}).logits[:, -1]
+        torch.testing.assert_close(step, whole)
+    first, second = (MoaCache(model.model, 1, per_row=False) for _ in range(2))
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=first, past_key_values=second)
 
 
 def test_padding_on_the_right_is_refused():
