@@ -7,17 +7,31 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-all smoke sweep dashboard bench lint clean
+.PHONY: install lock train test test-all smoke sweep dashboard bench lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every other package to the versions CI last passed with, so a new
+# release upstream cannot change a fresh install; `make lock` moves them to the newest.
+$(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=python3.x (>= 3.10)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+LOCK_VENV := .venv-lock
+lock:  ## resolve pyproject.toml's ranges afresh into constraints.txt (then run make test)
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=python3.x (>= 3.10)"; exit 1; }
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev]"
+	{ echo "# Written by \`make lock\`: the versions \`make install\` installs (torch: TORCH_SPEC)."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 train: $(STAMP)  ## train and evaluate the default model on the built-in corpus
 	$(BIN)/python train.py $(ARGS)
