@@ -9,25 +9,27 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install lock train test test-all smoke sweep dashboard bench lint clean
 
+# $(call venv_with_torch,DIR): the venv DIR (made if missing) with pip upgraded and TORCH_SPEC.
+define venv_with_torch
+@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=python3.x (>= 3.10)"; exit 1; }
+test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+$(1)/bin/pip install --quiet --upgrade pip
+$(1)/bin/pip install --quiet "$(TORCH_SPEC)"
+endef
+
 install: $(STAMP)
 
 # constraints.txt pins every other package to the versions CI last passed with, so a new
 # release upstream cannot change a fresh install; `make lock` moves them to the newest.
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=python3.x (>= 3.10)"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(call venv_with_torch,$(VENV))
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 LOCK_VENV := .venv-lock
 lock:  ## resolve pyproject.toml's ranges afresh into constraints.txt (then run make test)
-	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=python3.x (>= 3.10)"; exit 1; }
 	rm -rf $(LOCK_VENV)
-	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(call venv_with_torch,$(LOCK_VENV))
 	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev]"
 	{ echo "# Written by \`make lock\`: the versions \`make install\` installs (torch: TORCH_SPEC)."; \
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt

@@ -42,4 +42,3 @@ def test_every_declared_dependency_is_pinned_inside_its_range(requirement):
     assert requirement.specifier.contains(pins[name], prereleases=True), (
         f"constraints.txt pins {requirement.name}=={pins[name]}, outside pyproject.toml's "
         f"{requirement}: run `make lock`")
-
