@@ -2,6 +2,8 @@
 
 Eval and the dashboard read it so that a half-written run is never taken for a finished
 one. It is written atomically (a temporary file, then a rename) and only by rank 0.
+`seconds` is the run's wall time (training and evaluation) up to the status: for a resumed
+run, its earlier invocations' seconds plus this one's; while running, the earlier ones'.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 
 
 @rank_zero_only
-def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+def write_status(run_dir: Path, status: str, error: str | None = None,
+                 seconds: float = 0.0) -> None:
     path = Path(run_dir) / STATUS_FILE
-    record = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "seconds": round(seconds, 3)}
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(record, indent=2))
     os.replace(temporary, path)
@@ -38,12 +42,15 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
-def recording_status(run_dir: Path) -> Iterator[None]:
-    """`running` while the body runs, then `finished`, or `failed` with the error."""
-    write_status(run_dir, RUNNING)
+def recording_status(run_dir: Path, earlier_seconds: float = 0.0) -> Iterator[None]:
+    """`running` while the body runs, then `finished`, or `failed` with the error; the
+    seconds are `earlier_seconds` (a resumed run's) plus the body's wall time."""
+    start = time.monotonic()
+    write_status(run_dir, RUNNING, seconds=earlier_seconds)
     try:
         yield
     except BaseException as error:
-        write_status(run_dir, FAILED, f"{type(error).__name__}: {error}")
+        write_status(run_dir, FAILED, f"{type(error).__name__}: {error}",
+                     earlier_seconds + time.monotonic() - start)
         raise
-    write_status(run_dir, FINISHED)
+    write_status(run_dir, FINISHED, seconds=earlier_seconds + time.monotonic() - start)

@@ -11,7 +11,8 @@ Run directory layout (single run or one job of a sweep):
     metrics.csv          the training/validation log (CSVLogger), router statistics
                          included: train/stats/<layer path>.usage.<i> | .routed.<i> | .entropy
     metrics.json         final val_/test_ loss, ppl and acc
-    status.json          running | finished | failed (with the error): moa.run_status
+    status.json          running | finished | failed (with the error), wall seconds:
+                         moa.run_status
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Validate the config, train, then evaluate the best checkpoint; return metrics.
 
     The run directory's status.json says running, then finished or failed (a bad config
-    too, so that a failed job of a sweep shows why)."""
+    too, so that a failed job of a sweep shows why), and the run's wall seconds, those of
+    earlier invocations included when resuming."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with recording_status(run_dir):
+    earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if cfg.get("resume") else 0.0
+    with recording_status(run_dir, earlier):
         return _train(cfg, parse_run(cfg), run_dir)
 
 

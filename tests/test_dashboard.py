@@ -71,6 +71,7 @@ def test_table_reports_sizes_and_kv_cache_from_run_json(sweep):
     for row in rows:
         assert row[column["active parameters"]] == row[column["parameters"]]  # no top-k
         assert row[column["tokens/s"]] > 0
+        assert 0 < row[column["minutes"]] < 5  # status.json's wall seconds, as minutes
     # one key/value head instead of four: a quarter of the cache
     assert mqa[column["KV bytes/token"]] * 4 == mha[column["KV bytes/token"]]
 

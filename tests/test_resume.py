@@ -58,13 +58,21 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_
     monkeypatch.setattr(LanguageModelModule, "training_step", crash_at_step_7)
     with pytest.raises(Crash):
         train(compose_config(*RUN, *steps))
-    assert read_status(run)["status"] == "failed"
+    failed = read_status(run)
+    assert failed["status"] == "failed"
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5  # the smoke preset saves last.ckpt every 5 steps
 
     monkeypatch.setattr(LanguageModelModule, "training_step", original)
-    train(compose_config(*RUN, *steps, "resume=true"))
-    assert read_status(run)["status"] == "finished"
+    resume = compose_config(*RUN, *steps, "resume=true")
+    started = time.monotonic()
+    train(resume)
+    resumed_seconds = time.monotonic() - started
+    finished = read_status(run)
+    assert finished["status"] == "finished"
+    # the wall time of the run is both invocations': the crashed one's carries over
+    assert failed["seconds"] > 0.1  # more than the tolerance, so a lost carry would show
+    assert finished["seconds"] - failed["seconds"] == pytest.approx(resumed_seconds, abs=0.1)
     whole = train_curve(tmp_path / "whole")
     assert [step for step, _ in whole] == list(range(9))
     assert train_curve(run) == whole  # bitwise, step by step

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest.mock import ANY
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from moa.errors import ConfigError
-from moa.run_status import read_status
+from moa.run_status import read_status, recording_status
 from moa.tasks import METRIC_KEYS, evaluate, train
 from tests.conftest import ROOT
 
@@ -37,7 +38,8 @@ def test_smoke_train_then_eval(compose_config, tmp_path):
         assert checkpoint["model_config"]["d_model"] == 64  # the tiny size of trainer=smoke
     for name in ("config.yaml", "tokenizer.json", "run.json", "metrics.json"):
         assert (run_dir / name).is_file(), name
-    assert read_status(run_dir) == {"status": "finished", "error": None, "time": ANY}
+    assert read_status(run_dir) == {"status": "finished", "error": None, "time": ANY,
+                                    "seconds": ANY}
     assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics)
 
     losses = _train_losses(run_dir)
@@ -76,6 +78,16 @@ def test_a_failed_run_records_failed_with_its_error(compose_config, tmp_path, mo
     status = read_status(tmp_path / "run")
     assert status["status"] == "failed"
     assert status["error"] == "RuntimeError: the disk is full"
+    assert status["seconds"] > 0  # the data set-up before fit
+
+
+def test_status_seconds_add_the_wall_time_to_the_earlier_seconds(tmp_path):
+    with recording_status(tmp_path, earlier_seconds=60.0):
+        running = read_status(tmp_path)
+        time.sleep(0.2)
+    assert (running["status"], running["seconds"]) == ("running", 60.0)
+    finished = read_status(tmp_path)
+    assert finished["status"] == "finished" and 60.2 <= finished["seconds"] < 62
 
 
 def test_eval_without_checkpoint_names_the_key(compose_config, tmp_path):

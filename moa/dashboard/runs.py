@@ -4,8 +4,8 @@ A run directory is one with a `config.yaml` beside `.hydra/` or `status.json` (t
 of `moa/tasks.py`). From it the dashboard reads:
     config.yaml          the resolved config, flattened to dotted keys
     .hydra/hydra.yaml    the config-group choices (attention=mha, model=gpt, ...)
-    status.json          running | finished | failed (moa.run_status); without it, finished
-                         when metrics.json exists, else unknown
+    status.json          running | finished | failed (moa.run_status) and the wall seconds;
+                         without it, finished when metrics.json exists, else unknown
     metrics.json         final val/test loss, perplexity, accuracy
     run.json             parameters (total, active) and KV-cache bytes per token
     metrics.csv          curves (x: tokens seen = (step + 1) x batch_size x block_size x
@@ -45,6 +45,7 @@ class Run:
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)  # the last value of each stat
     tokens_per_second: float | None = None
+    seconds: float | None = None  # wall time of training and evaluation (status.json)
 
 
 def find_run_dirs(roots: list[Path]) -> list[Path]:
@@ -85,11 +86,12 @@ def _choices(run_dir: Path) -> dict[str, str]:
             if choice is not None and not str(group).startswith("hydra")}
 
 
-def _status(run_dir: Path) -> tuple[str, str | None]:
+def _status(run_dir: Path) -> tuple[str, str | None, float | None]:
+    """(status, error, wall seconds); a run from before status.json kept seconds has None."""
     status = read_status(run_dir)
     if status is not None:
-        return status["status"], status.get("error")
-    return ("finished" if (run_dir / "metrics.json").is_file() else "unknown"), None
+        return status["status"], status.get("error"), status.get("seconds")
+    return ("finished" if (run_dir / "metrics.json").is_file() else "unknown"), None, None
 
 
 def _tokens_per_step(config: dict[str, Any]) -> int:
@@ -120,11 +122,12 @@ def _read_metrics_csv(run: Run) -> None:
 
 def read_run(run_dir: Path, root: Path) -> Run:
     config = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    status, error = _status(run_dir)
+    status, error, seconds = _status(run_dir)
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
     run = Run(path=run_dir, name=f"{root.name}/{name}" if name != root.name else name,
               config=config, choices=_choices(run_dir), status=status, error=error,
-              metrics=_json(run_dir / "metrics.json"), record=_json(run_dir / "run.json"))
+              metrics=_json(run_dir / "metrics.json"), record=_json(run_dir / "run.json"),
+              seconds=seconds)
     _read_metrics_csv(run)
     return run
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from moa.dashboard.runs import Run
 
-SUMMARY = ["status", "val loss", "val ppl", "val acc", "tokens/s", "parameters",
+SUMMARY = ["status", "val loss", "val ppl", "val acc", "tokens/s", "minutes", "parameters",
            "active parameters", "KV bytes/token"]
 STAT_COLUMNS = {"TI-violating fraction": "ti_violating_fraction",
                 "pruned-key fraction": "pruned_fraction"}
@@ -51,6 +51,7 @@ def summary(run: Run) -> dict[str, Any]:
         "val ppl": run.metrics.get("val_ppl"),
         "val acc": run.metrics.get("val_acc"),
         "tokens/s": run.tokens_per_second,
+        "minutes": None if run.seconds is None else run.seconds / 60,
         "parameters": run.record.get("parameters"),
         "active parameters": run.record.get("active_parameters"),
         "KV bytes/token": run.record.get("kv_cache_bytes_per_token"),
