@@ -43,6 +43,7 @@ from moa.run_status import FINISHED, read_status, recording_status
 from moa.schema import parse
 
 log = logging.getLogger(__name__)
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 EXPORTED_RUN_CONFIG = "moa_run.yaml"  # the run's config.yaml in a `moa.export` directory
 METRIC_KEYS = [f"{split}_{name}" for split in ("val", "test") for name in ("loss", "ppl", "acc")]
 
@@ -53,12 +54,30 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in section.values() if node is not None]
 
 
+def _log_lightning_to_the_job_file() -> None:
+    """Lightning, imported before Hydra set up logging, gave its `lightning.pytorch` and
+    `lightning.fabric` loggers a console handler of their own and stopped them propagating,
+    so the job's log file (Hydra's `<run dir>/train.log`) missed their messages, why
+    training stopped early among them. Hand those loggers the root logger's file handlers
+    (this job's: a sweep's earlier job's are dropped); the console stays as it was."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.propagate:
+            continue  # its records reach the root's handlers already
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+        for handler in files:
+            logger.addHandler(handler)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Validate the config, train, then evaluate the best checkpoint; return metrics.
 
     The run directory's status.json says running, then finished or failed (a bad config
     too, so that a failed job of a sweep shows why), and the run's wall seconds, those of
     earlier invocations included when resuming."""
+    _log_lightning_to_the_job_file()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if cfg.get("resume") else 0.0
@@ -212,6 +231,7 @@ def _load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any]]:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
     config; write DIR/metrics.json."""
+    _log_lightning_to_the_job_file()
     run_dir, run_cfg, checkpoint = _load_run(cfg)
     # evaluation and sampling run eagerly: compiling would cost more than it saves
     model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})

@@ -112,6 +112,10 @@ def test_command_line_train_and_eval(tmp_path, cache_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) == set(METRIC_KEYS)
     assert "--- greedy" in result.stdout
+    # Lightning's messages reach the job's log file (Hydra's), and the console once
+    assert "[lightning.pytorch" in (run_dir / "train.log").read_text()
+    assert "[lightning.pytorch" in (tmp_path / "eval" / "eval.log").read_text()
+    assert (result.stdout + result.stderr).count("GPU available") == 1
 
 
 def test_command_line_config_error_is_one_line(tmp_path):
@@ -165,3 +169,5 @@ def test_command_line_multirun(tmp_path, cache_dir):
         assert set(json.loads((sweep / job / "metrics.json").read_text())) == set(METRIC_KEYS)
     choices = [(sweep / job / ".hydra" / "overrides.yaml").read_text() for job in ("0", "1")]
     assert "attention=mha" in choices[0] and "attention=mqa" in choices[1]
+    for job in ("0", "1"):  # each job's Lightning messages in its own log file only
+        assert (sweep / job / "train.log").read_text().count("`Trainer.fit` stopped") == 1
