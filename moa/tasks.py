@@ -3,6 +3,7 @@
 Run directory layout (single run or one job of a sweep):
     config.yaml          the resolved config of the run (eval reads it)
     .hydra/              Hydra's own record of the composition and overrides
+    train.log            the job's log (Hydra's file handler), Lightning's messages included
     run.json             data fingerprint (corpus and tokenizer hashes), parameter counts
                          (total, without embedding, active per token under top-k routing),
                          KV-cache bytes per token
