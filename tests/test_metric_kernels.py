@@ -35,7 +35,8 @@ CASES = [
     (2, 2, 2, 5, 23, 64),
     (1, 3, 3, 1, 17, 32),
 ]
-SLOW_CASES = [(2, 8, 2, 113, 113, 64), (1, 4, 4, 1023, 1023, 32), (1, 2, 1, 77, 300, 48)]
+SLOW_CASES = [(2, 8, 2, 113, 113, 64), (1, 4, 4, 1023, 1023, 32), (1, 2, 1, 77, 300, 48),
+              (1, 2, 2, 130, 130, 128)]
 
 
 def _inputs(B, Hq, Hkv, T, S, D, gated, dtype=torch.float64, device="cpu"):
@@ -116,11 +117,19 @@ def test_fully_pruned_rows_keep_their_own_key():
         torch.testing.assert_close(out, v.expand(1, 2, 9, 16))
 
 
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda" or metric_triton is None,
+                                reason="the Triton kernels' low-precision paths need a GPU")
+LOW_PRECISION = [("cpu_fused", "cpu"), pytest.param("triton", "cuda", marks=needs_cuda)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_fused_low_precision_error_within_twice_eager(dtype):
+@pytest.mark.parametrize(("impl", "device"), LOW_PRECISION)
+def test_low_precision_error_within_twice_eager(impl, device, dtype):
     """The flash-attention rule: against float64, the fused error is at most twice the
     error of eager code in the same dtype (keys with large norms included)."""
-    inputs = _inputs(2, 4, 2, 65, 65, 64, gated=True)
+    fused_fn = (metric_attention_cpu if impl == "cpu_fused"
+                else metric_triton.metric_attention_triton)
+    inputs = _inputs(2, 4, 2, 65, 65, 64, gated=True, device=device)
     with torch.no_grad():
         inputs[1].mul_(4.0)  # ||k||^2 ~ 250: the key-norm bias needs its hi/lo split
         inputs[3].copy_(inputs[1].pow(2).sum(-1))
@@ -128,6 +137,6 @@ def test_cpu_fused_low_precision_error_within_twice_eager(dtype):
         exact = metric_attention_eager(*inputs)
         low = [None if t is None else t.to(dtype) for t in inputs]
         low[3] = inputs[3].float()  # the module computes key norms in float32
-        fused = (metric_attention_cpu(*low).double() - exact).abs().max()
+        fused = (fused_fn(*low).double() - exact).abs().max()
         eager = (metric_attention_eager(*low).double() - exact).abs().max()
     assert fused <= 2 * eager + 1e-6

@@ -22,9 +22,16 @@ reference, own key excluded); the Mahalanobis weights and the ball parameters re
 gradients through these by autograd (`moa/attention/metric.py`, `moa/attention/balls.py`).
 GQA: the key-side gradients are accumulated per query head and summed over each group.
 
-Tested with Triton 3.9 (pinned `triton>=3.9,<3.10` in the `kernels` extra), on CPU under
-`TRITON_INTERPRET=1` only: this code has not yet run on a GPU, and its block sizes
-(64 x 64 on CUDA) are untuned.
+Only tiles across the causal diagonal, past the last key or query, or under a ball gate
+compute masks; every other tile is kept whole. The backward pass computes the softmax row
+term `delta` in a small kernel and alpha's gradient from one partial sum per program, so
+it launches four kernels and a few reductions.
+
+Tested with Triton 3.9 (pinned `triton>=3.9,<3.10` in the `kernels` extra) on CPU under
+`TRITON_INTERPRET=1`, and with Triton 3.6 (torch 2.11, CUDA 13) on an H100, where the
+tests at every size ran, bfloat16 included. The launch parameters (`CUDA_LAUNCH`) were
+tuned there for bfloat16 at head_dim 64; wider rows (float32, float64, head_dim > 64) get
+proportionally smaller tiles. GPUs with less shared memory than Hopper's are untested.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-GATE_CLAMP = 60.0  # as the reference: keeps a pruned key's exp(s - lse) finite
+GATE_CLAMP = tl.constexpr(60.0)  # as the reference: keeps a pruned key's exp(s - lse) finite
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -64,6 +71,13 @@ def _masks(rows, keys, offset, gate, T, S, HAS_GATE: tl.constexpr):
     if HAS_GATE:
         kept = causal & ((gate[None, :] > 0) | own)
     return causal, own, kept
+
+
+@triton.jit
+def _tile_masked(start_m, start_n, offset, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Without a gate, only tiles across the diagonal (or past the last key) and tiles with
+    # rows past the last query need masks: every other tile is kept whole.
+    return (start_n + BLOCK_N > offset + start_m + 1) | (start_m + BLOCK_M > T)
 
 
 @triton.jit
@@ -110,8 +124,12 @@ def _forward(Q, K, V, KN, ALPHA, GATE, OUT, LSE, T, S, Hq, Hkv, D,
             v = tl.load(V + (kv * S + keys)[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
             kn = tl.load(KN + kv * S + keys, mask=key_ok, other=0.0).to(alpha.dtype)
             s = _scores(q, k, kn, alpha, PRECISION)
-            _, _, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
-            s = tl.where(kept, s, float("-inf"))
+            if HAS_GATE:
+                _, _, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
+                s = tl.where(kept, s, float("-inf"))
+            elif _tile_masked(start_m, start_n, offset, T, BLOCK_M, BLOCK_N):
+                causal, _, _ = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
+                s = tl.where(causal, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
             p = tl.exp(s - m_safe[:, None])
@@ -126,13 +144,27 @@ def _forward(Q, K, V, KN, ALPHA, GATE, OUT, LSE, T, S, Hq, Hkv, D,
     tl.store(LSE + bh * T + rows, m_i + tl.log(l_safe), mask=row_ok)
 
 
+@triton.jit
+def _backward_delta(OUT, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta_i = sum_d out_id * dout_id, the softmax backward's row term. (BLOCK_M,)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    bh = tl.program_id(1)
+    mask = (rows < T)[:, None] & (dims[None, :] < D)
+    where = (bh * T + rows)[:, None] * D + dims[None, :]
+    out = tl.load(OUT + where, mask=mask, other=0.0).to(DELTA.dtype.element_ty)
+    do = tl.load(DO + where, mask=mask, other=0.0).to(DELTA.dtype.element_ty)
+    tl.store(DELTA + bh * T + rows, tl.sum(out * do, axis=1), mask=rows < T)
+
+
 @triton.heuristics(_EVEN)
 @triton.jit
-def _backward_keys(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DK, DV, DKN, DGATE,
-                   T, S, Hq, Hkv, D, HAS_GATE: tl.constexpr, GATE_GRAD: tl.constexpr,
+def _backward_keys(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DK, DV, DKN, DGATE, DALPHA,
+                   N_PARTIAL, T, S, Hq, Hkv, D, HAS_GATE: tl.constexpr, GATE_GRAD: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_T: tl.constexpr, EVEN_S: tl.constexpr):
-    # One key block of one query head: dk, dv, d|k|^2 and the gate gradient, per query head.
+    # One key block of one query head: dk, dv, d|k|^2 and the gate gradient, per query head,
+    # and this block's sum |k|^2 d|k|^2, a part of alpha's gradient.
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b, h = bh // Hq, bh % Hq
@@ -167,28 +199,39 @@ def _backward_keys(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DK, DV, DKN, DGATE,
             lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
             s = _scores(q, k, kn, alpha, PRECISION)
-            causal, own, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
-            p_open = tl.where(causal, tl.exp(tl.minimum(s - lse[:, None], GATE_CLAMP)), 0.0)
-            p = tl.where(kept, p_open, 0.0)
+            p_open = tl.exp(tl.minimum(s - lse[:, None], GATE_CLAMP))
+            if HAS_GATE:
+                causal, own, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
+                p_open = tl.where(causal, p_open, 0.0)
+                p = tl.where(kept, p_open, 0.0)
+            else:
+                if _tile_masked(start_m, start_n, offset, T, BLOCK_M, BLOCK_N):
+                    causal, _, _ = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
+                    p_open = tl.where(causal, p_open, 0.0)
+                p = p_open
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             g_open = p_open * (dp - delta[:, None])
-            ds = tl.where(kept, g_open, 0.0)
+            ds = g_open
+            if HAS_GATE:
+                ds = tl.where(kept, g_open, 0.0)
             dk += 2.0 * alpha * tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
             dkn -= alpha * tl.sum(ds, axis=0)
             if GATE_GRAD:
                 dgate += tl.sum(tl.where(own, 0.0, g_open), axis=0)
     out = (bh * S + keys)[:, None] * D + dims[None, :]
-    tl.store(DK + out, dk, mask=kv_mask)
-    tl.store(DV + out, dv, mask=kv_mask)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
     tl.store(DKN + bh * S + keys, dkn, mask=key_ok)
+    tl.store(DALPHA + bh * N_PARTIAL + tl.program_id(0), tl.sum(kn * dkn))
     if GATE_GRAD:
         tl.store(DGATE + bh * S + keys, dgate, mask=key_ok)
 
 
 @triton.heuristics(_EVEN)
 @triton.jit
-def _backward_queries(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DQ, T, S, Hq, Hkv, D,
+def _backward_queries(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DQ, DALPHA, N_PARTIAL,
+                      T, S, Hq, Hkv, D,
                       HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_T: tl.constexpr,
                       EVEN_S: tl.constexpr):
@@ -220,19 +263,42 @@ def _backward_queries(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DQ, T, S, Hq, Hk
             v = tl.load(V + (kv * S + keys)[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
             kn = tl.load(KN + kv * S + keys, mask=key_ok, other=0.0).to(alpha.dtype)
             s = _scores(q, k, kn, alpha, PRECISION)
-            _, _, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
-            p = tl.where(kept, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.exp(s - lse[:, None])
+            if HAS_GATE:
+                _, _, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
+                p = tl.where(kept, p, 0.0)
+            elif _tile_masked(start_m, start_n, offset, T, BLOCK_M, BLOCK_N):
+                causal, _, _ = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
+                p = tl.where(causal, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += 2.0 * alpha * tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + (bh * T + rows)[:, None] * D + dims[None, :], dq, mask=q_mask)
+    tl.store(DQ + (bh * T + rows)[:, None] * D + dims[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+    tl.store(DALPHA + bh * N_PARTIAL + tl.program_id(0), tl.sum(q.to(dq.dtype) * dq))
 
 
-def _config(q: torch.Tensor) -> dict:
+# Launch parameters per kernel on CUDA: the fastest of bench/metric_triton_blocks.py's
+# candidates on an H100 at L=4096, D=64, bfloat16 (docs/benchmarks.md).
+CUDA_LAUNCH = {
+    "forward": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    "backward_keys": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+    "backward_queries": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+}
+
+
+TUNED_ROW_BYTES = 2 * 64  # a bfloat16 row at head_dim 64: what CUDA_LAUNCH was tuned for
+
+
+def _config(q: torch.Tensor, kernel: str) -> dict:
     wide = q.dtype in (torch.float32, torch.float64)
-    block = 64 if q.is_cuda else 16
-    return dict(PRECISION="ieee" if wide else "tf32", BLOCK_M=block, BLOCK_N=block,
-                BLOCK_D=max(16, triton.next_power_of_2(q.size(-1))))
+    block_d = max(16, triton.next_power_of_2(q.size(-1)))
+    launch = dict(CUDA_LAUNCH[kernel]) if q.is_cuda else dict(BLOCK_M=16, BLOCK_N=16)
+    shrink = q.element_size() * block_d // TUNED_ROW_BYTES
+    if q.is_cuda and shrink > 1:  # wider rows: tiles of the tuned bytes fit shared memory
+        launch.update(BLOCK_M=max(16, launch["BLOCK_M"] // shrink),
+                      BLOCK_N=max(16, launch["BLOCK_N"] // shrink), num_stages=2)
+    return dict(PRECISION="ieee" if wide else "tf32", BLOCK_D=block_d, **launch)
 
 
 class _MetricAttention(torch.autograd.Function):
@@ -247,7 +313,7 @@ class _MetricAttention(torch.autograd.Function):
         gate_f = None if gate is None else gate.detach().float().contiguous()
         out = _buffer((B, Hq, T, D), q, q.dtype)
         lse = _buffer((B, Hq, T), q, acc)
-        config = _config(q)
+        config = _config(q, "forward")
         grid = (triton.cdiv(T, config["BLOCK_M"]), B * Hq)
         _forward[grid](q, k, v, k_norm, alpha, gate_f, out, lse, T, S, Hq, Hkv, D,
                        HAS_GATE=gate is not None, **config)
@@ -260,31 +326,39 @@ class _MetricAttention(torch.autograd.Function):
         q, k, v, k_norm, alpha, gate, out, lse = ctx.saved_tensors
         B, Hq, T, D = q.shape
         Hkv, S = k.size(1), k.size(2)
+        group = Hq // Hkv
         acc = alpha.dtype
         d_out = d_out.contiguous()
-        delta = (d_out.to(acc) * out.to(acc)).sum(-1).contiguous()  # (B, Hq, T)
+        config = _config(q, "backward_queries")
+        delta = _buffer((B, Hq, T), q, acc)
+        _backward_delta[(triton.cdiv(T, config["BLOCK_M"]), B * Hq)](
+            out, d_out, delta, T, D, BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"])
         gate_grad = gate is not None and ctx.needs_input_grad[5]
-        dq = _buffer((B, Hq, T, D), q, acc)
-        dk, dv = _buffer((B, Hq, S, D), q, acc), _buffer((B, Hq, S, D), q, acc)
+        key_dtype = acc if group > 1 else k.dtype  # per query head: summed over the group
+        dq = _buffer((B, Hq, T, D), q, q.dtype)
+        dk, dv = _buffer((B, Hq, S, D), q, key_dtype), _buffer((B, Hq, S, D), q, key_dtype)
         dkn = _buffer((B, Hq, S), q, acc)
         dgate = _buffer((B, Hq, S), q, acc) if gate_grad else None
-        config = _config(q)
+        # alpha's gradient, sum dS (2 q.k - |k|^2) = (sum q.dq + sum |k|^2 d|k|^2) / alpha,
+        # from one partial sum per program of the two kernels: (B * Hq, query + key blocks)
+        keys_config = _config(q, "backward_keys")
+        query_blocks = triton.cdiv(T, config["BLOCK_M"])
+        key_blocks = triton.cdiv(S, keys_config["BLOCK_N"])
+        partial = _buffer((B * Hq, query_blocks + key_blocks), q, acc)
         common = (T, S, Hq, Hkv, D)
-        _backward_keys[(triton.cdiv(S, config["BLOCK_N"]), B * Hq)](
-            q, k, v, k_norm, alpha, gate, d_out, lse, delta, dk, dv, dkn, dgate, *common,
-            HAS_GATE=gate is not None, GATE_GRAD=gate_grad, **config)
-        _backward_queries[(triton.cdiv(T, config["BLOCK_M"]), B * Hq)](
-            q, k, v, k_norm, alpha, gate, d_out, lse, delta, dq, *common,
-            HAS_GATE=gate is not None, **config)
-        group = Hq // Hkv
+        _backward_keys[(key_blocks, B * Hq)](
+            q, k, v, k_norm, alpha, gate, d_out, lse, delta, dk, dv, dkn, dgate,
+            partial[:, query_blocks:], partial.size(1), *common,
+            HAS_GATE=gate is not None, GATE_GRAD=gate_grad, **keys_config)
+        _backward_queries[(query_blocks, B * Hq)](
+            q, k, v, k_norm, alpha, gate, d_out, lse, delta, dq, partial, partial.size(1),
+            *common, HAS_GATE=gate is not None, **config)
 
         def per_kv_head(x: torch.Tensor) -> torch.Tensor:  # (B, Hq, ...) -> (B, Hkv, ...)
-            return x.view(B, Hkv, group, *x.shape[2:]).sum(2)
+            return x if group == 1 else x.view(B, Hkv, group, *x.shape[2:]).sum(2)
 
-        # d alpha_h = sum dS (2 q.k - |k|^2) = (sum q.dq + sum |k|^2 d|k|^2) / alpha_h
-        k_norm_q = k_norm.repeat_interleave(group, dim=1)
-        d_alpha = ((q.to(acc) * dq).sum((0, 2, 3)) + (k_norm_q * dkn).sum((0, 2))) / alpha
-        return (dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype),
+        d_alpha = partial.view(B, Hq, -1).sum((0, 2)) / alpha
+        return (dq, per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype),
                 per_kv_head(dkn).to(ctx.dtypes[0]), d_alpha.to(ctx.dtypes[1]),
                 None if dgate is None else per_kv_head(dgate).to(ctx.dtypes[2]))
 
