@@ -156,6 +156,31 @@ def test_mqar_trains_and_reports_recall_accuracy(compose_config):
     assert 0.0 <= metrics["test_acc"] <= 1.0 and math.isfinite(metrics["test_loss"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["mha", "metric", "moa"])
+def test_gpu_bf16_training_drives_the_loss_down(compose_config, tmp_path, monkeypatch,
+                                                 attention):
+    """On a GPU in bf16-mixed (what `trainer=gpu` sets), metric attention and the MoA
+    block train through their Triton kernels (impl auto) and overfit one batch."""
+    from moa.kernels import metric_triton
+
+    calls = []
+    kernel = metric_triton.metric_attention_triton
+    monkeypatch.setattr(metric_triton, "metric_attention_triton",
+                        lambda *args: calls.append(args[0].dtype) or kernel(*args))
+    cfg = compose_config("trainer=smoke", "trainer.accelerator=gpu",
+                         "trainer.precision=bf16-mixed", f"attention={attention}",
+                         "debug=overfit_batch", "trainer.max_steps=120",
+                         "trainer.val_check_interval=60", "tokenizer=byte", "evaluate=false",
+                         "trainer.log_every_n_steps=1", "optim.lr=1e-2")
+    _, objects = train(cfg)
+    assert objects["trainer"].strategy.root_device.type == "cuda"
+    assert set(calls) == (set() if attention == "mha" else {torch.bfloat16})
+    losses = _train_losses(tmp_path / "run")
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
 def test_command_line_multirun(tmp_path, cache_dir):
     """`python train.py -m ... hydra.sweep.dir=DIR`: one run directory per job."""
     env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
