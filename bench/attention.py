@@ -3,15 +3,17 @@
     python bench/attention.py --device cpu --json bench-cpu.json
     python bench/attention.py --device cuda --dtype bfloat16 --json bench-gpu.json
 
-For each L (512..4096, 8192 on GPU), H=8, D=64, batch 1, causal: forward and
-forward+backward time (median of --repeats runs after a warm-up) and the peak memory the
+For each L (512..4096, 8192 on GPU), H=8, D=64, batch 1 (`--batch`), causal: forward and
+forward+backward time (median of --repeats runs after a warm-up; on CUDA the median of
+`triton.testing.do_bench`, timed with CUDA events) and the peak memory the
 call allocates above what was allocated before it. Implementations: `sdpa` (dot-product
-`F.scaled_dot_product_attention`), `eager` (the metric reference), `cpu_fused` (CPU) or
-`triton` (CUDA). Each metric row carries `ratio_to_sdpa`, its time over SDPA's in the
-same run. Peak memory (of one forward+backward): on CUDA, `torch.cuda.max_memory_allocated`
-after a reset, less what was allocated before; on CPU, torch's profiler with
-`profile_memory=True` records every allocation and free of torch's CPU allocator (inside
-ops too), and the peak is the maximum of their running sum, in time order, over the call.
+`F.scaled_dot_product_attention`, held to its flash backend on CUDA), `eager` (the metric
+reference), `cpu_fused` (CPU) or `triton` (CUDA). Each metric row carries
+`ratio_to_sdpa`, its time over SDPA's in the same run. Peak memory (of one
+forward+backward): on CUDA, `torch.cuda.max_memory_allocated` after a reset, less what
+was allocated before; on CPU, torch's profiler with `profile_memory=True` records every
+allocation and free of torch's CPU allocator (inside ops too), and the peak is the
+maximum of their running sum, in time order, over the call.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
@@ -33,16 +37,21 @@ from moa.memory import peak_allocated_mb
 H, D = 8, 64
 
 
-def _inputs(L: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
-    q, k, v = (torch.randn(1, H, L, D, device=device, dtype=dtype, requires_grad=True)
+def _inputs(batch: int, L: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    q, k, v = (torch.randn(batch, H, L, D, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     alpha = torch.full((H,), 0.1, device=device, requires_grad=True)
     return [q, k, v, alpha]
 
 
+def _sdpa(q, k, v, alpha):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if q.is_cuda else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def _call(impl: str) -> Callable[..., torch.Tensor]:
     if impl == "sdpa":
-        return lambda q, k, v, alpha: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return _sdpa
     fn = {"eager": metric_attention_eager, "cpu_fused": metric_attention_cpu}.get(impl)
     if fn is None:
         from moa.kernels.metric_triton import metric_attention_triton as fn
@@ -57,19 +66,16 @@ def _step(fn, inputs, backward: bool) -> None:
             fn(*inputs)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time_ms(fn, inputs, backward: bool, device: str, repeats: int) -> float:
     _step(fn, inputs, backward)  # warm-up (and Triton compilation)
+    if device == "cuda":  # CUDA events around each run, in triton's timer
+        from triton.testing import do_bench
+
+        return do_bench(partial(_step, fn, inputs, backward), return_mode="median")
     times = []
     for _ in range(repeats):
-        _sync(device)
         start = time.perf_counter()
         _step(fn, inputs, backward)
-        _sync(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -80,20 +86,26 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--lengths", type=int, nargs="*", default=None)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="CPU runs (CUDA: do_bench's)")
+    parser.add_argument("--impls", nargs="*", default=None,
+                        help="default: sdpa, eager and the fused one of the device")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     lengths = args.lengths or ([512, 1024, 2048, 4096] + ([8192] if device == "cuda" else []))
     fused = "triton" if device == "cuda" else "cpu_fused"
+    impls = args.impls or ["sdpa", "eager", fused]
+    if impls[0] != "sdpa":
+        parser.error("--impls starts with sdpa, the baseline of every ratio")
     records = []
     print(f"{'impl':>10} {'L':>6} {'fwd_ms':>9} {'fwd_bwd_ms':>11} {'peak_mb':>9} {'ratio':>11}")
     for L in lengths:
         sdpa_times = None
-        for impl in ("sdpa", "eager", fused):
+        for impl in impls:
             torch.manual_seed(0)
-            inputs = _inputs(L, device, dtype)
+            inputs = _inputs(args.batch, L, device, dtype)
             fn = _call(impl)
             fwd = _time_ms(fn, inputs, False, device, args.repeats)
             fwd_bwd = _time_ms(fn, inputs, True, device, args.repeats)
@@ -101,8 +113,8 @@ def main() -> None:
             sdpa_times = sdpa_times or (fwd, fwd_bwd)
             ratio = {"fwd": fwd / sdpa_times[0], "fwd_bwd": fwd_bwd / sdpa_times[1]}
             records.append(dict(impl=impl, L=L, device=device, dtype=str(dtype).split(".")[-1],
-                                H=H, D=D, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, peak_mb=peak,
-                                ratio_to_sdpa=ratio))
+                                batch=args.batch, H=H, D=D, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                                peak_mb=peak, ratio_to_sdpa=ratio))
             print(f"{impl:>10} {L:>6} {fwd:9.2f} {fwd_bwd:11.2f} {peak:9.1f} "
                   f"{ratio['fwd']:5.2f}/{ratio['fwd_bwd']:4.2f}", flush=True)
     if args.json:
