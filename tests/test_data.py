@@ -299,3 +299,21 @@ def test_datamodule_properties_need_setup(tmp_path):
     module = LMDataModule(CORPORA.parse({"name": "pydocs"}), ByteConfig(), 0, tmp_path)
     with pytest.raises(RuntimeError, match="setup"):
         _ = module.vocab_size
+
+
+def test_cache_writers_at_once_each_finish_and_leave_no_temporary(tmp_path):
+    """Jobs of a sweep that build the same cache file at once: each writes its own
+    temporary and renames it into place (a shared temporary name lost one of them)."""
+    from moa.data.cache_file import written_atomically
+
+    path = tmp_path / "cache" / "tokens.npy"
+    with written_atomically(path) as first, written_atomically(path) as second:
+        assert first != second
+        np.save(first, np.arange(3))
+        np.save(second, np.arange(3))
+    assert np.load(path).tolist() == [0, 1, 2]
+    with pytest.raises(RuntimeError), written_atomically(path) as failed:
+        failed.write_text("half")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in path.parent.iterdir()] == ["tokens.npy"]
+    assert np.load(path).tolist() == [0, 1, 2]

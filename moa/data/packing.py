@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from moa.data.cache_file import written_atomically
 from moa.data.tokenizer import Tokenizer
 
 ENCODE_BATCH = 1024  # documents per encode_batch call
@@ -28,10 +29,8 @@ def packed_tokens(
         for batch in split.iter(batch_size=ENCODE_BATCH):
             for ids in tokenizer.encode_batch(batch["text"]):
                 pieces.append(np.asarray([*ids, tokenizer.eos_id], dtype=np.int32))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.stem + ".partial.npy")
-        np.save(partial, np.concatenate(pieces))
-        partial.replace(path)
+        with written_atomically(path) as partial:
+            np.save(partial, np.concatenate(pieces))
     return np.load(path, mmap_mode="r")
 
 

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics
 
+from moa.data.cache_file import written_atomically
+
 FORMAT_VERSION = 1  # bump when the extraction below changes, to invalidate cached files
 SKIPPED_DIRS = {
     "site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib", "lib2to3",
@@ -41,12 +43,9 @@ def pydocs_file(cache_dir: Path) -> Path:
     name = f"pydocs-py{platform.python_version()}-v{FORMAT_VERSION}.jsonl"
     path = Path(cache_dir) / "pydocs" / name
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("w", encoding="utf-8") as out:
+        with written_atomically(path) as partial, partial.open("w", encoding="utf-8") as out:
             for text in pydocs_documents():
                 out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        partial.replace(path)
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from moa.data.cache_file import written_atomically
 from moa.errors import ConfigError
 from moa.registry import Registry
 from moa.schema import check, check_range
@@ -61,11 +62,8 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` (loadable here and by `tokenizers`/`transformers`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        self._backend.save(str(partial))
-        partial.replace(path)  # never leave a half-written file under the real name
+        with written_atomically(Path(path)) as partial:  # never half a file under its name
+            self._backend.save(str(partial))
 
     @classmethod
     def load(cls, path: str | Path, key: str = "tokenizer.path") -> Tokenizer:
