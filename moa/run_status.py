@@ -3,7 +3,9 @@
 Eval and the dashboard read it so that a half-written run is never taken for a finished
 one. It is written atomically (a temporary file, then a rename) and only by rank 0.
 `seconds` is the run's wall time (training and evaluation) up to the status: for a resumed
-run, its earlier invocations' seconds plus this one's; while running, the earlier ones'.
+run, its earlier invocations' seconds plus this one's. While running, it is refreshed at
+every checkpoint save (`StatusSeconds`), so a killed run keeps its seconds up to its last
+checkpoint, and resuming from that checkpoint carries them on.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
 STATUS_FILE = "status.json"
@@ -42,15 +45,29 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
-def recording_status(run_dir: Path, earlier_seconds: float = 0.0) -> Iterator[None]:
+def recording_status(run_dir: Path, earlier_seconds: float = 0.0
+                     ) -> Iterator[Callable[[], None]]:
     """`running` while the body runs, then `finished`, or `failed` with the error; the
-    seconds are `earlier_seconds` (a resumed run's) plus the body's wall time."""
+    seconds are `earlier_seconds` (a resumed run's) plus the body's wall time. Yields a
+    function that rewrites `running` with the seconds so far."""
     start = time.monotonic()
     write_status(run_dir, RUNNING, seconds=earlier_seconds)
     try:
-        yield
+        yield lambda: write_status(run_dir, RUNNING,
+                                   seconds=earlier_seconds + time.monotonic() - start)
     except BaseException as error:
         write_status(run_dir, FAILED, f"{type(error).__name__}: {error}",
                      earlier_seconds + time.monotonic() - start)
         raise
     write_status(run_dir, FINISHED, seconds=earlier_seconds + time.monotonic() - start)
+
+
+class StatusSeconds(pl.Callback):
+    """Refreshes status.json's running seconds whenever a checkpoint is saved."""
+
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        self.refresh = refresh
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self.refresh()

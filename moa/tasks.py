@@ -40,7 +40,7 @@ from moa.lit import LanguageModelModule
 from moa.params import active_parameters, kv_cache_bytes_per_token
 from moa.retrofit import swap_attention, transfer_weights
 from moa.run_config import RunSpec, check_trainer, parse_run, resolved
-from moa.run_status import FINISHED, read_status, recording_status
+from moa.run_status import FINISHED, StatusSeconds, read_status, recording_status
 from moa.schema import parse
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if cfg.get("resume") else 0.0
-    with recording_status(run_dir, earlier):
-        return _train(cfg, parse_run(cfg), run_dir)
+    with recording_status(run_dir, earlier) as refresh_status:
+        return _train(cfg, parse_run(cfg), run_dir, StatusSeconds(refresh_status))
 
 
-def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
+def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, status_seconds: StatusSeconds
            ) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -117,7 +117,8 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path
     if cfg.get("resume"):
         keep_metrics_before(loggers, checkpoint["global_step"])
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False,
+        cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")), status_seconds],
+        logger=loggers or False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if torch.distributed.is_initialized():

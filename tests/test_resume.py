@@ -79,6 +79,37 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_
     assert val_curve(run) == val_curve(tmp_path / "whole")
 
 
+def test_a_killed_run_keeps_its_seconds_up_to_its_last_checkpoint(compose_config, tmp_path,
+                                                                  monkeypatch):
+    """A killed process writes no `failed` status: the running status's seconds, refreshed
+    at each checkpoint save, are what resume=true carries on."""
+    from moa import run_status
+    from moa.lit import LanguageModelModule
+
+    original = LanguageModelModule.training_step
+
+    def killed_at_step_7(self, batch, batch_idx):
+        if self.trainer.global_step == 7:
+            raise Crash("SIGKILL")
+        return original(self, batch, batch_idx)
+
+    write = run_status.write_status
+
+    def write_unless_failed(*args, **kwargs):  # a killed process writes nothing more
+        if run_status.FAILED not in args:
+            write(*args, **kwargs)
+
+    monkeypatch.setattr(run_status, "write_status", write_unless_failed)
+    monkeypatch.setattr(LanguageModelModule, "training_step", killed_at_step_7)
+    started = time.monotonic()
+    with pytest.raises(Crash):
+        train(compose_config(*RUN, "trainer.max_steps=9", "trainer.val_check_interval=4"))
+    elapsed = time.monotonic() - started
+    left = read_status(tmp_path / "run")
+    assert left["status"] == "running"
+    assert 0.1 < left["seconds"] < elapsed  # the checkpoint at step 5 refreshed them
+
+
 def test_resume_without_a_checkpoint_is_a_config_error(compose_config):
     with pytest.raises(ConfigError, match="resume=True .*no checkpoint to resume from"):
         train(compose_config(*RUN, "resume=true"))
