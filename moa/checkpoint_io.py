@@ -6,7 +6,9 @@ is a copy (a kill half-way leaves half a file), and nothing is fsynced. Here the
 a hidden temporary file beside the target, are fsynced, then `os.replace`d over it, which
 is atomic on POSIX: the target is the old checkpoint or the new one, never a mix. The
 temporary name (`.NAME.tmp-*`) does not end in `.ckpt`, so nothing takes it for a
-checkpoint; one left behind by a kill is removed at the next save of the same name.
+checkpoint; one left behind by a kill is removed at the next save of the same name. The
+checkpoint gets the permissions a plain `torch.save` would give it (the process's umask),
+not the owner-only ones of the temporary file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: setting it to read it is not thread-safe
 
 
 def temporary_prefix(path: Path) -> str:
@@ -38,6 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(temporary, 0o666 & ~UMASK)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

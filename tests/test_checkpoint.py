@@ -42,6 +42,16 @@ def test_smoke_trainer_writes_checkpoints_atomically(compose_config):
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_checkpoints_get_the_permissions_a_plain_save_gives(tmp_path):
+    """Not the temporary file's owner-only 0600: a group sharing runs can read them."""
+    import stat
+
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    torch.save({"step": 1}, tmp_path / "plain.ckpt")
+    mode = stat.S_IMODE((tmp_path / "last.ckpt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.ckpt").stat().st_mode)
+
+
 def test_a_kill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
     """A process saving again and again is SIGKILLed at random moments: last.ckpt is always
     absent or a whole checkpoint, and no other file looks like one."""
