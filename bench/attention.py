@@ -13,7 +13,8 @@ reference), `cpu_fused` (CPU) or `triton` (CUDA). Each metric row carries
 forward+backward): on CUDA, `torch.cuda.max_memory_allocated` after a reset, less what
 was allocated before; on CPU, torch's profiler with `profile_memory=True` records every
 allocation and free of torch's CPU allocator (inside ops too), and the peak is the
-maximum of their running sum, in time order, over the call.
+maximum of their running sum, in time order, over the call. `--profile` (CUDA) adds each
+forward+backward's GPU kernel times and its host and device totals, from torch's profiler.
 """
 
 from __future__ import annotations
@@ -80,6 +81,24 @@ def _time_ms(fn, inputs, backward: bool, device: str, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _profile(fn, inputs, calls: int = 10) -> dict:
+    """One forward+backward's GPU kernels (ms each), and its host and device totals (ms),
+    averaged over `calls` calls under torch's profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _step(fn, inputs, True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            _step(fn, inputs, True)
+        torch.cuda.synchronize()
+    events = profiler.key_averages()
+    kernels = {event.key: event.self_device_time_total / 1e3 / calls for event in events
+               if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0}
+    host = sum(event.self_cpu_time_total for event in events) / 1e3 / calls
+    return dict(kernels_ms=kernels, device_ms=sum(kernels.values()), host_ms=host)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -90,8 +109,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="CPU runs (CUDA: do_bench's)")
     parser.add_argument("--impls", nargs="*", default=None,
                         help="default: sdpa, eager and the fused one of the device")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: also each forward+backward's kernel times (torch profiler)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
+    if args.profile and args.device != "cuda":
+        parser.error("--profile reads GPU kernel times: use it with --device cuda")
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     lengths = args.lengths or ([512, 1024, 2048, 4096] + ([8192] if device == "cuda" else []))
@@ -117,6 +140,12 @@ def main() -> None:
                                 peak_mb=peak, ratio_to_sdpa=ratio))
             print(f"{impl:>10} {L:>6} {fwd:9.2f} {fwd_bwd:11.2f} {peak:9.1f} "
                   f"{ratio['fwd']:5.2f}/{ratio['fwd_bwd']:4.2f}", flush=True)
+            if args.profile:
+                records[-1]["profile"] = profiled = _profile(fn, inputs)
+                top = sorted(profiled["kernels_ms"].items(), key=lambda item: -item[1])[:4]
+                print(f"{'':>10} device {profiled['device_ms']:.3f} ms, host "
+                      f"{profiled['host_ms']:.3f} ms per forward+backward; kernels: "
+                      + ", ".join(f"{name[:48]} {ms:.3f}" for name, ms in top), flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(records, file, indent=2)
