@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,23 @@ class Crash(Exception):
     pass
 
 
+def _as_written_before_the_loader_kept_its_state(path: Path) -> None:
+    """Move the train loader's position to where older checkpoints kept it: the datamodule."""
+    checkpoint = torch.load(path, weights_only=True)
+    (position,) = checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader")
+    checkpoint["LMDataModule"] = position
+    torch.save(checkpoint, path)
+
+
+# epoch_batches: None, one long epoch (the checkpoint at step 5 is mid-epoch); 5, the
+# checkpoint closes epoch 0; 3, it is mid-way through epoch 1
+@pytest.mark.parametrize("epoch_batches, layout", [(None, "loader"), (5, "loader"),
+                                                   (3, "loader"), (None, "datamodule")])
 def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, epoch_batches, layout):
     steps = ("trainer.max_steps=9", "trainer.val_check_interval=4")
+    if epoch_batches is not None:
+        steps += (f"+trainer.limit_train_batches={epoch_batches}",)
     train(compose_config(*RUN, *steps, f"paths.output_dir={tmp_path / 'whole'}"))
 
     from moa.lit import LanguageModelModule
@@ -62,12 +77,22 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_
     assert failed["status"] == "failed"
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5  # the smoke preset saves last.ckpt every 5 steps
+    # the train loader's position: Lightning keeps it with the fit loop
+    epoch, batches = divmod(5, epoch_batches) if epoch_batches else (0, 5)
+    loop = saved["loops"]["fit_loop"]["state_dict"]
+    assert loop["combined_loader"] == [{"epoch": epoch, "batches": batches}]
+    if layout == "datamodule":
+        _as_written_before_the_loader_kept_its_state(run / "checkpoints" / "last.ckpt")
 
     monkeypatch.setattr(LanguageModelModule, "training_step", original)
     resume = compose_config(*RUN, *steps, "resume=true")
     started = time.monotonic()
-    train(resume)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(resume)
     resumed_seconds = time.monotonic() - started
+    # Lightning warns when it resumes mid-epoch with a loader that cannot say where it was
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     finished = read_status(run)
     assert finished["status"] == "finished"
     # the wall time of the run is both invocations': the crashed one's carries over

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from moa.data.sampler import ResumableSampler
+from moa.data.sampler import ResumableLoader, ResumableSampler
 from moa.data.source import CORPORA, DataConfig, LMSplits
 from moa.data.tokenizer import TOKENIZERS, Tokenizer, TokenizerConfig
 from moa.errors import ConfigError
@@ -23,7 +23,8 @@ class LMDataModule(pl.LightningDataModule):
     `prepare_data` builds and caches the corpus, tokenizer and packed tokens under
     `cache_dir` (cheap when cached); `setup` loads them. The train loader's order is a
     function of (seed, epoch) (`ResumableSampler`); checkpoints hold where in it training
-    stands (`state_dict`), so a resumed run continues the order without repeating batches.
+    stands (the loader's `state_dict`), so a resumed run continues the order without
+    repeating batches.
     To evaluate with a run's tokenizer, pass `PretrainedConfig(path=RUN_DIR/tokenizer.json)`.
     """
 
@@ -38,7 +39,7 @@ class LMDataModule(pl.LightningDataModule):
         self.data_config, self.tokenizer_config = data, tokenizer
         self.seed, self.cache_dir = seed, Path(cache_dir)
         self._splits: LMSplits | None = None
-        self._resume: tuple[int, int] | None = None  # (epoch, batches consumed) from a checkpoint
+        self._resume: tuple[int, int] | None = None  # from a checkpoint's datamodule state
 
     def prepare_data(self) -> None:
         CORPORA.build(self.data_config, self.tokenizer_config, self.cache_dir)
@@ -76,7 +77,6 @@ class LMDataModule(pl.LightningDataModule):
         batch_size = self.data_config.batch_size
         sampler = ResumableSampler(self.splits.datasets["train"], self.seed, batch_size)
         if self._resume is not None:
-            sampler.set_epoch(self._resume[0])
             sampler.resume_at(*self._resume)
         return self._loader("train", batch_size, sampler=sampler)
 
@@ -92,23 +92,26 @@ class LMDataModule(pl.LightningDataModule):
         Each loader has its own generator: starting an iteration would otherwise draw from the
         global RNG, which a resumed run must find where the interrupted one left it."""
         workers = self.data_config.num_workers
-        return DataLoader(
-            self.splits.datasets[split], batch_size=batch_size, sampler=sampler,
-            drop_last=sampler is not None, num_workers=workers, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        options = dict(batch_size=batch_size, num_workers=workers,
+                       persistent_workers=workers > 0,
+                       generator=torch.Generator().manual_seed(self.seed))
+        if sampler is None:
+            return DataLoader(self.splits.datasets[split], **options)
+        return ResumableLoader(self.splits.datasets[split], sampler=sampler,
+                               position=self._training_position, drop_last=True, **options)
 
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands in the data order (saved in checkpoints by Lightning)."""
-        if self.trainer is None:
-            return {}
+    def _training_position(self) -> tuple[int, int]:
+        """(epoch, batches consumed) of the training loop; the next epoch's start once an
+        epoch's batches are all consumed."""
         epoch = self.trainer.current_epoch
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches >= self.trainer.num_training_batches:
             epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches}
+        return epoch, batches
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """The position as checkpoints written before the train loader kept it stored it
+        (under the datamodule's key); the train loader built next starts there."""
         if state_dict:
             self._resume = (state_dict["epoch"], state_dict["batches"])
 
