@@ -38,6 +38,7 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    head_dim: int | None = None  # width of each head; None: d_model // n_heads (set at parse)
     vocab_size: int | None = None  # None: taken from the tokenizer
     max_seq_len: int = 256
     dropout: float = 0.0
@@ -58,10 +59,14 @@ class ModelConfig:
         check(self.d_model > 0, "d_model", self.d_model, "a positive integer")
         check(self.n_layers > 0, "n_layers", self.n_layers, "a positive integer")
         check(self.n_heads > 0, "n_heads", self.n_heads, "a positive integer")
-        divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
-        check(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
-              f"divisors of d_model={self.d_model}: {divisors[:16]}",
-              "d_model must be divisible by n_heads")
+        if self.head_dim is None:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            check(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
+                  f"divisors of d_model={self.d_model}: {divisors[:16]}",
+                  "d_model must be divisible by n_heads (or set model.head_dim)")
+            self.head_dim = self.d_model // self.n_heads
+        check(self.head_dim > 0, "head_dim", self.head_dim,
+              "a positive integer, or null for d_model // n_heads")
         check(self.vocab_size is None or self.vocab_size > 0, "vocab_size", self.vocab_size,
               "a positive integer, or null to take the tokenizer's")
         check(self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "a positive integer")
@@ -72,10 +77,6 @@ class ModelConfig:
         check_range("drop_path", self.drop_path, 0.0, 1.0, high_open=True)
         if self.sizes:
             check_choice("size", self.size, sorted(self.sizes))
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @classmethod
     def from_sections(cls, model: Any, **components: Any) -> ModelConfig:

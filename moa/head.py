@@ -98,7 +98,8 @@ class MoAHeadConfig:
 
     def attention_model(self, model: ModelConfig) -> ModelConfig:
         """The model as the head's attention sees it: heads of `head_dim`."""
-        return dataclasses.replace(model, n_heads=model.d_model // self.head_dim)
+        return dataclasses.replace(model, n_heads=model.d_model // self.head_dim,
+                                   head_dim=self.head_dim)
 
     def validate_for(self, model: ModelConfig) -> None:
         check(model.d_model % self.head_dim == 0, "head.head_dim", self.head_dim,

@@ -36,6 +36,26 @@ def test_model_logits_are_causal(scheme):
     assert not torch.allclose(after[:, 11:], before[:, 11:])
 
 
+# model.head_dim=12 on d_model 32 and 4 heads: the heads are 48 wide together, not 32
+WIDE_HEADS = {**SCHEMES, "metric": {"name": "metric", "impl": "cpu_fused", "n_kv_heads": 2,
+                                    "use_balls": True},
+              "alcca": {"name": "alcca", "k": 4}}
+
+
+@pytest.mark.parametrize("scheme", WIDE_HEADS)
+def test_head_dim_sets_each_heads_width(scheme):
+    torch.manual_seed(2)
+    config = tiny_model_config(WIDE_HEADS[scheme], head_dim=12)
+    attention = ATTENTION.build(config.attention, config).eval()
+    n_q, n_kv = config.attention.layout(config)
+    heads = attention.heads
+    assert (heads.q.weight.shape, heads.kv.weight.shape, heads.out.weight.shape) == \
+        ((n_q * 12, 32), (2 * n_kv * 12, 32), (32, n_q * 12))
+    q, k, v = heads.split(torch.randn(2, 5, 32))
+    assert (q.shape, k.shape, v.shape) == ((2, n_q, 5, 12), (2, n_kv, 5, 12), (2, n_kv, 5, 12))
+    assert_causal(attention, config)
+
+
 def test_gqa_with_all_kv_heads_equals_mha():
     """GQA with n_kv_heads == n_heads is MHA: same weights, same outputs and gradients."""
     torch.manual_seed(2)

@@ -90,8 +90,30 @@ def test_sqa_takes_half_the_query_heads(compose_config):
     assert spec.model.attention.layout(spec.model) == (4, 4)
 
 
+def test_head_dim_frees_n_heads_from_dividing_d_model(compose_config):
+    spec = parse_run(compose_config("model=gpt", "model.size=tiny", "model.n_heads=3",
+                                    "model.head_dim=16"))
+    assert (spec.model.d_model, spec.model.n_heads, spec.model.head_dim) == (64, 3, 16)
+    derived = parse_run(compose_config("model=gpt", "model.size=tiny"))
+    assert derived.model.head_dim == 64 // 4
+
+
+@pytest.mark.parametrize("model", sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")))
+def test_every_model_key_can_be_overridden(compose_config, model):
+    """Each field of ModelConfig is in every model preset's composed config, so
+    `model.KEY=value` works without Hydra's `+` (card_config: the MoA card presets' own)."""
+    import dataclasses
+
+    from moa.config import COMPONENTS, ModelConfig
+
+    cfg = compose_config(f"model={model}")
+    fields = {field.name for field in dataclasses.fields(ModelConfig)} - set(COMPONENTS)
+    assert fields - set(cfg.model) <= {"card_config"}
+
+
 INVALID = [
-    (["model.n_heads=5"], "model.n_heads", "divisible"),
+    (["model.n_heads=5"], "model.n_heads", "or set model.head_dim"),
+    (["model.head_dim=0"], "model.head_dim", "a positive integer"),
     (["model=gpt", "attention=gqa", "attention.n_kv_heads=3"], "attention.n_kv_heads",
      "divisors"),
     (["model=gpt", "attention.n_q_heads=16"], "attention.n_q_heads", "more query heads"),

@@ -80,6 +80,9 @@ def test_moa_head_uses_its_own_head_dim_and_tied_projection():
     assert [(p.heads.n_q_heads, p.heads.n_kv_heads, p.heads.head_dim) for p in paths[:2]] == \
         [(2, 2, 8), (4, 1, 8)]
     assert model.lm_head.vocab.weight is model.embedding.weight
+    wide = build_model(model_config(swiglu(), moa_head(), head_dim=12))  # the blocks' heads
+    assert wide.blocks[0].attention.heads.head_dim == 12
+    assert [p.heads.head_dim for p in wide.lm_head.attention.paths[:2]] == [8, 8]
     default = model_config(swiglu(), {"name": "moa", "head_dim": 8})  # MHA + MQA + channel mix
     assert [p.name for p in default.head.attention.paths] == ["dot_product"] * 2 + ["channel_mix"]
     assert type(default).from_dict(default.to_dict()) == default  # what checkpoints store

@@ -12,9 +12,10 @@ from tests.conftest import tiny_model_config
 
 @pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 1}, {"n_q_heads": 2, "n_kv_heads": 2}])
 @pytest.mark.parametrize("position", ["rope", "learned"])
-def test_cached_forward_equals_full_forward(attention, position):
+@pytest.mark.parametrize("head_dim", [None, 12])  # 12: heads wider together than d_model 32
+def test_cached_forward_equals_full_forward(attention, position, head_dim):
     torch.manual_seed(0)
-    config = tiny_model_config(attention, position=position)
+    config = tiny_model_config(attention, position=position, head_dim=head_dim)
     model = build_model(config).eval()
     ids = torch.randint(0, 50, (2, 21))
     full = model(ids).logits

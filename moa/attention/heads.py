@@ -1,8 +1,10 @@
 """What every multi-head scheme shares: head counts, projections and the causal mask.
 
-Head layout: the model has `n_heads` heads of `head_dim = d_model // n_heads`. A scheme
-uses `n_q_heads` query heads (fewer than `n_heads` for Sparse Query Attention) and
-`n_kv_heads` key/value heads shared by groups of query heads (GQA; 1 is MQA).
+Head layout: the model has `n_heads` heads of `head_dim` (d_model // n_heads unless set:
+then the heads' total width n_heads * head_dim may differ from d_model, and the output
+projection maps it back). A scheme uses `n_q_heads` query heads (fewer than `n_heads` for
+Sparse Query Attention) and `n_kv_heads` key/value heads shared by groups of query heads
+(GQA; 1 is MQA).
 """
 
 from __future__ import annotations
