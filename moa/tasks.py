@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         return _train(cfg, parse_run(cfg), run_dir, StatusSeconds(refresh_status))
 
 
+@contextmanager
+def _without_false_alarms(resuming: bool, run_dir: Path) -> Iterator[None]:
+    """Lightning's warnings about a non-empty run directory where they do not apply: our
+    run files (config.yaml, run.json, ...) are there before its loggers, and a resumed run
+    continues from its own checkpoints. Its warning that metrics.csv will be deleted stays
+    where one is there and the run is not resuming (a new run in an old run's directory)."""
+    with warnings.catch_warnings():
+        if resuming:
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+        if resuming or not (run_dir / "metrics.csv").exists():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists")
+        yield
+
+
 def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, status_seconds: StatusSeconds
            ) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
@@ -114,13 +131,14 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, status_seconds: Status
              datamodule.fingerprint)
 
     loggers = _instantiate_all(cfg.get("logger"))
-    if cfg.get("resume"):
-        keep_metrics_before(loggers, checkpoint["global_step"])
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")), status_seconds],
         logger=loggers or False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with _without_false_alarms(bool(cfg.get("resume")), run_dir):
+        if cfg.get("resume"):
+            keep_metrics_before(loggers, checkpoint["global_step"])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if torch.distributed.is_initialized():
         # training is over: rank 0 evaluates alone, and torchmetrics must not wait for the others
         torch.distributed.destroy_process_group()

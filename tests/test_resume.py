@@ -50,6 +50,20 @@ def _as_written_before_the_loader_kept_its_state(path: Path) -> None:
     torch.save(checkpoint, path)
 
 
+def _alarms(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Lightning's warnings that a run may lose or repeat something."""
+    alarms = ("not resumable", "will be deleted", "exists and is not empty")
+    return [str(w.message) for w in caught if any(alarm in str(w.message) for alarm in alarms)]
+
+
+def test_a_new_run_in_an_old_runs_directory_is_warned_of_its_metrics(compose_config):
+    train(compose_config(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(compose_config(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert any("metrics.csv" in alarm or "will be deleted" in alarm for alarm in _alarms(caught))
+
+
 # epoch_batches: None, one long epoch (the checkpoint at step 5 is mid-epoch); 5, the
 # checkpoint closes epoch 0; 3, it is mid-way through epoch 1
 @pytest.mark.parametrize("epoch_batches, layout", [(None, "loader"), (5, "loader"),
@@ -59,7 +73,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_
     steps = ("trainer.max_steps=9", "trainer.val_check_interval=4")
     if epoch_batches is not None:
         steps += (f"+trainer.limit_train_batches={epoch_batches}",)
-    train(compose_config(*RUN, *steps, f"paths.output_dir={tmp_path / 'whole'}"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(compose_config(*RUN, *steps, f"paths.output_dir={tmp_path / 'whole'}"))
+    assert not _alarms(caught)  # a new run: nothing in its directory is lost
 
     from moa.lit import LanguageModelModule
     original = LanguageModelModule.training_step
@@ -91,8 +108,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_
         warnings.simplefilter("always")
         train(resume)
     resumed_seconds = time.monotonic() - started
-    # Lightning warns when it resumes mid-epoch with a loader that cannot say where it was
-    assert not [w for w in caught if "not resumable" in str(w.message)]
+    # None applies to a resume: the loader says where it was, metrics.csv keeps its rows,
+    # the checkpoints are the run's own
+    assert not _alarms(caught)
     finished = read_status(run)
     assert finished["status"] == "finished"
     # the wall time of the run is both invocations': the crashed one's carries over
