@@ -1,5 +1,6 @@
-"""Every `python train.py` / `python eval.py` command that the README and docs/ show
-composes, and the training ones validate: a documented command must not fail on its config."""
+"""Every `python train.py` / `python eval.py` command that the README, docs/ and the
+Makefile's targets give composes, and the training ones validate: a documented command
+must not fail on its config."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from tests.conftest import ROOT
 
 BLOCK_LINE = re.compile(r"^ *python (train|eval)\.py\b(.*)$", re.MULTILINE)  # code blocks
 INLINE = re.compile(r"`python (train|eval)\.py\b([^`]*)`")  # in prose: may wrap lines
+RECIPE = re.compile(r"^\t\$\(BIN\)/python (train|eval)\.py\b(.*?)(?: \$\(ARGS\))?$", re.MULTILINE)
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDERS = {"SCHEME": "mha"}  # a word a document asks the reader to fill in
 
 
 def _documented_commands() -> list[tuple[str, list[str]]]:
     """(script, overrides) of each command in the documents, in code blocks (a trailing
-    backslash continues a command on the next line) and in inline code."""
+    backslash continues a command on the next line) and in inline code, and in the
+    Makefile's recipes (without the user's `$(ARGS)`)."""
     text = "\n".join(document.read_text() for document in DOCUMENTS)
     found = [(m.group(1), m.group(2)) for m in
              BLOCK_LINE.finditer(text.replace("\\\n", " "))]
     found += [(m.group(1), m.group(2)) for m in INLINE.finditer(text)]
+    found += [(m.group(1), m.group(2)) for m in RECIPE.finditer((ROOT / "Makefile").read_text())]
     commands = []
     for script, arguments in found:
         for placeholder, value in PLACEHOLDERS.items():
@@ -49,6 +53,8 @@ def test_the_documents_have_commands_to_check():
     assert len(COMMANDS) > 30
     assert ("train", ["model=moas", "model.layer_scale_init=1e-4", "model.drop_path=0.1"]) \
         in COMMANDS
+    assert ("train", ["-m", "trainer=smoke", "model=gpt", "attention=mha,gqa,mqa,sqa"]) \
+        in COMMANDS  # make sweep
 
 
 @pytest.mark.parametrize("script, overrides", COMMANDS,
