@@ -41,6 +41,7 @@ from moa.errors import ConfigError
 from moa.generation import SamplingConfig, generate
 from moa.lit import LanguageModelModule
 from moa.params import active_parameters, kv_cache_bytes_per_token
+from moa.resume import Resume, resume_mode
 from moa.retrofit import swap_attention, transfer_weights
 from moa.run_config import RunSpec, check_trainer, parse_run, resolved
 from moa.run_status import FINISHED, StatusSeconds, read_status, recording_status
@@ -80,13 +81,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     The run directory's status.json says running, then finished or failed (a bad config
     too, so that a failed job of a sweep shows why), and the run's wall seconds, those of
-    earlier invocations included when resuming."""
+    earlier invocations included when resuming. With resume=auto a finished run is not
+    trained again: its metrics.json is returned (`moa/resume.py`)."""
     _log_lightning_to_the_job_file()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if cfg.get("resume") else 0.0
+    mode = resume_mode(cfg, run_dir)
+    if mode is Resume.FINISHED:
+        log.info("%s finished already (resume=auto): nothing to train", run_dir)
+        saved = run_dir / "metrics.json"
+        return (json.loads(saved.read_text()) if saved.is_file() else {}), {}
+    resuming = mode is Resume.CONTINUE
+    earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if resuming else 0.0
     with recording_status(run_dir, earlier) as refresh_status:
-        return _train(cfg, parse_run(cfg), run_dir, StatusSeconds(refresh_status))
+        return _train(cfg, parse_run(cfg), run_dir, resuming, StatusSeconds(refresh_status))
 
 
 @contextmanager
@@ -103,8 +111,8 @@ def _without_false_alarms(resuming: bool, run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, status_seconds: StatusSeconds
-           ) -> tuple[dict[str, float], dict[str, Any]]:
+def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, resuming: bool,
+           status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = LMDataModule(spec.data, spec.tokenizer, seed=cfg.seed,
@@ -112,8 +120,8 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, status_seconds: Status
     datamodule.prepare_data()
     datamodule.setup("fit")
     model_config = spec.model.with_vocab(datamodule.vocab_size)
-    key = "resume" if cfg.get("resume") else "ckpt_path"
-    ckpt_path = resume_checkpoint(run_dir) if cfg.get("resume") else cfg.get("ckpt_path")
+    key = "resume" if resuming else "ckpt_path"
+    ckpt_path = resume_checkpoint(run_dir) if resuming else cfg.get("ckpt_path")
     checkpoint = load_checkpoint(Path(ckpt_path), key) if ckpt_path else None
     if checkpoint is not None:
         check_same_model(model_config, checkpoint, Path(ckpt_path), key)
@@ -135,8 +143,8 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, status_seconds: Status
         cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")), status_seconds],
         logger=loggers or False,
     )
-    with _without_false_alarms(bool(cfg.get("resume")), run_dir):
-        if cfg.get("resume"):
+    with _without_false_alarms(resuming, run_dir):
+        if resuming:
             keep_metrics_before(loggers, checkpoint["global_step"])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if torch.distributed.is_initialized():

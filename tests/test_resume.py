@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from moa.errors import ConfigError
 from moa.run_status import read_status
@@ -198,3 +200,60 @@ def test_command_line_resume_after_sigkill(tmp_path, cache_dir):
     assert read_status(killed)["status"] == "finished"
     assert train_curve(killed) == train_curve(whole)
     assert len(train_curve(whole)) == 40
+
+
+def test_resume_auto_skips_continues_or_starts_each_run(compose_config, tmp_path, monkeypatch):
+    """A sweep carried over to a second sitting: its finished job is left alone, its killed
+    job continues from its checkpoint, and the job it never began starts."""
+    from moa.lit import LanguageModelModule
+
+    steps = ("trainer.max_steps=9", "trainer.val_check_interval=4")
+    finished, killed, unstarted = (tmp_path / name for name in ("finished", "killed", "new"))
+    train(compose_config(*RUN, *steps, f"paths.output_dir={finished}", "evaluate=true"))
+    original = LanguageModelModule.training_step
+
+    def crash_at_step_7(self, batch, batch_idx):
+        if self.trainer.global_step == 7:
+            raise Crash("the night ended")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModelModule, "training_step", crash_at_step_7)
+    with pytest.raises(Crash):
+        train(compose_config(*RUN, *steps, f"paths.output_dir={killed}"))
+    monkeypatch.setattr(LanguageModelModule, "training_step", original)
+
+    before = (finished / "status.json").read_text(), (finished / "metrics.csv").read_text()
+    metrics, _ = train(compose_config(*RUN, *steps, f"paths.output_dir={finished}",
+                                      "resume=auto"))
+    after = (finished / "status.json").read_text(), (finished / "metrics.csv").read_text()
+    assert after == before  # not trained again
+    assert metrics == json.loads((finished / "metrics.json").read_text())
+
+    train(compose_config(*RUN, *steps, f"paths.output_dir={killed}", "resume=auto"))
+    assert train_curve(killed) == train_curve(finished)  # continued from step 5, exactly
+    assert read_status(killed)["status"] == "finished"
+
+    train(compose_config(*RUN, *steps, f"paths.output_dir={unstarted}", "resume=auto"))
+    assert train_curve(unstarted) == train_curve(finished)
+
+
+def test_resume_auto_refuses_a_directory_holding_another_run(compose_config, tmp_path):
+    run = tmp_path / "run"
+    train(compose_config(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    status = (run / "status.json").read_text()
+    with pytest.raises(ConfigError, match=r"holds another run \(model.n_layers: 2 here, 1 there"):
+        train(compose_config(*RUN, "trainer.max_steps=2", "model.n_layers=2", "resume=auto"))
+    assert (run / "status.json").read_text() == status  # the other run's record is kept
+    # keys only one of the configs holds (added since the run) are not compared
+    saved = OmegaConf.load(run / "config.yaml")
+    del saved.model["head_dim"]
+    OmegaConf.save(saved, run / "config.yaml")
+    metrics, _ = train(compose_config(*RUN, "trainer.max_steps=2",
+                                      "trainer.val_check_interval=2", "resume=auto"))
+    assert metrics == {}  # finished, evaluate=false: nothing trained, nothing evaluated
+    assert (run / "status.json").read_text() == status
+
+
+def test_resume_takes_only_its_three_values(compose_config):
+    with pytest.raises(ConfigError, match="resume='maybe'; allowed: false \\| true \\| auto"):
+        train(compose_config(*RUN, "resume=maybe"))
