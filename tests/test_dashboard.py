@@ -76,6 +76,16 @@ def test_table_reports_sizes_and_kv_cache_from_run_json(sweep):
     assert mqa[column["KV bytes/token"]] * 4 == mha[column["KV bytes/token"]]
 
 
+def test_a_sweep_finished_with_resume_auto_shows_no_resume_column(sweep, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    config = copy / "1" / "config.yaml"
+    config.write_text(config.read_text().replace("resume: false", "resume: auto"))
+    assert "resume: auto" in config.read_text()
+    header, _ = build_table(load_runs([copy]))
+    assert "attention" in header and "resume" not in header
+
+
 def test_running_and_failed_runs_never_show_as_finished(sweep, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(sweep, copy)

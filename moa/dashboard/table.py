@@ -3,7 +3,8 @@
 A group choice that differs (`attention`: mha | mqa) is one column and stands for the keys
 under it, wherever they are nested (`metric` also covers `attention.metric.name`); other
 differing config keys follow as dotted keys. Keys holding a run's own
-paths (output directories) never count as differing.
+paths (output directories) never count as differing, nor does `resume` (how a run was
+invoked: a sweep finished with `resume=auto` has it on some jobs, not on others).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
     own_paths = [
         key for key in keys
         if any(str(run.path) in str(run.config.get(key, "")) for run in runs)]
-    dotted = [key for key in keys if key not in own_paths
+    dotted = [key for key in keys if key not in own_paths and key != "resume"
               and not set(key.split(".")) & set(choices) and not key.startswith("paths.")
               and _differs([run.config.get(key) for run in runs])]
     return choices + dotted
