@@ -3,8 +3,8 @@
 - `false`: start afresh;
 - `true`: continue its `checkpoints/last.ckpt` (an error without one);
 - `auto`, for a sweep carried over several sittings: whichever applies. A finished run is
-  left as it is (its metrics.json is the job's result), a run with a checkpoint continues,
-  and a run without one starts.
+  left as it is (its metrics.json is the job's result), a run with a checkpoint continues
+  (killed, or failed: a failed job is tried again), and a run without one starts.
 
 Before `auto` touches a directory it checks that the run there is this job's: every value
 that both this job's config and the directory's config.yaml hold must be equal (values
