@@ -21,13 +21,13 @@ from moa.config import COMPONENTS, ModelConfig, OptimConfig
 from moa.data import CORPORA, TOKENIZERS
 from moa.errors import ConfigError
 from moa.generation import SamplingConfig
-from moa.schema import check_choice, parse
+from moa.schema import check, check_choice, parse
 
 TOP_LEVEL_KEYS = {
     "hydra",
     "model", "attention", "ffn", "position", "norm", "optim", "data", "tokenizer", "trainer",
     "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "resume",
-    "evaluate",
+    "evaluate", "keep_host_memory",
     "metric", "regularizer", "router", "head",
 }
 
@@ -76,6 +76,8 @@ def parse_run(cfg: DictConfig) -> RunSpec:
             raise ConfigError(str(key), cfg[key], f"top-level keys {sorted(TOP_LEVEL_KEYS)}",
                               "unknown key")
     check_model_size(cfg.model)
+    check(isinstance(cfg.get("keep_host_memory", True), bool), "keep_host_memory",
+          cfg.get("keep_host_memory"), "true | false")
     apply_card_config(cfg)
     model_section = resolved(cfg, "model")
     parse(ModelConfig, model_section, "model")  # first: the components interpolate its values

@@ -39,6 +39,7 @@ from moa.config import COMPONENTS, ModelConfig
 from moa.data import CORPORA, TOKENIZERS, LMDataModule
 from moa.errors import ConfigError
 from moa.generation import SamplingConfig, generate
+from moa.host_memory import keep_freed
 from moa.lit import LanguageModelModule
 from moa.params import active_parameters, kv_cache_bytes_per_token
 from moa.resume import Resume, resume_mode
@@ -114,6 +115,8 @@ def _without_false_alarms(resuming: bool, run_dir: Path) -> Iterator[None]:
 def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, resuming: bool,
            status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("keep_host_memory", True):
+        keep_freed()
 
     datamodule = LMDataModule(spec.data, spec.tokenizer, seed=cfg.seed,
                               cache_dir=cfg.paths.cache_dir)
