@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moa.callbacks import training_flops
+from moa.config import ModelConfig
 from moa.lit import scored_forward, token_metrics
 from moa.model import build_model
 from moa.optim import parameter_groups
@@ -49,15 +50,21 @@ def presets() -> list[str]:
     return [BASELINE] + [name for name in names if name != BASELINE]
 
 
-class Trainee:
-    """One preset's model, optimizer and fixed random batch, run as `variant` says."""
+def preset_config(preset: str, args: argparse.Namespace) -> ModelConfig:
+    """`preset` at the common size the arguments give."""
+    return model_config([
+        f"model={preset}", f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}",
+        f"model.n_heads={args.n_heads}", f"model.max_seq_len={args.block_size}",
+        f"model.vocab_size={args.vocab_size}", f"data.block_size={args.block_size}",
+    ])
 
-    def __init__(self, preset: str, args: argparse.Namespace, variant: str = "") -> None:
-        self.config = model_config([
-            f"model={preset}", f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}",
-            f"model.n_heads={args.n_heads}", f"model.max_seq_len={args.block_size}",
-            f"model.vocab_size={args.vocab_size}", f"data.block_size={args.block_size}",
-        ])
+
+class Trainee:
+    """One model, its optimizer and a fixed random batch, run as `variant` says."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, block_size: int,
+                 variant: str = "") -> None:
+        self.config = config
         torch.manual_seed(0)
         self.model = build_model(self.config).train()
         if variant == "compile":
@@ -65,12 +72,11 @@ class Trainee:
         self.autocast = variant == "bf16-mixed"
         self.micro_batches = 2 if variant == "accumulate=2" else 1
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.1), lr=3e-4)
-        shape = (args.batch_size, args.block_size + 1)
-        tokens = torch.randint(0, args.vocab_size, shape)
+        tokens = torch.randint(0, config.vocab_size, (batch_size, block_size + 1))
         self.batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
         if variant == "scored=1/16":
-            scored = torch.rand(args.batch_size, args.block_size).argsort(dim=1)
-            self.batch["scored_positions"] = scored[:, : args.block_size // SCORED_EVERY].sort(
+            scored = torch.rand(batch_size, block_size).argsort(dim=1)
+            self.batch["scored_positions"] = scored[:, : block_size // SCORED_EVERY].sort(
                 dim=1).values  # (B, K): distinct positions, in order
         self.times: list[float] = []
 
@@ -114,8 +120,9 @@ def main() -> None:
     names = presets()
     if args.presets:
         names = [BASELINE] + [name for name in args.presets if name != BASELINE]
-    trainees = {name: Trainee(name, args) for name in names}
-    trainees |= {f"{BASELINE} {variant}": Trainee(BASELINE, args, variant)
+    size = (args.batch_size, args.block_size)
+    trainees = {name: Trainee(preset_config(name, args), *size) for name in names}
+    trainees |= {f"{BASELINE} {variant}": Trainee(preset_config(BASELINE, args), *size, variant)
                  for variant in args.variants}
     for trainee in trainees.values():
         for _ in range(args.warmup):
