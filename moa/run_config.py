@@ -39,6 +39,7 @@ class RunSpec:
     data: Any
     tokenizer: Any  # None where the data brings its own vocabulary (mqar)
     sampling: SamplingConfig
+    keep_host_memory: bool  # moa/host_memory.py
 
 
 def check_model_size(model: DictConfig) -> None:
@@ -76,8 +77,9 @@ def parse_run(cfg: DictConfig) -> RunSpec:
             raise ConfigError(str(key), cfg[key], f"top-level keys {sorted(TOP_LEVEL_KEYS)}",
                               "unknown key")
     check_model_size(cfg.model)
-    check(isinstance(cfg.get("keep_host_memory", True), bool), "keep_host_memory",
-          cfg.get("keep_host_memory"), "true | false")
+    keep_host_memory = cfg.get("keep_host_memory", True)
+    check(isinstance(keep_host_memory, bool), "keep_host_memory", keep_host_memory,
+          "true | false")
     apply_card_config(cfg)
     model_section = resolved(cfg, "model")
     parse(ModelConfig, model_section, "model")  # first: the components interpolate its values
@@ -99,4 +101,4 @@ def parse_run(cfg: DictConfig) -> RunSpec:
                           "a training block longer than the model's context")
     check_trainer(resolved(cfg, "trainer"))
     sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
-    return RunSpec(model, optim, data, tokenizer, sampling)
+    return RunSpec(model, optim, data, tokenizer, sampling, keep_host_memory)

@@ -115,7 +115,7 @@ def _without_false_alarms(resuming: bool, run_dir: Path) -> Iterator[None]:
 def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, resuming: bool,
            status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("keep_host_memory", True):
+    if spec.keep_host_memory:
         keep_freed()
 
     datamodule = LMDataModule(spec.data, spec.tokenizer, seed=cfg.seed,
