@@ -151,7 +151,8 @@ class BlackHoleRoPE(PositionEncoding):
 
     def energy_gate(self, positions: torch.Tensor) -> torch.Tensor:
         """e(p, c) in [1/2, 2] for positions (T,) -> (T, D)."""
-        features = fourier_features(2 * positions.float() / self.max_seq_len, self.r_basis)
+        at = positions.to(self.energy_coefficients.dtype)  # float64 in a float64 model
+        features = fourier_features(2 * at / self.max_seq_len, self.r_basis)
         h = features @ self.energy_coefficients  # (T, D)
         return torch.exp2(self.energy_amplification * torch.tanh(h)).clamp(0.5, 2.0)
 

@@ -170,3 +170,14 @@ def test_smoke_train(compose_config):
     assert isinstance(rope, BlackHoleRoPE)
     assert rope.phase_coefficients.abs().sum() > 0  # learned away from the rope start
     assert rope.energy_coefficients.abs().sum() > 0
+
+
+def test_a_float64_model_runs_in_float64_and_agrees_with_float32():
+    """The value gate's features follow the coefficients' dtype (they were float32 always,
+    so a float64 model failed in its matmul)."""
+    model = blackhole_model({})
+    ids = torch.randint(0, 50, (2, 13))
+    single = model(ids).logits
+    double = model.double()(ids).logits
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, atol=1e-5, rtol=1e-5)
