@@ -19,7 +19,8 @@ After the presets, rows for the ways the trainer can run the gpt baseline (`--va
 `compile` (model.compile=true), `accumulate=2` (the same batch as two half batches, as
 trainer.accumulate_grad_batches=2 with half data.batch_size) and `scored=1/16` (loss on one
 position in 16, as mqar's 4 queries in 64 tokens: the batch carries `scored_positions`, so
-only those go through the vocabulary projection).
+only those go through the last block's queries and the vocabulary projection; its FLOPs
+are counted for that forward).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Trainee:
 
 
 def _gflops(record: dict) -> str:
-    """GFLOP/s, or "-" without a static FLOP count (top-k routing, scored positions)."""
+    """GFLOP/s, or "-" without a static FLOP count (top-k routing)."""
     return "-" if record["gflops_per_s"] is None else f"{record['gflops_per_s']:.2f}"
 
 
@@ -135,9 +136,9 @@ def main() -> None:
     records = []
     for name, trainee in trainees.items():
         seconds = statistics.median(trainee.times)
-        flops = training_flops(trainee.config, (args.batch_size, args.block_size))
-        if "scored_positions" in trainee.batch:
-            flops = None  # the count is of the full logits'; "-" rather than a wrong rate
+        scored = trainee.batch.get("scored_positions")
+        flops = training_flops(trainee.config, (args.batch_size, args.block_size),
+                               None if scored is None else scored.size(1))
         records.append({
             "preset": name, "tokens_per_s": tokens / seconds,
             "gflops_per_s": None if flops is None else flops / seconds / 1e9,

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moa.context import ForwardContext, at_output_positions, select_positions
+
 if TYPE_CHECKING:
-    from moa.context import ForwardContext
     from moa.router import FeatureGates, Routing
 
 
@@ -40,11 +41,13 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
     """x: (B, T, C) -> (B, T, C): the branches' outputs weighted by `routing`.
 
     Branch i runs under `branch_context(ctx, f"{scope}.{i}")`; `feature_gates` (FiLM per
-    branch) act on each branch's output where given.
+    branch) act on each branch's output where given. With ctx.output_positions (B, K) the
+    result is those positions' only, (B, K, C), and `routing` is theirs, (B, K, n).
     """
-    B, T, C = x.shape
+    wanted = ctx.output_positions
+    produced = x if wanted is None else select_positions(x, wanted)  # (B, T or K, C)
     weights = routing.weights.flatten(0, 1)  # (B*T, n)
-    rows_x = x.flatten(0, 1)  # (B*T, C)
+    rows_x = produced.flatten(0, 1)  # (B*T, C)
     out = torch.zeros_like(rows_x)
 
     def gate(index: int, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,8 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
         branch_ctx = branch_context(ctx, f"{scope}.{i}")
         chosen = None if routing.chosen is None else routing.chosen[..., i].flatten()  # (B*T,)
         if hasattr(branch, "token_part"):
-            h = branch.sequence_part(x, branch_ctx).flatten(0, 1)  # (B*T, C'), every token
+            h = branch.sequence_part(x, branch_ctx)  # (B, T, C'), every token
+            h = (h if wanted is None else select_positions(h, wanted)).flatten(0, 1)
             rows = None if chosen is None else chosen.nonzero().squeeze(1)  # (N,)
             if rows is None:
                 y = gate(i, rows_x, branch.token_part(h))  # (B*T, C)
@@ -63,6 +67,6 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
                 y = gate(i, rows_x[rows], branch.token_part(h[rows]))  # (N, C)
                 out = out.index_add(0, rows, (weights[rows, i, None] * y).to(out.dtype))
         elif chosen is None or ctx.cache is not None or chosen.any():
-            y = gate(i, rows_x, branch(x, branch_ctx).flatten(0, 1))  # (B*T, C)
-            out = out + weights[:, i, None].to(y.dtype) * y
-    return out.view(B, T, C)
+            y = gate(i, rows_x, at_output_positions(branch, x, branch_ctx).flatten(0, 1))
+            out = out + weights[:, i, None].to(y.dtype) * y  # (B*T, C)
+    return out.view(produced.shape)

@@ -22,15 +22,21 @@ def _tokens(batch: dict[str, Any]) -> int:
     return batch["input_ids"].numel()
 
 
-def training_flops(config: ModelConfig, batch_shape: tuple[int, int]) -> int | None:
+def training_flops(config: ModelConfig, batch_shape: tuple[int, int],
+                   outputs_per_sequence: int | None = None) -> int | None:
     """FLOPs of one forward + backward on a (B, T) batch, counted on a meta-device copy;
-    None for a model whose work depends on the data (top-k routing picks tokens with
-    `nonzero` and tests `.any()`, which the meta device cannot run)."""
+    with `outputs_per_sequence` K, of the forward that wants K positions of each sequence
+    (a batch's (B, K) `scored_positions`, as training runs it). None for a model whose work
+    depends on the data (top-k routing picks tokens with `nonzero` and tests `.any()`,
+    which the meta device cannot run)."""
     with torch.device("meta"):
         model = build_model(config)
         input_ids = torch.zeros(batch_shape, dtype=torch.long)
+        wanted = None if outputs_per_sequence is None else torch.zeros(
+            batch_shape[0], outputs_per_sequence, dtype=torch.long)
     try:
-        return measure_flops(model, lambda: model(input_ids).logits, lambda out: out.sum())
+        return measure_flops(model, lambda: model(input_ids, output_positions=wanted).logits,
+                             lambda out: out.sum())
     except (NotImplementedError, RuntimeError):
         return None
 
@@ -51,6 +57,8 @@ class TokenThroughput(ThroughputMonitor):
             return
         self._counted = True
         shape = tuple(batch["input_ids"].shape)
-        pl_module.flops_per_batch = training_flops(pl_module.model_config, shape)
+        scored = batch.get("scored_positions")
+        pl_module.flops_per_batch = training_flops(
+            pl_module.model_config, shape, None if scored is None else scored.size(1))
         if pl_module.flops_per_batch is None:
             rank_zero_warn("this model's work depends on its data: logging tokens/s, no FLOPs")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from moa.auxiliary import AuxiliaryRecorder
 from moa.kv_cache import KVCache, LayerCache
@@ -20,8 +21,10 @@ class ForwardContext:
     position: PositionEncoding  # shared by all layers; rotates q/k where it applies
     record: AuxiliaryRecorder
     cache: LayerCache | None = None
-    # (B, K) positions where logits are wanted; None: every position. Only the vocabulary
-    # projection reads it, so a loss on a few positions (mqar) skips most of its cost.
+    # (B, K) indices into this call's T of the positions whose outputs are wanted; None:
+    # every position. The model gives it to the vocabulary projection, and to the last block
+    # where nothing after it mixes positions, so a loss on a few positions (mqar) skips most
+    # of the last layer as well (`LanguageModel.forward`, `at_output_positions`).
     output_positions: torch.Tensor | None = None
 
     def for_layer(self, index: int, kv_cache: KVCache | None) -> ForwardContext:
@@ -33,3 +36,19 @@ class ForwardContext:
 
     def scoped(self, name: str) -> ForwardContext:
         return replace(self, record=self.record.scoped(name))
+
+
+def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows of x (B, T, ...) at positions (B, K) -> (B, K, ...)."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
+
+
+def at_output_positions(module: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """module(x, ctx) at ctx.output_positions: (B, T, C) -> (B, K, C), or (B, T, C) without
+    them. A module whose class sets `computes_output_positions = True` computes those
+    positions only (its queries there, over every key); any other computes every position,
+    of which those are kept, with the same result."""
+    if ctx.output_positions is None or getattr(module, "computes_output_positions", False):
+        return module(x, ctx)
+    return select_positions(module(x, replace(ctx, output_positions=None)), ctx.output_positions)

@@ -35,6 +35,7 @@ from torch import nn
 
 from moa.attention import ATTENTION
 from moa.branches import branch_context
+from moa.context import select_positions
 from moa.errors import ConfigError
 from moa.ffn import FFN
 from moa.norm import NORM
@@ -67,8 +68,7 @@ class LinearHead(nn.Linear):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> logits (B, T, V), or (B, K, V) at `ctx.output_positions` (B, K)."""
         if ctx.output_positions is not None:
-            index = ctx.output_positions.unsqueeze(-1).expand(-1, -1, x.size(-1))  # (B, K, C)
-            x = x.gather(1, index)
+            x = select_positions(x, ctx.output_positions)  # (B, K, C)
         return super().forward(x)
 
 
@@ -131,7 +131,7 @@ class MoAHead(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> logits (B, T, V), or (B, K, V) at `ctx.output_positions`; causal,
         continuing `ctx.cache`."""
-        ctx = replace(ctx, position=self.position)
-        x = x + self.dropout(self.attention(self.attention_norm(x), ctx.scoped("attention")))
-        x = x + self.dropout(self.ffn(self.ffn_norm(x), branch_context(ctx, "ffn")))
+        every = replace(ctx, position=self.position, output_positions=None)  # all positions
+        x = x + self.dropout(self.attention(self.attention_norm(x), every.scoped("attention")))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x), branch_context(every, "ffn")))
         return self.vocab(self.norm(x), ctx)

@@ -19,9 +19,9 @@ from moa.attention import ATTENTION
 from moa.auxiliary import AuxiliaryRecorder
 from moa.branches import branch_context
 from moa.config import ModelConfig
-from moa.context import ForwardContext
-from moa.ffn import FFN
-from moa.head import HEAD
+from moa.context import ForwardContext, at_output_positions, select_positions
+from moa.ffn import FFN, TokenwiseFFN
+from moa.head import HEAD, LinearHead
 from moa.kv_cache import KVCache
 from moa.norm import NORM
 from moa.position import POSITION
@@ -57,11 +57,16 @@ class Block(nn.Module):
         self.drop_path = DropPath(config.drop_path)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        y = self.attention(self.attention_norm(x), ctx.scoped("attention"))
+        """x: (B, T, C) -> (B, T, C), or (B, K, C) at ctx.output_positions (B, K), for which
+        the FFN must act on each token alone (the model gives them only then)."""
+        y = at_output_positions(self.attention, self.attention_norm(x), ctx.scoped("attention"))
+        if ctx.output_positions is not None:
+            x = select_positions(x, ctx.output_positions)
         x = x + self.drop_path(self.attention_scale(self.dropout(y)))
         if self.ffn is None:
             return x
-        y = self.ffn(self.ffn_norm(x), branch_context(ctx, "ffn"))
+        ffn_ctx = branch_context(replace(ctx, output_positions=None), "ffn")  # x is selected
+        y = self.ffn(self.ffn_norm(x), ffn_ctx)
         return x + self.drop_path(self.ffn_scale(self.dropout(y)))
 
 
@@ -92,6 +97,12 @@ class LanguageModel(nn.Module):
         self.shared_ffn = SharedFFN(config) if config.ffn.placement == "shared" else None
         self.norm = NORM.build(config.norm, config.d_model, config.bias)
         self.lm_head = HEAD.build(config.head, config, self.embedding)
+        # With output_positions, the last block computes those positions only when nothing
+        # after its attention mixes positions: a token-wise FFN, no shared FFN, a linear head.
+        last_ffn = self.blocks[-1].ffn
+        self.last_block_at_outputs = (
+            self.shared_ffn is None and isinstance(self.lm_head, LinearHead)
+            and (last_ffn is None or isinstance(last_ffn, TokenwiseFFN)))
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -111,7 +122,9 @@ class LanguageModel(nn.Module):
         """input_ids: (B, T) -> logits (B, T, V). With a cache, the tokens continue it.
 
         output_positions: (B, K) indices into T; the logits are then (B, K, V), those
-        positions' only (the same values as the full logits there)."""
+        positions' only (the same values as the full logits there). Only the vocabulary
+        projection and, where nothing after it mixes positions, the last block's queries and
+        FFN run at those positions alone."""
         start = cache.length if cache is not None else 0
         T = input_ids.size(1)
         if start + T > self.config.max_seq_len:
@@ -119,14 +132,19 @@ class LanguageModel(nn.Module):
                              f"{self.config.max_seq_len}")
         positions = torch.arange(start, start + T, device=input_ids.device)
         record = AuxiliaryRecorder()
-        ctx = ForwardContext(positions=positions, position=self.position, record=record,
-                             output_positions=output_positions)
+        ctx = ForwardContext(positions=positions, position=self.position, record=record)
+        last_block_at = output_positions if self.last_block_at_outputs else None
         x = self.dropout(self.position.embed(self.embedding(input_ids), positions))
         for index, block in enumerate(self.blocks):
-            x = block(x, ctx.for_layer(index, cache))
+            layer_ctx = ctx.for_layer(index, cache)
+            if index == len(self.blocks) - 1:
+                layer_ctx = replace(layer_ctx, output_positions=last_block_at)
+            x = block(x, layer_ctx)  # (B, K, C) after the last block where it selects
         if self.shared_ffn is not None:
             x = self.shared_ffn(x, _slot(ctx, cache, "ffn"))
-        logits = self.lm_head(self.norm(x), _slot(ctx, cache, "head"))
+        head_ctx = replace(_slot(ctx, cache, "head"),
+                           output_positions=None if last_block_at is not None else output_positions)
+        logits = self.lm_head(self.norm(x), head_ctx)
         if cache is not None:
             cache.length += T
         return ModelOutput(logits, record.losses, record.stats, record.total_loss())

@@ -3,7 +3,9 @@
 
 One instance is shared by all layers. `embed` acts on the token embeddings; `rotate`
 acts on each attention layer's queries and keys and `scale_values` on its values, before
-they are cached (each is the identity where it does not apply).
+they are cached (each is the identity where it does not apply). The queries' positions
+are the keys' unless `query_positions` (B, K) says otherwise: a layer that computes a few
+positions only (`ForwardContext.output_positions`) has queries at those.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class PositionEncoding(nn.Module):
         return x
 
     def rotate(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+        query_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
@@ -70,11 +73,15 @@ class RotaryPosition(PositionEncoding):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def rotate(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+        query_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)  # (T, D/2)
-        sin = self.sin[positions].to(q.dtype)
-        return _rotate_half_split(q, cos, sin), _rotate_half_split(k, cos, sin)
+        def angles(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _over_heads(self.cos[at], at), _over_heads(self.sin[at], at)
+
+        q_angles = angles(positions if query_positions is None else query_positions)
+        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
+                _rotate_half_split(k, *(a.to(k.dtype) for a in angles(positions))))
 
 
 @dataclass
@@ -135,14 +142,19 @@ class BlackHoleRoPE(PositionEncoding):
         self.energy_amplification = config.energy_amplification
 
     def rotate(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+        query_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Elementwise products, not matmuls: autocast would round the angles to bfloat16.
         shift = torch.tanh((self.pair_features * self.phase_coefficients).sum(-1))  # (D/2,)
         frequencies = self.frequencies * torch.exp2(shift)
-        angles = positions.float()[:, None] * frequencies  # (T, D/2)
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-        return _rotate_half_split(q, cos, sin), _rotate_half_split(k, cos, sin)
+
+        def rotated(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+            angles = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)...
+            return _rotate_half_split(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+
+        return (rotated(q, positions if query_positions is None else query_positions),
+                rotated(k, positions))
 
     def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.energy_coefficients is None:
@@ -167,6 +179,12 @@ def fourier_features(x: torch.Tensor, modes: int) -> torch.Tensor:
 def rotary_frequencies(theta: float, head_dim: int) -> torch.Tensor:
     """RoPE's angular frequencies omega_i = theta^(-2i / D), i < D/2: (D/2,) float64."""
     return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def _over_heads(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Angles (T, D/2) as they are, or per batch row (B, K, D/2) -> (B, 1, K, D/2), to
+    broadcast over (B, H, T, D/2) heads."""
+    return per_position if positions.dim() == 1 else per_position[:, None]
 
 
 def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from moa import balance
 from moa.auxiliary import AuxiliaryRecorder
+from moa.context import select_positions
 from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
 
@@ -86,6 +87,11 @@ class Routing:
     probs: torch.Tensor  # (B, T, n) the router's probabilities before any top-k
     logits: torch.Tensor | None = None  # (B, T, n) the softmax's input; None for static
     chosen: torch.Tensor | None = None  # (B, T, n) bool, the paths a token runs; None: all
+
+    def at(self, positions: torch.Tensor) -> Routing:
+        """The routing of the tokens at positions (B, K) only: (B, K, n) fields."""
+        return Routing(*(None if field is None else select_positions(field, positions)
+                         for field in (self.weights, self.probs, self.logits, self.chosen)))
 
     def dispatch(self) -> torch.Tensor:
         """(B, T, n) 0/1: the chosen paths, or each token's most probable one if dense."""

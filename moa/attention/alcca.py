@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from moa.attention.heads import HeadsConfig
 from moa.attention.metric import MetricAttention, MetricAttentionConfig, MetricConfig
 from moa.attention.registry import ATTENTION
+from moa.context import select_positions
 from moa.kernels.alcca_reference import WEIGHTINGS, neighbour_weights
 from moa.kernels.neighbours import INDEXES, IndexOptions, faiss_available
 from moa.schema import check, check_choice
@@ -82,14 +83,19 @@ class AlccaAttention(MetricAttention):
     def __init__(self, config: AlccaConfig, model: ModelConfig) -> None:
         super().__init__(config.metric_attention(), model)
         self.alcca = config
+        # The exact index searches queries at any positions; the FAISS indexes are searched
+        # in position order, so `at_output_positions` keeps the wanted rows of a full forward.
+        self.computes_output_positions = config.index == "exact"
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
+        ctx.output_positions (B, K) (exact index), only those positions search and average:
+        -> (B, K, C); the centre-of-mass statistic is still every query's."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
         v = ctx.position.scale_values(v, ctx.positions)
         B, Hq, T, D = q.shape
-        G = self.group
+        G, Hkv = self.group, k.size(1)
         state: dict[str, Any] = {} if ctx.cache is None else ctx.cache.state
         if "index" not in state:
             state["index"] = INDEXES[self.alcca.index](D, self.alcca.index_options)
@@ -102,22 +108,32 @@ class AlccaAttention(MetricAttention):
             k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
 
         queries = q.unflatten(1, (-1, G)).transpose(2, 3)  # (B, Hkv, T, G, D)
-        positions = (start + torch.arange(T, device=x.device)).repeat_interleave(G)  # (T*G,)
-        top_k = min(self.alcca.k, start + T)
-        if x.device.type == "meta":  # a shape-only pass (FLOP counting) does not search
-            ids = torch.zeros(B * k.size(1), T * G, top_k, dtype=torch.long, device=x.device)
-        else:
-            ids = search_neighbours(index, queries.flatten(0, 1).flatten(1, 2), new_keys,
-                                    positions, G, top_k)  # (N, T*G, k)
-        alpha = self.log_alpha.exp().view(-1, 1, G).expand(-1, T, G)  # (Hkv, T, G)
-        y = neighbour_average(queries.flatten(0, 1).flatten(1, 2), k.flatten(0, 1),
-                              v.flatten(0, 1), ids, alpha.flatten(1).repeat(B, 1),
-                              self.alcca.weighting, self.alcca.eps, self.alcca.block)
-        y = y.view(B, -1, T, G, D)  # (B, Hkv, T, G, D)
         near = (queries - centre[:, :, :, None].to(q.dtype)).norm(dim=-1) < self.alcca.theta
-        ctx.record.stat("centre_fraction", near.float().mean())
+        ctx.record.stat("centre_fraction", near.float().mean())  # (B, Hkv, T, G) averaged
+        positions = (start + torch.arange(T, device=x.device)).repeat_interleave(G)  # (T*G,)
+        if ctx.output_positions is not None:  # (B, K): those queries only
+
+            def wanted(t: torch.Tensor) -> torch.Tensor:  # (B, Hkv, T, ...) -> (B, Hkv, K, ...)
+                return select_positions(t.transpose(1, 2), ctx.output_positions).transpose(1, 2)
+
+            queries, near, value_mean = wanted(queries), wanted(near), wanted(value_mean)
+            positions = ctx.positions[ctx.output_positions].repeat_interleave(G, dim=1)
+            positions = positions.repeat_interleave(Hkv, dim=0)  # (N, K*G)
+        Tq = queries.size(2)
+        top_k = min(self.alcca.k, start + T)
+        flat_queries = queries.flatten(0, 1).flatten(1, 2)  # (N, Tq*G, D)
+        if x.device.type == "meta":  # a shape-only pass (FLOP counting) does not search
+            ids = torch.zeros(B * Hkv, Tq * G, top_k, dtype=torch.long, device=x.device)
+        else:
+            ids = search_neighbours(index, flat_queries, new_keys, positions, G,
+                                    top_k)  # (N, Tq*G, k)
+        alpha = self.log_alpha.exp().view(-1, 1, G).expand(-1, Tq, G)  # (Hkv, Tq, G)
+        y = neighbour_average(flat_queries, k.flatten(0, 1), v.flatten(0, 1), ids,
+                              alpha.flatten(1).repeat(B, 1), self.alcca.weighting,
+                              self.alcca.eps, self.alcca.block)
+        y = y.view(B, Hkv, Tq, G, D)
         y = torch.where(near[..., None], value_mean[:, :, :, None].to(y.dtype), y)
-        return self.heads.merge(y.transpose(2, 3).reshape(B, Hq, T, D))
+        return self.heads.merge(y.transpose(2, 3).reshape(B, Hq, Tq, D))  # (B, Tq, C)
 
 
 def _prefix_mean(state: dict[str, Any], name: str, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -134,8 +150,12 @@ def _prefix_mean(state: dict[str, Any], name: str, x: torch.Tensor, start: int) 
 def search_neighbours(index: Any, queries: torch.Tensor, keys: torch.Tensor,
                       positions: torch.Tensor, group: int, k: int) -> torch.Tensor:
     """Add the new keys (N, T, D) chunk by chunk, each time searching the queries (N, T*G, D)
-    of the chunk's positions, so every query finds its neighbours among keys up to its own
-    position. -> ids (N, T*G, k), -1 where fewer than k keys are visible."""
+    of the chunk's positions (T*G,), so every query finds its neighbours among keys up to
+    its own position. -> ids (N, T*G, k), -1 where fewer than k keys are visible. Queries
+    at positions (N, M) per head (an exact index's) are searched at once, after every key."""
+    if positions.dim() == 2:
+        index.add(keys)
+        return index.search(queries.detach(), positions, k)
     found = []
     for begin in range(0, keys.size(1), index.chunk):
         end = min(begin + index.chunk, keys.size(1))

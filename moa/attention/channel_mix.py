@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.attention.registry import ATTENTION
+from moa.context import select_positions
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class ChannelMixConfig:
 
 @ATTENTION.register("channel_mix", ChannelMixConfig)
 class ChannelMix(nn.Module):
+    computes_output_positions = True  # each token alone: those positions only, when given
+
     def __init__(self, config: ChannelMixConfig, model: ModelConfig) -> None:
         super().__init__()
         hidden = config.mixer_hidden or 2 * model.d_model
@@ -53,5 +56,7 @@ class ChannelMix(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(h))))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C), position by position."""
+        """x: (B, T, C) -> (B, T, C), position by position; (B, K, C) at ctx.output_positions."""
+        if ctx.output_positions is not None:
+            x = select_positions(x, ctx.output_positions)
         return self.token_part(x)

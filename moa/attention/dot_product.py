@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.attention.heads import HeadsConfig, QKVProjection, causal_mask
+from moa.attention.heads import HeadsConfig, QKVProjection, causal_mask, causal_mask_at
 from moa.attention.registry import ATTENTION
 
 if TYPE_CHECKING:
@@ -24,19 +24,27 @@ if TYPE_CHECKING:
 
 @ATTENTION.register("dot_product", HeadsConfig)
 class SelfAttention(nn.Module):
+    computes_output_positions = True  # queries at ctx.output_positions only, when given
+
     def __init__(self, config: HeadsConfig, model: ModelConfig) -> None:
         super().__init__()
         self.heads = QKVProjection(config, model)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
-        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-        q, k = ctx.position.rotate(q, k, ctx.positions)
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
+        ctx.output_positions (B, K), only those positions query: -> (B, K, C)."""
+        wanted = ctx.output_positions
+        at = None if wanted is None else ctx.positions[wanted]  # (B, K) absolute positions
+        q, k, v = self.heads.split(x, wanted)  # (B, Hq, T or K, D), (B, Hkv, T, D) x2
+        q, k = ctx.position.rotate(q, k, ctx.positions, at)
         v = ctx.position.scale_values(v, ctx.positions)
         if ctx.cache is not None:
             k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
-        mask = causal_mask(q.size(2), k.size(2), x.device)
+        if at is None:
+            mask = causal_mask(q.size(2), k.size(2), x.device)
+        else:
+            mask = causal_mask_at(at, k.size(2))  # (B, 1, K, S)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,

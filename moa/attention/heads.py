@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moa.context import select_positions
 from moa.errors import ConfigError
 from moa.schema import check, check_range
 
@@ -66,15 +67,25 @@ class QKVProjection(nn.Module):
         self.out = nn.Linear(self.n_q_heads * self.head_dim, model.d_model, bias=config.bias)
         self.out.residual = True  # scaled at init as a residual-stream projection
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With query_positions (B, K) the queries are those positions' only: (B, Hq, K, D)."""
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
+        x_q = x if query_positions is None else select_positions(x, query_positions)
+        q = self.q(x_q).view(B, x_q.size(1), self.n_q_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, D = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def causal_mask_at(query_positions: torch.Tensor, k_len: int) -> torch.Tensor:
+    """Boolean (B, 1, K, k_len) mask for queries at the absolute query_positions (B, K)
+    over the keys at positions 0..k_len-1: True where the key is at or before the query."""
+    keys = torch.arange(k_len, device=query_positions.device)
+    return keys <= query_positions[:, None, :, None]
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from torch import nn
 from moa.attention.balls import BallPruning
 from moa.attention.heads import HeadsConfig, QKVProjection
 from moa.attention.registry import ATTENTION
+from moa.context import select_positions
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.regularizers import triangle_inequality_penalty
@@ -106,6 +107,8 @@ def select_kernel(impl: str, device: torch.device) -> Kernel:
 
 @ATTENTION.register("metric", MetricAttentionConfig)
 class MetricAttention(nn.Module):
+    computes_output_positions = True  # queries at ctx.output_positions only, when given
+
     def __init__(self, config: MetricAttentionConfig, model: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -137,7 +140,9 @@ class MetricAttention(nn.Module):
         return q, k
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions."""
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
+        ctx.output_positions (B, K), only those positions attend: -> (B, K, C). Every query
+        is still projected, so the triangle-inequality penalty samples the same points."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
         v = ctx.position.scale_values(v, ctx.positions)
@@ -152,11 +157,17 @@ class MetricAttention(nn.Module):
             gate, pruned = self.balls(k)  # (B, Hkv, S)
             ctx.record.stat("pruned_fraction", pruned)
         alpha = self.log_alpha.exp()
-        kernel = select_kernel(self.config.impl, x.device)
-        if self.config.attn_drop > 0 and self.training:
-            kernel = _with_dropout(self.config.attn_drop)
-        y = kernel(q, k, v, k_norm, alpha, gate)  # (B, Hq, T, D)
-        return self.proj_drop(self.heads.merge(y))
+        dropout = self.config.attn_drop if self.training else 0.0
+        wanted = ctx.output_positions
+        if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
+            q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
+            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout,
+                                       query_positions=ctx.positions[wanted])
+        elif dropout > 0:
+            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout)
+        else:
+            y = select_kernel(self.config.impl, x.device)(q, k, v, k_norm, alpha, gate)
+        return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
 
     def _triangle_penalty(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> None:
         B, Hkv, T, D = k.shape
@@ -166,10 +177,4 @@ class MetricAttention(nn.Module):
         ctx.record.loss("ti_penalty", penalty, self.config.ti_reg_weight)
         ctx.record.stat("ti_violating_fraction", violating)
 
-
-def _with_dropout(p: float) -> Kernel:
-    def kernel(q, k, v, k_norm, alpha, gate):
-        return metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=p)
-
-    return kernel
 

@@ -64,6 +64,8 @@ class MixtureConfig:
 
 @ATTENTION.register("mixture", MixtureConfig)
 class MixtureOfAttentions(nn.Module):
+    computes_output_positions = True  # each path at ctx.output_positions, when given
+
     def __init__(self, config: MixtureConfig, model: ModelConfig) -> None:
         super().__init__()
         n = len(config.paths)
@@ -76,6 +78,10 @@ class MixtureOfAttentions(nn.Module):
         return y if self.feature_gates is None else self.feature_gates(index, x, y)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); causal when every path is, the router being per token."""
+        """x: (B, T, C) -> (B, T, C); causal when every path is, the router being per token.
+        With ctx.output_positions (B, K): -> (B, K, C), the router still run on every token,
+        so its statistics and balance loss are the full forward's."""
         routing = self.router(x, ctx.record.scoped("router"))
+        if ctx.output_positions is not None:
+            routing = routing.at(ctx.output_positions)
         return routed_sum(x, routing, self.paths, ctx, "paths", self.feature_gates)

@@ -14,7 +14,9 @@ Every implementation (`metric_attention_eager` here, `metric_attention_cpu` in
     out     (B, Hq, T, D)
 
 The score of query i for key j is `s_ij = -alpha * ||q_i - k_j||^2`. The queries are the
-last T of the S positions (causal: query i sees keys j <= S - T + i), and a query always
+last T of the S positions (causal: query i sees keys j <= S - T + i; the reference also
+takes `query_positions` (B, T), queries anywhere, as a forward that wants a few positions
+has them), and a query always
 keeps its own key whatever its gate says, so no row is empty. A pruned key enters the
 softmax with weight `gate_j * exp(s_ij)`: the gate is a multiplicative weight, so the
 gradient with respect to a pruned key's gate is defined (and used by the ball's
@@ -40,21 +42,29 @@ def metric_scores(q: torch.Tensor, k: torch.Tensor, k_norm: torch.Tensor,
     return -alpha.view(1, -1, 1, 1) * distance
 
 
-def allowed_keys(q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(causal, own): bool (T, S) masks of the keys each query may see and of its own key."""
-    rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-    cols = torch.arange(k_len, device=device)[None, :]
+def allowed_keys(q_len: int, k_len: int, device: torch.device,
+                 query_positions: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal, own): bool masks of the keys each query may see and of its own key, (T, S)
+    for the last T of S positions, or (B, 1, T, S) for queries at query_positions (B, T)."""
+    if query_positions is None:
+        rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    else:
+        rows = query_positions[:, None, :, None]
+    cols = torch.arange(k_len, device=device)
     return cols <= rows, cols == rows
 
 
 def metric_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
                            alpha: torch.Tensor, gate: torch.Tensor | None,
-                           dropout: float = 0.0) -> torch.Tensor:
+                           dropout: float = 0.0,
+                           query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: a (T x S) score matrix per head, in any dtype (float64 for tests).
-    `dropout` drops attention probabilities (training with `attn_drop`; eager only)."""
+    `dropout` drops attention probabilities (training with `attn_drop`; eager only);
+    `query_positions` (B, T) places the queries at those positions (eager only)."""
     group = q.size(1) // k.size(1)
     scores = metric_scores(q, k, k_norm, alpha)  # (B, Hq, T, S)
-    causal, own = allowed_keys(q.size(2), k.size(2), q.device)
+    causal, own = allowed_keys(q.size(2), k.size(2), q.device, query_positions)
     weight = causal.to(scores.dtype).expand_as(scores)  # multiplicative key weights
     if gate is not None:
         gate = gate.to(scores.dtype).repeat_interleave(group, dim=1)[:, :, None, :]  # (B,Hq,1,S)

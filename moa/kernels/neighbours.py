@@ -6,7 +6,8 @@ An index holds the keys of N independent heads (batch x key heads), added in tim
     index.add(keys)                              # keys (N, S_new, D), the next positions
     ids = index.search(queries, positions, k)    # queries (N, M, D), positions (M,) -> (N, M, k)
 
-Query m may see the keys at positions 0..positions[m]; `ids` lists its k nearest such keys
+Query m may see the keys at positions 0..positions[m] (the exact index also takes positions
+(N, M), one list per head); `ids` lists its k nearest such keys
 by Euclidean distance, nearest first, padded with -1 where fewer than k are visible. The
 search runs without autograd: it returns positions only, and ALCCA recomputes distances
 from the chosen keys so gradients flow through them (`moa/attention/alcca.py`).
@@ -98,7 +99,7 @@ class ExactIndex:
         queries = torch.cat([-2 * queries, queries.new_ones(N, M, 1)], dim=-1)  # (N, M, D+1)
         for start in range(0, M, self.block):
             q = queries[:, start:start + self.block]  # (N, m, D+1)
-            seen = positions[start:start + self.block]  # (m,)
+            seen = positions[..., start:start + self.block]  # (m,) or (N, m)
             visible = int(seen.max()) + 1
             best_d, best_i = self._tile_top_k(q, keys, seen, 0, visible, k)
             for k_start in range(self.block, visible, self.block):
@@ -113,13 +114,13 @@ class ExactIndex:
     def _tile_top_k(self, q: torch.Tensor, keys: torch.Tensor, seen: torch.Tensor,
                     k_start: int, visible: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best-scored keys k_start.. (one tile) of `keys` (N, S, D+1) for the queries q
-        (N, m, D+1) that may see keys up to `seen` (m,): -> scores and ids (N, m, min(k,
-        tile)), inf where hidden."""
+        (N, m, D+1) that may see keys up to `seen` (m,) or (N, m): -> scores and ids (N, m,
+        min(k, tile)), inf where hidden."""
         k_end = min(k_start + self.block, visible)
         score = q @ keys[:, k_start:k_end].mT  # (N, m, s)
         if k_end - 1 > int(seen.min()):  # some query must not see some key of the tile
             cols = torch.arange(k_start, k_end, device=q.device)  # (s,)
-            score.masked_fill_(cols > seen[:, None], float("inf"))
+            score.masked_fill_(cols > seen[..., None], float("inf"))
         score, top = score.topk(min(k, k_end - k_start), dim=-1, largest=False)
         return score, top + k_start
 
