@@ -42,10 +42,12 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
 
     Branch i runs under `branch_context(ctx, f"{scope}.{i}")`; `feature_gates` (FiLM per
     branch) act on each branch's output where given. With ctx.output_positions (B, K) the
-    result is those positions' only, (B, K, C), and `routing` is theirs, (B, K, n).
+    result is those positions' only, (B, K, C); `routing` is every token's either way, so a
+    branch that some token of the batch chose runs (and records) as in the full forward.
     """
     wanted = ctx.output_positions
     produced = x if wanted is None else select_positions(x, wanted)  # (B, T or K, C)
+    batch_routing, routing = routing, routing if wanted is None else routing.at(wanted)
     weights = routing.weights.flatten(0, 1)  # (B*T, n)
     rows_x = produced.flatten(0, 1)  # (B*T, C)
     out = torch.zeros_like(rows_x)
@@ -66,7 +68,7 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
             elif rows.numel():
                 y = gate(i, rows_x[rows], branch.token_part(h[rows]))  # (N, C)
                 out = out.index_add(0, rows, (weights[rows, i, None] * y).to(out.dtype))
-        elif chosen is None or ctx.cache is not None or chosen.any():
+        elif chosen is None or ctx.cache is not None or batch_routing.chosen[..., i].any():
             y = gate(i, rows_x, at_output_positions(branch, x, branch_ctx).flatten(0, 1))
             out = out + weights[:, i, None].to(y.dtype) * y  # (B*T, C)
     return out.view(produced.shape)

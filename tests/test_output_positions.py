@@ -122,6 +122,19 @@ def test_alcca_at_the_wanted_positions_searches_as_the_full_forward(attention):
         assert 0.0 < float(want[2]["layers.1.attention.centre_fraction"]) < 1.0
 
 
+def test_a_top_k_mixture_runs_every_path_some_token_chose():
+    """Top-1 routing, one wanted position at a time: a path that only unwanted tokens chose
+    still runs, so its statistics (the metric path's pruned fraction) are recorded."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config({"name": "mixture", "router": {
+        "name": "topk", "router_topk": 1, "router_hidden": None}, "paths": [
+            {"name": "dot_product"}, {"name": "metric", "use_balls": True, "radius_init": 0.5},
+            {"name": "channel_mix"}]})).train()
+    ids = torch.randint(0, 50, (1, 24))
+    for position in range(0, 24, 3):
+        _assert_same(*_selected_and_full(model, ids, torch.tensor([[position]])))
+
+
 @pytest.mark.parametrize("position", ["rope", "blackhole_rope", "learned"])
 @pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 1}, {"n_q_heads": 2, "n_kv_heads": 2}])
 def test_queries_at_the_wanted_positions_are_rotated_there(position, attention):

@@ -82,6 +82,4 @@ class MixtureOfAttentions(nn.Module):
         With ctx.output_positions (B, K): -> (B, K, C), the router still run on every token,
         so its statistics and balance loss are the full forward's."""
         routing = self.router(x, ctx.record.scoped("router"))
-        if ctx.output_positions is not None:
-            routing = routing.at(ctx.output_positions)
         return routed_sum(x, routing, self.paths, ctx, "paths", self.feature_gates)
