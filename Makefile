@@ -61,6 +61,7 @@ bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results
 	$(BIN)/python bench/throughput.py --json bench/results/throughput-cpu.json
 	$(BIN)/python bench/generate.py --json bench/results/generate-cpu.json
 	$(BIN)/python bench/host_memory.py --json bench/results/host_memory.json
+	$(BIN)/python bench/output_positions.py --json bench/results/output_positions.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
