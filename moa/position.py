@@ -79,9 +79,10 @@ class RotaryPosition(PositionEncoding):
         def angles(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return _over_heads(self.cos[at], at), _over_heads(self.sin[at], at)
 
-        q_angles = angles(positions if query_positions is None else query_positions)
+        k_angles = angles(positions)  # (T, D/2) x2
+        q_angles = k_angles if query_positions is None else angles(query_positions)
         return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
-                _rotate_half_split(k, *(a.to(k.dtype) for a in angles(positions))))
+                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
 
 
 @dataclass
@@ -149,12 +150,14 @@ class BlackHoleRoPE(PositionEncoding):
         shift = torch.tanh((self.pair_features * self.phase_coefficients).sum(-1))  # (D/2,)
         frequencies = self.frequencies * torch.exp2(shift)
 
-        def rotated(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-            angles = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)...
-            return _rotate_half_split(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        def angles(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            turns = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)
+            return turns.cos(), turns.sin()
 
-        return (rotated(q, positions if query_positions is None else query_positions),
-                rotated(k, positions))
+        k_angles = angles(positions)
+        q_angles = k_angles if query_positions is None else angles(query_positions)
+        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
+                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
 
     def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.energy_coefficients is None:
