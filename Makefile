@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock train test test-all smoke sweep dashboard bench lint clean
+.PHONY: install lock train test test-all smoke sweep dashboard chromium bench lint clean
 
 # $(call venv_with_torch,DIR): the venv DIR (made if missing) with pip upgraded and TORCH_SPEC.
 define venv_with_torch
@@ -53,6 +53,13 @@ test: $(STAMP)  ## the fast suite (what CI runs)
 
 test-all: $(STAMP)  ## everything, slow tests included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+# The dashboard's browser test runs where `chromium` is on PATH and is skipped elsewhere;
+# this installs Debian's package for it (as root; a machine without apt says so and stops).
+chromium:  ## install Debian's chromium for the dashboard's headless-browser test
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null \
+	  || { echo "no apt-get here: install chromium another way"; exit 1; }; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 
 bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results/
 	mkdir -p bench/results

@@ -100,17 +100,28 @@ def test_running_and_failed_runs_never_show_as_finished(sweep, tmp_path):
     assert 'class="running"' in page and "RuntimeError: out of memory" in page
 
 
+def _chromium(page: Path, profile: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", "--window-size=1400,900", f"--user-data-dir={profile}", *flags,
+         page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
-def test_page_loads_in_headless_chromium_without_console_errors(sweep, tmp_path):
+def test_page_renders_in_headless_chromium_without_console_errors(sweep, tmp_path):
     out = tmp_path / "dashboard.html"
     main([str(sweep), "--out", str(out)])
     screenshot = tmp_path / "dashboard.png"
-    result = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-         "--v=0", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={screenshot}", out.as_uri()],
-        capture_output=True, text=True, timeout=120)
+    result = _chromium(out, tmp_path / "profile", f"--screenshot={screenshot}")
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
     assert not [line for line in console if "Uncaught" in line or "ERROR:CONSOLE" in line], \
         console
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The page as the browser built it: plotly drew its figure, the table has both runs.
+    dom = _chromium(out, tmp_path / "profile", "--virtual-time-budget=5000",
+                    "--dump-dom").stdout
+    assert dom.count('class="main-svg"') >= 1, dom[:2000]
+    assert dom.count("<tr>") >= 3  # the header and one row per run
+    for loss in val_losses(sweep):
+        assert f'data-value="{loss}"' in dom
