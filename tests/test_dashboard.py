@@ -121,7 +121,6 @@ def test_page_renders_in_headless_chromium_without_console_errors(sweep, tmp_pat
     # The page as the browser built it: plotly drew its figure, the table has both runs.
     dom = _chromium(out, tmp_path / "profile", "--virtual-time-budget=5000",
                     "--dump-dom").stdout
-    assert dom.count('class="main-svg"') >= 1, dom[:2000]
-    assert dom.count("<tr>") >= 3  # the header and one row per run
+    assert 'class="main-svg"' in dom, dom[:2000]  # only plotly's script makes this
     for loss in val_losses(sweep):
         assert f'data-value="{loss}"' in dom
