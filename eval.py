@@ -3,14 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
-import moa.tasks
+import moa.training
 from moa.errors import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     with exit_on_config_error():
-        moa.tasks.evaluate(cfg)
+        moa.training.evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import moa.tasks
+import moa.training
 from moa.errors import exit_on_config_error
 
 
@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> float | None:
     # records it and runs the other jobs. A single run exits with one line instead.
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     with nullcontext() if sweeping else exit_on_config_error():
-        metrics, _ = moa.tasks.train(cfg)
+        metrics, _ = moa.training.train(cfg)
     return metrics.get("val_loss")  # the objective a sweeper (e.g. Optuna) minimises
 
 

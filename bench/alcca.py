@@ -33,12 +33,12 @@ import torch
 
 from moa.attention import ATTENTION
 from moa.attention.alcca import search_neighbours
-from moa.auxiliary import AuxiliaryRecorder
 from moa.config import ModelConfig
-from moa.context import ForwardContext
 from moa.kernels.neighbours import INDEXES, faiss_available
-from moa.memory import peak_allocated_mb
-from moa.position import POSITION
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.context import ForwardContext
+from moa.layers.position import POSITION
+from moa.training.memory import peak_allocated_mb
 
 H, D, TOP_K = 8, 64, 32
 ROOT = Path(__file__).resolve().parents[1]

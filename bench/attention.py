@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
-from moa.memory import peak_allocated_mb
+from moa.training.memory import peak_allocated_mb
 
 H, D = 8, 64
 

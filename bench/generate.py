@@ -4,7 +4,7 @@
     python bench/generate.py --presets moa_metric --prompt 128 --new-tokens 32 --repeats 1
 
 Every preset of `conf/model/` at `--size` (the context stretched to prompt + new tokens,
-the vocabulary `--vocab-size`), random weights, wrapped in `moa.hf.MoaForCausalLM`:
+the vocabulary `--vocab-size`), random weights, wrapped in `moa.hf.modeling.MoaForCausalLM`:
 greedy generation of `--new-tokens` after a random `--prompt`-token prompt, batch 1,
 `use_cache=True` (prefill once, then one token per step through `MoaCache`) against
 `use_cache=False` (the whole context recomputed at every step, as MoA-100M's card does).
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from moa.hf import MoaConfig, MoaForCausalLM
-from moa.kv_cache import LayerCache
+from moa.hf.modeling import MoaConfig, MoaForCausalLM
+from moa.layers.kv_cache import LayerCache
 from moa.params import CONF_DIR, model_config
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "moas"]

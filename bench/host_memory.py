@@ -1,5 +1,5 @@
 """Training step time with glibc's malloc as it is and with freed memory kept
-(`keep_host_memory`, moa/host_memory.py), on a schemes_mqar cell.
+(`keep_host_memory`, moa/training/host_memory.py), on a schemes_mqar cell.
 
     python bench/host_memory.py --json bench/results/host_memory.json
     python bench/host_memory.py --attention mha metric alcca --seq-len 256 --width d128
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from throughput import Trainee
 
-from moa.host_memory import keep_freed
 from moa.params import model_config
+from moa.training.host_memory import keep_freed
 
 MODES = ("default", "keep")
 

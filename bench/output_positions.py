@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from throughput import Trainee
 
-from moa.host_memory import keep_freed
 from moa.params import CONF_DIR, model_config
+from moa.training.host_memory import keep_freed
 
 CELLS = ("64/d64", "128/d64", "256/d64", "64/d128", "128/d128", "256/d128")
 

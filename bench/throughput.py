@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from moa.callbacks import training_flops
 from moa.config import ModelConfig
-from moa.lit import scored_forward, token_metrics
-from moa.model import build_model
-from moa.optim import parameter_groups
+from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
+from moa.training.callbacks import training_flops
+from moa.training.lit import scored_forward, token_metrics
+from moa.training.optim import parameter_groups
 
 BASELINE = "gpt"
 VARIANTS = ("bf16-mixed", "compile", "accumulate=2", "scored=1/16")

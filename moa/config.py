@@ -47,7 +47,7 @@ class ModelConfig:
     init_std: float = 0.02
     layer_scale_init: float | None = None  # LayerScale on both branches, started here; None: off
     drop_path: float = 0.0  # stochastic depth: probability of dropping a branch per sequence
-    card_config: str | None = None  # a MoA card's config.json, applied by moa.card
+    card_config: str | None = None  # a MoA card's config.json, applied by moa.training.card
     compile: bool = False  # torch.compile for training: how the model runs, not what it is
     attention: Any = None
     ffn: Any = None
@@ -82,10 +82,10 @@ class ModelConfig:
     def from_sections(cls, model: Any, **components: Any) -> ModelConfig:
         """Parse the `model` section and each component group, then check them together."""
         from moa.attention import ATTENTION
-        from moa.ffn import FFN
-        from moa.head import HEAD
-        from moa.norm import NORM
-        from moa.position import POSITION
+        from moa.layers.ffn import FFN
+        from moa.layers.head import HEAD
+        from moa.layers.norm import NORM
+        from moa.layers.position import POSITION
 
         registries = {"attention": ATTENTION, "ffn": FFN, "position": POSITION, "norm": NORM,
                       "head": HEAD}

@@ -99,9 +99,9 @@ def assert_same_outputs_and_gradients(actual, expected, inputs) -> None:
 
 def forward_context(config, T: int):
     """A fresh ForwardContext for positions 0..T-1 of a model with `config`."""
-    from moa.auxiliary import AuxiliaryRecorder
-    from moa.context import ForwardContext
-    from moa.position import POSITION
+    from moa.layers.auxiliary import AuxiliaryRecorder
+    from moa.layers.context import ForwardContext
+    from moa.layers.position import POSITION
 
     position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
     return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())

@@ -13,8 +13,8 @@ from moa.attention import ATTENTION
 from moa.attention import alcca as alcca_module
 from moa.errors import ConfigError
 from moa.kernels.alcca_reference import alcca_attention_eager
-from moa.model import build_model
-from moa.retrofit import swap_attention, transfer_weights
+from moa.models.language_model import build_model
+from moa.models.retrofit import swap_attention, transfer_weights
 from tests.conftest import assert_causal, forward_context, tiny_model_config
 
 
@@ -183,7 +183,7 @@ def test_config_errors_name_the_key(monkeypatch):
 
 
 def test_smoke_train_with_alcca(compose_config):
-    from moa.tasks import train
+    from moa.training import train
 
     cfg = compose_config("trainer=smoke", "model=gpt", "attention=alcca", "attention.k=8",
                          "tokenizer=byte", "trainer.max_steps=12", "trainer.val_check_interval=6")
@@ -197,7 +197,7 @@ def test_smoke_train_with_alcca(compose_config):
 def test_eval_retrofit_of_a_metric_model_reports_no_change_at_full_k(compose_config, tmp_path):
     """eval.py run_dir=DIR attention_override=alcca with k >= L, theta = 0 and softmax: the
     retrofitted model is the trained one, so the reported loss change is zero."""
-    from moa.tasks import evaluate, train
+    from moa.training import evaluate, train
 
     trained, _ = train(compose_config("trainer=smoke", "model=gpt", "attention=metric",
                                       "attention.impl=eager",

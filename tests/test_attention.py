@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.model import build_model
+from moa.models.language_model import build_model
 from tests.conftest import assert_causal, forward_context, tiny_model_config
 
 SCHEMES = {  # the head layouts of conf/attention/{mha,gqa,mqa,sqa}.yaml on 4 model heads

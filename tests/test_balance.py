@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moa import balance
+from moa.layers import balance
 
 
 def test_mse_uniform_by_hand():

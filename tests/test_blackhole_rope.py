@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from moa.errors import ConfigError
-from moa.model import build_model
-from moa.position import (
+from moa.layers.position import (
     POSITION,
     BlackHoleRoPE,
     BlackHoleRoPEConfig,
@@ -18,6 +17,7 @@ from moa.position import (
     RotaryPosition,
     fourier_features,
 )
+from moa.models.language_model import build_model
 from tests.conftest import tiny_model_config
 
 D, L = 16, 64
@@ -161,7 +161,7 @@ def test_gradients_reach_perturbation_and_gate(attention):
 
 
 def test_smoke_train(compose_config):
-    from moa.tasks import train
+    from moa.training import train
 
     cfg = compose_config("trainer=smoke", "model=gpt", "position=blackhole_rope",
                          "evaluate=false", "tokenizer=byte", "trainer.max_steps=10")

@@ -1,4 +1,4 @@
-"""A MoA card's config.json, keys as written: `model.card_config=FILE` (moa/card.py)."""
+"""A MoA card's config.json, keys as written: `model.card_config=FILE` (moa/training/card.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from moa.card import CARD_KEYS
 from moa.errors import ConfigError
-from moa.run_config import parse_run
+from moa.training.card import CARD_KEYS
+from moa.training.run_config import parse_run
 
 # MoA-100M's shape in the card's own keys, with Hugging Face's bookkeeping beside them.
 MOA_100M = {

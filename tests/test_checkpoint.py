@@ -14,10 +14,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from moa.checkpoint_io import AtomicCheckpointIO
 from moa.errors import ConfigError
-from moa.run_status import FAILED, RUNNING, write_status
-from moa.tasks import METRIC_KEYS, evaluate, train
+from moa.training import METRIC_KEYS, evaluate, train
+from moa.training.checkpoint_io import AtomicCheckpointIO
+from moa.training.run_status import FAILED, RUNNING, write_status
 from tests.conftest import ROOT
 
 RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "model.n_layers=1", "data.batch_size=8",
@@ -27,7 +27,7 @@ EVAL = ("trainer.limit_test_batches=1", "sampling.prompts=[]")
 
 SAVER = """
 import sys, torch
-from moa.checkpoint_io import AtomicCheckpointIO
+from moa.training.checkpoint_io import AtomicCheckpointIO
 io, step = AtomicCheckpointIO(), 0
 while True:
     step += 1

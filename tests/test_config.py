@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from moa.errors import ConfigError
-from moa.run_config import parse_run
+from moa.training.run_config import parse_run
 from tests.conftest import CONF_DIR
 
 # Groups whose files are chosen as `group=name`; hydra/ and paths/ are merged into every run.

@@ -16,7 +16,7 @@ import pytest
 from moa.dashboard.__main__ import main
 from moa.dashboard.runs import load_runs
 from moa.dashboard.table import SUMMARY, build_table, format_cell
-from moa.run_status import write_status
+from moa.training.run_status import write_status
 from tests.conftest import ROOT
 
 

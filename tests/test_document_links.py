@@ -43,8 +43,8 @@ def links(document: Path) -> list[str]:
 def test_slug_follows_github():
     assert slug("Dashboard: `python -m moa.dashboard`") == "dashboard-python--m-moadashboard"
     assert slug("schemes_mqar: every scheme at 64/4") == "schemes_mqar-every-scheme-at-644"
-    assert slug("Router (`router` group, `moa/router.py`)") == \
-        "router-router-group-moarouterpy"
+    assert slug("Router (`router` group, `moa/layers/router.py`)") == \
+        "router-router-group-moalayersrouterpy"
 
 
 def test_the_documents_have_links_to_check():

@@ -10,7 +10,7 @@ import shlex
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from moa.run_config import parse_run
+from moa.training.run_config import parse_run
 from tests.conftest import ROOT
 
 BLOCK_LINE = re.compile(r"^ *python (train|eval)\.py\b(.*)$", re.MULTILINE)  # code blocks

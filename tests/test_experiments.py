@@ -18,8 +18,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
 from moa.errors import ConfigError
-from moa.run_config import parse_run
-from moa.run_status import read_status
+from moa.training.run_config import parse_run
+from moa.training.run_status import read_status
 from tests.conftest import CONF_DIR, ROOT
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -90,7 +90,7 @@ def test_a_command_line_list_replaces_the_presets_sweep_list(compose_config):
 def test_schemes_mqar_stops_at_its_validation_threshold(compose_config):
     """Zoology's early stop: a threshold every validation passes ends training at the first
     validation, and the test split is still scored."""
-    from moa.tasks import train
+    from moa.training import train
 
     cfg = compose_config("experiment=schemes_mqar", "~callbacks.progress_bar",
                          "data.num_train_examples=320", "data.num_val_examples=32",

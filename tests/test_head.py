@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from moa.auxiliary import AuxiliaryRecorder
-from moa.context import ForwardContext
 from moa.errors import ConfigError
-from moa.generation import SamplingConfig, generate
-from moa.head import HEAD
-from moa.model import build_model
-from moa.position import POSITION
-from moa.tasks import train
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.context import ForwardContext
+from moa.layers.head import HEAD
+from moa.layers.position import POSITION
+from moa.models.generation import SamplingConfig, generate
+from moa.models.language_model import build_model
+from moa.training import train
 from tests.conftest import assert_cached_matches_full
 from tests.test_hyper_ffn import C, hyper, model_config
 

@@ -1,4 +1,4 @@
-"""Hugging Face interop (moa.hf, moa.export): generate() with our cache equals recomputing
+"""Hugging Face interop (moa.hf.modeling, moa.export): generate() with our cache equals recomputing
 and our own decoding for every scheme, left padding, and the export round trip."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from moa.errors import ConfigError  # noqa: E402
-from moa.export import export  # noqa: E402
-from moa.generation import SamplingConfig, generate  # noqa: E402
-from moa.hf import CACHE_ARGUMENT, MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
-from moa.lit import token_metrics  # noqa: E402
+from moa.hf.export import export  # noqa: E402
+from moa.hf.modeling import CACHE_ARGUMENT, MoaCache, MoaConfig, MoaForCausalLM  # noqa: E402
+from moa.models.generation import SamplingConfig, generate  # noqa: E402
 from moa.params import model_config  # noqa: E402
-from moa.tasks import evaluate, train  # noqa: E402
+from moa.training import evaluate, train  # noqa: E402
+from moa.training.lit import token_metrics  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "metric_mqa", "alcca", "local_conv",

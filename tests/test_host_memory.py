@@ -10,15 +10,15 @@ import sys
 
 import pytest
 
-import moa.tasks
+import moa.training
 from moa.errors import ConfigError
-from moa.run_config import parse_run
+from moa.training.run_config import parse_run
 
 # In a fresh interpreter: allocate, touch and free a 64 MiB tensor a few times, as training
 # steps do; report the last time's page faults and the resident memory its free released.
 PROBE = """
 import json, resource, sys, torch
-from moa.host_memory import keep_freed
+from moa.training.host_memory import keep_freed
 kept = keep_freed() if sys.argv[1] == "keep" else False
 def resident_mib():
     with open("/proc/self/statm") as statm:
@@ -73,7 +73,7 @@ def test_training_keeps_host_memory_as_configured(compose_config, monkeypatch, k
             raise error
         return hook
 
-    monkeypatch.setattr(moa.tasks, "keep_freed", raise_(KeptMemory))
-    monkeypatch.setattr(moa.tasks, "LMDataModule", raise_(BuiltData))
+    monkeypatch.setattr(moa.training.train_task, "keep_freed", raise_(KeptMemory))
+    monkeypatch.setattr(moa.training.train_task, "LMDataModule", raise_(BuiltData))
     with pytest.raises(first):
-        moa.tasks.train(compose_config("trainer=smoke", f"keep_host_memory={keep}"))
+        moa.training.train(compose_config("trainer=smoke", f"keep_host_memory={keep}"))

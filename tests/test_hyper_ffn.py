@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moa.auxiliary import AuxiliaryRecorder
 from moa.config import ModelConfig
 from moa.errors import ConfigError
-from moa.ffn import FFN
-from moa.model import build_model
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.ffn import FFN
+from moa.models.language_model import build_model
 from tests.conftest import (
     assert_cached_matches_full,
     assert_causal,

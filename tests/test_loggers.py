@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from moa.loggers import choice_tags, run_name, wandb_mode
-from moa.tasks import train
+from moa.training import train
+from moa.training.loggers import choice_tags, run_name, wandb_mode
 
 
 @pytest.mark.parametrize("env,mode", [

@@ -2,7 +2,7 @@
 
 import torch
 
-from moa.memory import peak_allocated_mb
+from moa.training.memory import peak_allocated_mb
 
 
 def test_peak_counts_a_temporary_and_ignores_earlier_allocations():

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.auxiliary import AuxiliaryRecorder
 from moa.config import ModelConfig
-from moa.context import ForwardContext
 from moa.errors import ConfigError
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
-from moa.model import build_model
-from moa.position import POSITION
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.context import ForwardContext
+from moa.layers.position import POSITION
+from moa.models.language_model import build_model
 from tests.conftest import tiny_model_config
 
 
@@ -170,7 +170,7 @@ def test_config_round_trips_through_checkpoint_dict():
 
 
 def test_hydra_composes_metric_options(compose_config):
-    from moa.run_config import parse_run
+    from moa.training.run_config import parse_run
 
     cfg = compose_config("attention=metric_mqa", "metric=maha_diag", "regularizer=ti",
                          "trainer=smoke")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.auxiliary import AuxiliaryRecorder
 from moa.errors import ConfigError
-from moa.model import build_model
-from moa.run_config import parse_run
-from moa.tasks import train
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.models.language_model import build_model
+from moa.training import train
+from moa.training.run_config import parse_run
 from tests.conftest import (
     assert_cached_matches_full,
     assert_causal,

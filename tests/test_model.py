@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa.generation import SamplingConfig, generate, next_token
-from moa.model import build_model
+from moa.models.generation import SamplingConfig, generate, next_token
+from moa.models.language_model import build_model
 from tests.conftest import tiny_model_config
 
 
@@ -59,7 +59,7 @@ def test_top_k_and_top_p_restrict_the_support():
 
 def test_rope_rotation_is_relative():
     """q.k after rotation depends only on the distance between positions."""
-    from moa.position import RotaryConfig, RotaryPosition
+    from moa.layers.position import RotaryConfig, RotaryPosition
 
     rope = RotaryPosition(RotaryConfig(), max_seq_len=64, d_model=32, head_dim=8)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
@@ -87,7 +87,7 @@ def test_sequence_longer_than_context_is_refused():
 
 
 def test_optimizer_decays_only_matrices():
-    from moa.optim import parameter_groups
+    from moa.training.optim import parameter_groups
 
     model = build_model(tiny_model_config())
     decay, no_decay = parameter_groups(model, 0.1)
@@ -101,7 +101,7 @@ def test_optimizer_decays_only_matrices():
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     from moa.config import OptimConfig
-    from moa.optim import lr_factor
+    from moa.training.optim import lr_factor
 
     config = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
     factors = [lr_factor(step, config, total_steps=110) for step in range(111)]

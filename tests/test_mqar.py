@@ -11,8 +11,8 @@ from torch.utils.data import default_collate
 from moa.data import CORPORA, build_datamodule
 from moa.data.mqar import IGNORE_INDEX, MQARConfig, MQARDataset, multiquery_ar
 from moa.errors import ConfigError
-from moa.lit import scored_forward, token_metrics
-from moa.model import build_model
+from moa.models.language_model import build_model
+from moa.training.lit import scored_forward, token_metrics
 from tests.conftest import CONF_DIR, tiny_model_config
 from tests.test_head import moa_head
 

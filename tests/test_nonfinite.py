@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moa.errors import TrainingStopped
-from moa.lit import LanguageModelModule
-from moa.run_status import read_status
-from moa.tasks import train
+from moa.training import train
+from moa.training.lit import LanguageModelModule
+from moa.training.run_status import read_status
 
 RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "evaluate=false", "model.n_layers=1",
        "data.batch_size=8", "trainer.log_every_n_steps=1", "optim.nonfinite_patience=3")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa.callbacks import training_flops
-from moa.model import build_model
+from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
+from moa.training.callbacks import training_flops
 from tests.conftest import tiny_model_config
 
 TINY = ["model.d_model=32", "model.n_heads=4", "model.n_layers=2", "model.vocab_size=300",

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from moa.model import build_model
-from moa.params import main, model_config, parameter_table
+from moa.models.language_model import build_model
+from moa.models.params import parameter_table
+from moa.params import main, model_config
 from tests.conftest import CONF_DIR, ROOT
 
 PRESETS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
@@ -73,7 +74,7 @@ def test_bad_override_is_an_error_naming_the_key():
 
 
 def test_kv_cache_bytes_per_token_count_keys_and_values_per_kv_head():
-    from moa.params import kv_cache_bytes_per_token
+    from moa.models.params import kv_cache_bytes_per_token
 
     mha = build_model(model_config(["model=gpt", "model.size=tiny", "tokenizer=byte"]))
     mqa = build_model(model_config(["model=gpt", "model.size=tiny", "tokenizer=byte",
@@ -87,7 +88,7 @@ def test_kv_cache_bytes_per_token_count_keys_and_values_per_kv_head():
 
 
 def test_active_parameters_leave_out_the_paths_top_k_skips():
-    from moa.params import active_parameters
+    from moa.models.params import active_parameters
 
     dense = build_model(model_config(["model=moas", "model.size=tiny", "tokenizer=byte"]))
     assert active_parameters(dense) == dense.num_parameters()  # softmax runs every path

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moa.attention import ATTENTION
 from moa.errors import ConfigError
-from moa.model import build_model
+from moa.models.language_model import build_model
 from tests.conftest import (
     assert_cached_matches_full,
     assert_causal,

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from moa.model import build_model
-from moa.params import model_config, parameter_table
-from moa.run_config import parse_run
-from moa.tasks import METRIC_KEYS, train
+from moa.models.language_model import build_model
+from moa.models.params import parameter_table
+from moa.params import model_config
+from moa.training import METRIC_KEYS, train
+from moa.training.run_config import parse_run
 from tests.conftest import assert_cached_matches_full
 
 PRESETS = ["discoverlm", "moa_metric"]

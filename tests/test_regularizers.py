@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moa.regularizers import triangle_inequality_penalty
+from moa.layers.regularizers import triangle_inequality_penalty
 
 
 def test_euclidean_distance_never_violates():

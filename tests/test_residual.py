@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa.auxiliary import AuxiliaryRecorder
-from moa.context import ForwardContext
 from moa.errors import ConfigError
-from moa.model import build_model
-from moa.residual import DropPath
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.context import ForwardContext
+from moa.layers.residual import DropPath
+from moa.models.language_model import build_model
 from tests.conftest import tiny_model_config
 
 

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from moa.errors import ConfigError
-from moa.run_status import read_status
-from moa.tasks import train
+from moa.training import train
+from moa.training.run_status import read_status
 from tests.conftest import ROOT
 
 # dropout on, so the restored RNG state matters; a step logged at every step
@@ -80,7 +80,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_curve(compose_config, tmp_
         train(compose_config(*RUN, *steps, f"paths.output_dir={tmp_path / 'whole'}"))
     assert not _alarms(caught)  # a new run: nothing in its directory is lost
 
-    from moa.lit import LanguageModelModule
+    from moa.training.lit import LanguageModelModule
     original = LanguageModelModule.training_step
 
     def crash_at_step_7(self, batch, batch_idx):
@@ -128,8 +128,8 @@ def test_a_killed_run_keeps_its_seconds_up_to_its_last_checkpoint(compose_config
                                                                   monkeypatch):
     """A killed process writes no `failed` status: the running status's seconds, refreshed
     at each checkpoint save, are what resume=true carries on."""
-    from moa import run_status
-    from moa.lit import LanguageModelModule
+    from moa.training import run_status
+    from moa.training.lit import LanguageModelModule
 
     original = LanguageModelModule.training_step
 
@@ -205,7 +205,7 @@ def test_command_line_resume_after_sigkill(tmp_path, cache_dir):
 def test_resume_auto_skips_continues_or_starts_each_run(compose_config, tmp_path, monkeypatch):
     """A sweep carried over to a second sitting: its finished job is left alone, its killed
     job continues from its checkpoint, and the job it never began starts."""
-    from moa.lit import LanguageModelModule
+    from moa.training.lit import LanguageModelModule
 
     steps = ("trainer.max_steps=9", "trainer.val_check_interval=4")
     finished, killed, unstarted = (tmp_path / name for name in ("finished", "killed", "new"))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from moa import balance
-from moa.auxiliary import AuxiliaryRecorder
 from moa.errors import ConfigError
-from moa.router import ROUTER, FeatureGates, RouterConfig
+from moa.layers import balance
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.router import ROUTER, FeatureGates, RouterConfig
 from moa.schema import parse
 
 D, N = 16, 4

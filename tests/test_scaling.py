@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from moa.tasks import train
+from moa.training import train
 from tests.conftest import ROOT
 
 TINY = ("model=gpt", "model.size=tiny", "model.n_layers=1", "tokenizer=byte",

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from moa.errors import ConfigError
-from moa.run_status import read_status, recording_status
-from moa.tasks import METRIC_KEYS, evaluate, train
+from moa.training import METRIC_KEYS, evaluate, train
+from moa.training.run_status import read_status, recording_status
 from tests.conftest import ROOT
 
 

@@ -18,7 +18,7 @@ gradient only to the values (the mean); its q and the keys get none from it.
 
 The module is metric attention's (`MetricAttention`) with another forward: the same
 projections, metric map and alpha, under the same state-dict keys, so a trained metric
-model loads into ALCCA unchanged (`moa/retrofit.py`). The KV cache holds the keys (metric
+model loads into ALCCA unchanged (`moa/models/retrofit.py`). The KV cache holds the keys (metric
 space) and values; `cache.state` holds the growing neighbour index and the running sums.
 """
 
@@ -33,14 +33,14 @@ from torch.utils.checkpoint import checkpoint
 from moa.attention.heads import HeadsConfig
 from moa.attention.metric import MetricAttention, MetricAttentionConfig, MetricConfig
 from moa.attention.registry import ATTENTION
-from moa.context import select_positions
 from moa.kernels.alcca_reference import WEIGHTINGS, neighbour_weights
 from moa.kernels.neighbours import INDEXES, IndexOptions, faiss_available
+from moa.layers.context import select_positions
 from moa.schema import check, check_choice
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 
 @dataclass

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.attention.registry import ATTENTION
-from moa.context import select_positions
+from moa.layers.context import select_positions
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 
 @dataclass

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.attention.heads import HeadsConfig, QKVProjection, causal_mask, causal_mask_at
+from moa.attention.heads import HeadsConfig, QKVProjection
 from moa.attention.registry import ATTENTION
+from moa.kernels.masks import causal_mask, causal_mask_at
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 
 @ATTENTION.register("dot_product", HeadsConfig)

@@ -1,4 +1,5 @@
-"""What every multi-head scheme shares: head counts, projections and the causal mask.
+"""What every multi-head scheme shares: head counts and projections (the causal masks are
+moa/kernels/masks.py, which the kernels use too).
 
 Head layout: the model has `n_heads` heads of `head_dim` (d_model // n_heads unless set:
 then the heads' total width n_heads * head_dim may differ from d_model, and the output
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moa.context import select_positions
 from moa.errors import ConfigError
+from moa.layers.context import select_positions
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
@@ -79,20 +80,3 @@ class QKVProjection(nn.Module):
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, D = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
-
-
-def causal_mask_at(query_positions: torch.Tensor, k_len: int) -> torch.Tensor:
-    """Boolean (B, 1, K, k_len) mask for queries at the absolute query_positions (B, K)
-    over the keys at positions 0..k_len-1: True where the key is at or before the query."""
-    keys = torch.arange(k_len, device=query_positions.device)
-    return keys <= query_positions[:, None, :, None]
-
-
-def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean (q_len, k_len) mask, True where attention is allowed; None when the queries
-    are exactly the keys (then `is_causal` is cheaper) or a single query sees every key."""
-    if q_len == k_len or q_len == 1:
-        return None
-    offset = k_len - q_len  # queries are the last q_len of the k_len positions
-    rows = torch.arange(q_len, device=device)[:, None] + offset
-    return rows >= torch.arange(k_len, device=device)[None, :]

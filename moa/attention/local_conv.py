@@ -23,8 +23,8 @@ from moa.schema import check
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
-    from moa.kv_cache import LayerCache
+    from moa.layers.context import ForwardContext
+    from moa.layers.kv_cache import LayerCache
 
 
 @dataclass
@@ -40,7 +40,7 @@ class LocalConvConfig:
 class CausalDepthwiseConv(nn.Conv1d):
     """Each of `channels` convolved with its own kernel over the last `kernel` positions;
     with a cache, the last `kernel - 1` inputs roll in `cache.state["conv"]` (B, C, K - 1).
-    Also the HyperFFN's conv branch (`moa/hyper_ffn.py`)."""
+    Also the HyperFFN's conv branch (`moa/layers/hyper_ffn.py`)."""
 
     def __init__(self, channels: int, kernel: int, bias: bool) -> None:
         super().__init__(channels, channels, kernel, groups=channels, bias=bias)

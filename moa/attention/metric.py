@@ -10,7 +10,7 @@ every metric is Euclidean, so one kernel serves all three (`moa/kernels/`), chos
 Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per query
 head; the Mahalanobis weights and the balls describe the key space, so they are per key
 head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`)
-and a triangle-inequality penalty (`ti_reg_weight`, `moa/regularizers.py`). The KV cache
+and a triangle-inequality penalty (`ti_reg_weight`, `moa/layers/regularizers.py`). The KV cache
 holds the metric-space keys, the values and the keys' squared norms.
 """
 
@@ -28,15 +28,15 @@ from torch import nn
 from moa.attention.balls import BallPruning
 from moa.attention.heads import HeadsConfig, QKVProjection
 from moa.attention.registry import ATTENTION
-from moa.context import select_positions
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
-from moa.regularizers import triangle_inequality_penalty
+from moa.layers.context import select_positions
+from moa.layers.regularizers import triangle_inequality_penalty
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 METRICS = ("l2", "cosine", "maha_diag")
 IMPLS = ("auto", "eager", "cpu_fused", "triton")

@@ -2,14 +2,14 @@
 
 `paths` is a list of attention configs, each any registered scheme (`dot_product` with
 any head layout, `metric`, `local_conv`, `channel_mix`, ...), and `router` a
-`RouterConfig` (`moa/router.py`) giving the per-token weights w. MoAS is this with MHA,
+`RouterConfig` (`moa/layers/router.py`) giving the per-token weights w. MoAS is this with MHA,
 GQA and MQA paths (`conf/attention/moas.yaml`, `moas_static.yaml`); the MoA block of the
 MoA cards is this with local-conv, metric, channel-mix and metric-MQA paths.
 
 Each path records under `paths.<i>.` and owns a child `LayerCache` in the layer cache's
 `state`, so paths never share cache names (two dot-product paths both append "k"/"v").
 
-Sparse execution, when the router chooses (topk), is `moa/branches.py`'s `routed_sum`: a
+Sparse execution, when the router chooses (topk), is `moa/layers/branches.py`'s `routed_sum`: a
 path that splits into a `sequence_part(x, ctx)` over all tokens and a `token_part(h)`
 acting on each row alone (`channel_mix`: the whole MLP; `local_conv`: the pointwise
 projection) runs its `token_part` on the routed tokens only. Other paths (attention) are
@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from moa.attention.registry import ATTENTION
-from moa.branches import routed_sum
 from moa.errors import ConfigError
-from moa.router import ROUTER, FeatureGates, RouterConfig
+from moa.layers.branches import routed_sum
+from moa.layers.router import ROUTER, FeatureGates, RouterConfig
 from moa.schema import check
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 
 @dataclass

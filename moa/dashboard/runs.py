@@ -1,10 +1,10 @@
 """Read run directories (single runs or every job of a multirun) into `Run` records.
 
 A run directory is one with a `config.yaml` beside `.hydra/` or `status.json` (the layout
-of `moa/tasks.py`). From it the dashboard reads:
+of `moa/training/tasks.py`). From it the dashboard reads:
     config.yaml          the resolved config, flattened to dotted keys
     .hydra/hydra.yaml    the config-group choices (attention=mha, model=gpt, ...)
-    status.json          running | finished | failed (moa.run_status) and the wall seconds;
+    status.json          running | finished | failed (moa.training.run_status) and the wall seconds;
                          without it, finished when metrics.json exists, else unknown
     metrics.json         final val/test loss, perplexity, accuracy
     run.json             parameters (total, active) and KV-cache bytes per token
@@ -25,10 +25,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from moa.run_status import read_status
-
 STATS_PREFIX = "train/stats/"
-THROUGHPUT = "train|device|items_per_sec"  # tokens/s (moa.callbacks.TokenThroughput)
+THROUGHPUT = "train|device|items_per_sec"  # tokens/s (moa.training.callbacks.TokenThroughput)
 CURVES = ("train/loss", "val/loss")
 
 
@@ -88,7 +86,8 @@ def _choices(run_dir: Path) -> dict[str, str]:
 
 def _status(run_dir: Path) -> tuple[str, str | None, float | None]:
     """(status, error, wall seconds); a run from before status.json kept seconds has None."""
-    status = read_status(run_dir)
+    status_file = run_dir / "status.json"  # moa/training/run_status.py writes it
+    status = json.loads(status_file.read_text()) if status_file.is_file() else None
     if status is not None:
         return status["status"], status.get("error"), status.get("seconds")
     return ("finished" if (run_dir / "metrics.json").is_file() else "unknown"), None, None

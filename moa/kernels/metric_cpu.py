@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from moa.attention.heads import causal_mask
+from moa.kernels.masks import causal_mask
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward

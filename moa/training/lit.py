@@ -15,9 +15,9 @@ from torchmetrics.aggregation import MeanMetric
 
 from moa.config import ModelConfig, OptimConfig
 from moa.errors import TrainingStopped
-from moa.model import ModelOutput, build_model
-from moa.optim import build_optimizer
+from moa.models.language_model import ModelOutput, build_model
 from moa.schema import parse
+from moa.training.optim import build_optimizer
 
 CHECKPOINT_FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # labels that carry no loss (mqar's non-answer positions)

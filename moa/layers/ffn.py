@@ -1,4 +1,4 @@
-"""Feed-forward networks: `mlp` (GELU) | `swiglu` | `hyper` (`moa/hyper_ffn.py`) | `none`.
+"""Feed-forward networks: `mlp` (GELU) | `swiglu` | `hyper` (`moa/layers/hyper_ffn.py`) | `none`.
 
 Every FFN is built as `cls(config, d_model, bias)` and called as `ffn(x, ctx)` with
 x: (B, T, C); `ctx` gives it a record scope and its own cache (the HyperFFN's conv branch
@@ -19,7 +19,7 @@ from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 FFN: Registry[nn.Module] = Registry("ffn")
 
@@ -50,7 +50,7 @@ class FFNConfig:
 
 class TokenwiseFFN(nn.Module):
     """An FFN acting on each token alone: all of its work is the subclass's `token_part`,
-    so as a routed branch (`moa/branches.py`) it runs only on the tokens routed to it."""
+    so as a routed branch (`moa/layers/branches.py`) it runs only on the tokens routed to it."""
 
     def sequence_part(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return x  # (B, T, C): nothing to do across positions
@@ -104,4 +104,4 @@ FFN.register("mlp", FFNConfig)(MLP)
 FFN.register("swiglu", FFNConfig)(SwiGLU)
 FFN.register("none", FFNConfig)(NoFFN)
 
-from moa import hyper_ffn  # noqa: E402, F401  (registers "hyper"; it builds on the classes above)
+from moa.layers import hyper_ffn  # noqa: E402, F401  (registers "hyper"; it builds on the classes above)

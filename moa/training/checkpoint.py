@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from moa.config import ModelConfig
 from moa.errors import ConfigError
-from moa.lit import CHECKPOINT_FORMAT_VERSION
+from moa.training.lit import CHECKPOINT_FORMAT_VERSION
 
 
 def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:

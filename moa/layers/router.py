@@ -19,7 +19,7 @@ zero-initialised so that switching one on starts from the same function:
   output scaled and shifted by functions of the token (applied by the mixture).
 
 A router returns a `Routing` and records, under its scope, the balance losses of
-`moa/balance.py` whose weight is non-zero and, per path, its usage (mean weight; the
+`moa/layers/balance.py` whose weight is non-zero and, per path, its usage (mean weight; the
 usages sum to one), the fraction of tokens that run it (topk: these sum to k) and the
 mean entropy of the router's probabilities.
 """
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa import balance
-from moa.auxiliary import AuxiliaryRecorder
-from moa.context import select_positions
+from moa.layers import balance
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.context import select_positions
 from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
 

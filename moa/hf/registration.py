@@ -1,10 +1,10 @@
-"""Register `moa.hf` with transformers' Auto classes when transformers is imported.
+"""Register `moa.hf.modeling` with transformers' Auto classes when transformers is imported.
 
 `import moa` must make `AutoModelForCausalLM.from_pretrained(exported_dir)` work, but
 importing transformers' model classes costs seconds, which every `train.py` run would pay.
 So `import moa` registers at once only if transformers is already loaded; otherwise it
 leaves a finder on `sys.meta_path` that wraps the loading of the `transformers` package
-and imports `moa.hf` (which registers) right after it, then removes itself.
+and imports `moa.hf.modeling` (which registers) right after it, then removes itself.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def execute_then_register(module: ModuleType) -> None:
             execute(module)
-            importlib.import_module("moa.hf")
+            importlib.import_module("moa.hf.modeling")
 
         spec.loader.exec_module = execute_then_register
         return spec
@@ -38,7 +38,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 def register_with_transformers() -> None:
     """Register now if transformers is loaded, else when it is (no-op without it)."""
     if PACKAGE in sys.modules:
-        importlib.import_module("moa.hf")
+        importlib.import_module("moa.hf.modeling")
     elif importlib.util.find_spec(PACKAGE) is not None and not any(
             isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

@@ -16,16 +16,16 @@ import torch
 from torch import nn
 
 from moa.attention import ATTENTION
-from moa.auxiliary import AuxiliaryRecorder
-from moa.branches import branch_context
 from moa.config import ModelConfig
-from moa.context import ForwardContext, at_output_positions, select_positions
-from moa.ffn import FFN, TokenwiseFFN
-from moa.head import HEAD, LinearHead
-from moa.kv_cache import KVCache
-from moa.norm import NORM
-from moa.position import POSITION
-from moa.residual import DropPath, LayerScale
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.branches import branch_context
+from moa.layers.context import ForwardContext, at_output_positions, select_positions
+from moa.layers.ffn import FFN, TokenwiseFFN
+from moa.layers.head import HEAD, LinearHead
+from moa.layers.kv_cache import KVCache
+from moa.layers.norm import NORM
+from moa.layers.position import POSITION
+from moa.layers.residual import DropPath, LayerScale
 
 
 @dataclass
@@ -158,6 +158,19 @@ class LanguageModel(nn.Module):
         if exclude_embedding:
             total -= self.embedding.weight.numel()
         return total
+
+
+def shared_parameters(module: nn.Module) -> dict[str, str]:
+    """{tied name: source name} for each parameter held under two names (the LM head's
+    matrix and the embedding, wherever the head keeps it)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
 
 
 def _slot(ctx: ForwardContext, cache: KVCache | None, name: str) -> ForwardContext:

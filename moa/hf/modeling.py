@@ -7,10 +7,11 @@
     out = model.generate(**tokenizer(["Once"], return_tensors="pt"), max_new_tokens=32)
 
 `MoaConfig` holds our `ModelConfig` as a dict (`moa`); `MoaForCausalLM` wraps
-`moa.model.LanguageModel` unchanged (its weights are `model.<our names>`), so logits equal
-ours. `generate()` threads a `MoaCache` (transformers' `Cache` API around our `KVCache`):
-every scheme and path keeps what it needs there (keys and values, metric attention's key
-norms, ALCCA's index, the convolutions' rolling windows, the MoA LM head's attention).
+`moa.models.language_model.LanguageModel` unchanged (its weights are `model.<our names>`),
+so logits equal ours. `generate()` threads a `MoaCache` (transformers' `Cache` API around
+our `KVCache`): every scheme and path keeps what it needs there (keys and values, metric
+attention's key norms, ALCCA's index, the convolutions' rolling windows, the MoA LM head's
+attention).
 
 Padding: a batch without padding runs as one batch. A left-padded batch (attention_mask
 with zeros at the start of rows) runs each row on its own, without its pads, each with its
@@ -40,9 +41,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moa.config import ModelConfig
-from moa.kv_cache import KVCache
-from moa.model import LanguageModel
-from moa.position import POSITION
+from moa.layers.kv_cache import KVCache
+from moa.layers.position import POSITION
+from moa.models.language_model import LanguageModel, shared_parameters
 
 MODEL_TYPE = "moa_metric"
 CACHE_ARGUMENT = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
@@ -129,7 +130,7 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MoaConfig) -> None:
         super().__init__(config)
         self.model = LanguageModel(config.model_config())
-        self._tied_weights_keys = _shared_parameters(self)
+        self._tied_weights_keys = shared_parameters(self)
         self.post_init()
 
     @classmethod
@@ -201,19 +202,6 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
                 out = self.model(tokens, None if cache is None else cache.caches[row]).logits
                 logits[row, keep[row]] = out[0].float()
         return logits
-
-
-def _shared_parameters(module: torch.nn.Module) -> dict[str, str]:
-    """{tied name: source name} for each parameter held under two names (the LM head's
-    matrix and the embedding, wherever the head keeps it)."""
-    first: dict[int, str] = {}
-    tied = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        if id(parameter) in first:
-            tied[name] = first[id(parameter)]
-        else:
-            first[id(parameter)] = name
-    return tied
 
 
 def _check_left_padding(attention_mask: torch.Tensor) -> None:

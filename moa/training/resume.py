@@ -21,8 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moa.errors import ConfigError
-from moa.run_config import resolved
-from moa.run_status import FINISHED, read_status
+from moa.training.run_config import resolved
+from moa.training.run_status import FINISHED, read_status
 
 # The sections that decide what a run computes (not where it logs or how it is watched).
 COMPARED = ("seed", "model", "attention", "ffn", "position", "norm", "head", "router",

@@ -16,12 +16,12 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from moa.card import apply_card_config
 from moa.config import COMPONENTS, ModelConfig, OptimConfig
 from moa.data import CORPORA, TOKENIZERS
 from moa.errors import ConfigError
-from moa.generation import SamplingConfig
+from moa.models.generation import SamplingConfig
 from moa.schema import check, check_choice, parse
+from moa.training.card import apply_card_config
 
 TOP_LEVEL_KEYS = {
     "hydra",
@@ -39,7 +39,7 @@ class RunSpec:
     data: Any
     tokenizer: Any  # None where the data brings its own vocabulary (mqar)
     sampling: SamplingConfig
-    keep_host_memory: bool  # moa/host_memory.py
+    keep_host_memory: bool  # moa/training/host_memory.py
 
 
 def check_model_size(model: DictConfig) -> None:
@@ -70,7 +70,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 def parse_run(cfg: DictConfig) -> RunSpec:
     """Parse and cross-check a composed training config; raise ConfigError on bad input.
 
-    A `model.card_config` file is applied onto `cfg` first (moa.card), so the run's saved
+    A `model.card_config` file is applied onto `cfg` first (moa.training.card), so the run's saved
     config holds the card's values."""
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:

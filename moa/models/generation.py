@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moa.model import LanguageModel
+from moa.models.language_model import LanguageModel
 from moa.schema import check, check_range
 
 

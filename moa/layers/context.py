@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moa.auxiliary import AuxiliaryRecorder
-from moa.kv_cache import KVCache, LayerCache
+from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.kv_cache import KVCache, LayerCache
 
 if TYPE_CHECKING:
-    from moa.position import PositionEncoding
+    from moa.layers.position import PositionEncoding
 
 
 @dataclass

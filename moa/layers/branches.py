@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moa.context import ForwardContext, at_output_positions, select_positions
+from moa.layers.context import ForwardContext, at_output_positions, select_positions
 
 if TYPE_CHECKING:
-    from moa.router import FeatureGates, Routing
+    from moa.layers.router import FeatureGates, Routing
 
 
 def branch_context(ctx: ForwardContext, name: str) -> ForwardContext:

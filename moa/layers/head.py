@@ -18,7 +18,7 @@ Parameters of `moa`, with C = d_model, b = 1 with `model.bias` else 0, D = head_
 
     attention  per dot-product path with h query and g key/value heads: C D (2 h + 2 g)
                + b (D (h + 2 g) + C); channel_mix of width m: 2 C m + b (m + C);
-               router and gates as in `moa.hyper_ffn.router_parameters` (n = paths)
+               router and gates as in `moa.layers.hyper_ffn.router_parameters` (n = paths)
     ffn        SwiGLU: 3 C H + b (2 H + C), or the chosen FFN's count
     norms      3 C (RMSNorm; LayerNorm: 3 C (1 + b))
     vocab      0 when tied, else V C
@@ -34,18 +34,18 @@ import torch
 from torch import nn
 
 from moa.attention import ATTENTION
-from moa.branches import branch_context
-from moa.context import select_positions
 from moa.errors import ConfigError
-from moa.ffn import FFN
-from moa.norm import NORM
-from moa.position import PositionEncoding
+from moa.layers.branches import branch_context
+from moa.layers.context import select_positions
+from moa.layers.ffn import FFN
+from moa.layers.norm import NORM
+from moa.layers.position import PositionEncoding
 from moa.registry import Registry
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 HEAD: Registry[nn.Module] = Registry("head")
 

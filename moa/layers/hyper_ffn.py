@@ -13,9 +13,9 @@ Branches (`branches`, any of them in any order; their number is the router's n):
 - `low_rank`: a gated low-rank map, the SwiGLU form at rank `lr_rank`:
   `(SiLU(x A) * x B) D` with A, B: C x r and D: r x C.
 
-`router` is a `RouterConfig` (`moa/router.py`): `softmax` mixes every branch densely,
+`router` is a `RouterConfig` (`moa/layers/router.py`): `softmax` mixes every branch densely,
 `topk` runs each token through its `router_topk` best branches only; sparse execution
-is the mixture's (`moa/branches.py`): the conv's depthwise part runs for every token (the
+is the mixture's (`moa/layers/branches.py`): the conv's depthwise part runs for every token (the
 decoding window must advance), each branch's per-token MLP only on its routed tokens.
 
 Parameters, with C = d_model, n = number of branches, b = 1 with `model.bias` else 0
@@ -38,13 +38,13 @@ import torch
 from torch import nn
 
 from moa.attention.local_conv import CausalDepthwiseConv
-from moa.branches import routed_sum
-from moa.ffn import FFN, MLP, FFNConfig, SwiGLU
-from moa.router import ROUTER, FeatureGates, RouterConfig
+from moa.layers.branches import routed_sum
+from moa.layers.ffn import FFN, MLP, FFNConfig, SwiGLU
+from moa.layers.router import ROUTER, FeatureGates, RouterConfig
 from moa.schema import check
 
 if TYPE_CHECKING:
-    from moa.context import ForwardContext
+    from moa.layers.context import ForwardContext
 
 
 @dataclass

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_warn
 
 from moa.config import ModelConfig
-from moa.model import build_model
+from moa.models.language_model import build_model
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

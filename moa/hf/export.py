@@ -1,0 +1,126 @@
+"""Export a trained run as a Hugging Face model directory.
+
+    python -m moa.export run_dir=DIR out=DIR2      (or ckpt_path=FILE; checkpoint=best|last)
+
+(the command is moa/export.py; this module is what it runs)
+
+DIR2 holds model.safetensors (the uncompiled model's weights, the tied LM head stored
+once), config.json (model_type "moa_metric", our model config under `moa`),
+generation_config.json (bos/eos/pad ids), the tokenizer (tokenizer.json and
+tokenizer_config.json with the special tokens and the chat template below), README.md (a
+model card with the run's config and metrics) and moa_run.yaml (the run's config, which
+eval.py reads to evaluate DIR2 as it would the run).
+
+Chat format (`tokenizer.apply_chat_template`): `<|bos|>`, then each message as its role
+token and its content, an assistant message closed by `<|eos|>`; the roles are system,
+user, assistant, think and reasoning. The generation prompt is `<|assistant|>`:
+
+    <|bos|><|system|>Be brief.<|user|>Hi<|assistant|>Hello<|eos|><|user|>Why?<|assistant|>
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+from moa.config import ModelConfig
+from moa.data.tokenizer import SPECIAL_TOKENS
+from moa.errors import ConfigError
+from moa.hf.modeling import MoaConfig, MoaForCausalLM
+from moa.training.checkpoint import load_checkpoint
+from moa.training.run_files import EXPORTED_RUN_CONFIG, locate_checkpoint
+
+ROLES = ("system", "user", "assistant", "think", "reasoning")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in " + repr(list(ROLES)) + " %}"
+    "{{ raise_exception('unknown role ' + message['role'] + '; roles: " + ", ".join(ROLES)
+    + "') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the Hugging Face directory `cfg.out` from a run's checkpoint; return it."""
+    if not cfg.get("out"):
+        raise ConfigError("out", cfg.get("out"), "a directory to write the exported model to")
+    run_dir, checkpoint_path = locate_checkpoint(cfg)
+    out = Path(cfg.out)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
+    tokenizer = _hf_tokenizer(run_dir / "tokenizer.json")
+    ids = {} if tokenizer is None else {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id}
+    model = MoaForCausalLM(MoaConfig.from_model_config(model_config, **ids))
+    model.load_state_dict(checkpoint["state_dict"])  # the Lightning module's `model.` keys
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    run_config = OmegaConf.load(run_dir / "config.yaml")
+    OmegaConf.save(run_config, out / EXPORTED_RUN_CONFIG)
+    (out / "README.md").write_text(model_card(run_dir, checkpoint_path, run_config, model))
+    return out
+
+
+def _hf_tokenizer(path: Path) -> PreTrainedTokenizerFast | None:
+    """Our tokenizer.json with its special tokens named and the chat template; None for a
+    run without a tokenizer (mqar's synthetic tokens)."""
+    if not path.is_file():
+        return None
+    bos, eos, pad, unk, *roles = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+        additional_special_tokens=roles, chat_template=CHAT_TEMPLATE, padding_side="left",
+        model_input_names=["input_ids", "attention_mask"])
+
+
+def model_card(run_dir: Path, checkpoint: Path, run_config: DictConfig,
+               model: MoaForCausalLM) -> str:
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    rows = "\n".join(f"| {key} | {value:.4g} |" for key, value in metrics.items())
+    config_text = OmegaConf.to_yaml(run_config)
+    name = model.config.moa["name"]
+    return f"""---
+library_name: transformers
+tags: [moa, {name}]
+---
+# {name} ({model.model.num_parameters() / 1e6:.2f}M parameters)
+
+Trained with moa and exported from `{run_dir}`
+(checkpoint `{checkpoint.name}`) by `python -m moa.export`.
+
+## Use
+
+```python
+import moa  # registers model_type "moa_metric"; pip install "moa[hf]"
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained(PATH)
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+inputs = tokenizer(["Once upon a time"], return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))
+```
+
+Chat format: `<|bos|>`, then each message as `<|role|>content` (roles: {", ".join(ROLES)}),
+an assistant message closed by `<|eos|>`; `apply_chat_template(..., add_generation_prompt=True)`
+ends with `<|assistant|>`.
+
+## Metrics
+
+| metric | value |
+|---|---|
+{rows or "| (none recorded) | |"}
+
+## Training config
+
+```yaml
+{config_text}```
+"""

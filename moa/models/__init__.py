@@ -1,0 +1,1 @@
+"""Whole models (the language model), what they cost (params), generation, and retrofit."""

@@ -1,0 +1,110 @@
+"""`evaluate(cfg)`: what eval.py runs, callable from tests; and `run_evaluation`, the
+val/test metrics and samples that training ends with too.
+
+With `attention_override=NAME` it evaluates a retrofit: the trained model, then the same
+model with another attention swapped in (moa/models/retrofit.py), every trained weight
+that fits loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moa.config import ModelConfig
+from moa.data import CORPORA, TOKENIZERS, LMDataModule
+from moa.models.generation import SamplingConfig
+from moa.models.retrofit import swap_attention, transfer_weights
+from moa.schema import parse
+from moa.training.job_log import log_lightning_to_the_job_file
+from moa.training.lit import LanguageModelModule
+from moa.training.run_config import check_trainer, resolved
+from moa.training.run_files import load_run
+from moa.training.samples import print_samples
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = [f"{split}_{name}" for split in ("val", "test") for name in ("loss", "ppl", "acc")]
+
+
+def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
+                   trainer_config: dict[str, Any], sampling: SamplingConfig,
+                   metrics_path: Path | None) -> dict[str, float]:
+    """Val and test metrics over the whole splits (or limit_test_batches), written to
+    `metrics_path` (unless None), then samples. On one device: a distributed sampler would
+    pad the splits with repeated blocks (after DDP training, rank 0 evaluates alone)."""
+    check_trainer(trainer_config)
+    limit = trainer_config.get("limit_test_batches")
+    evaluator = instantiate(
+        {k: v for k, v in trainer_config.items() if k not in ("fast_dev_run", "overfit_batches")},
+        limit_val_batches=limit, limit_test_batches=limit, logger=False,
+        enable_checkpointing=False, callbacks=[], devices=1, num_nodes=1, strategy="auto",
+    )
+    results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
+    results |= evaluator.test(module, datamodule=datamodule, verbose=False)[0]
+    metrics = {key: float(results[key.replace("_", "/", 1)]) for key in METRIC_KEYS}
+    if metrics_path is not None:
+        metrics_path.write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    if datamodule.tokenizer is not None and sampling.prompts:
+        print_samples(module, datamodule, sampling)
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
+    config; write DIR/metrics.json."""
+    log_lightning_to_the_job_file()
+    run_dir, run_cfg, checkpoint = load_run(cfg)
+    # evaluation and sampling run eagerly: compiling would cost more than it saves
+    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
+    module = LanguageModelModule(model=model_config.to_dict(),
+                                 optim=OmegaConf.to_container(run_cfg.optim))
+    module.load_state_dict(checkpoint["state_dict"])
+    pl.seed_everything(cfg.seed, workers=True)
+
+    data = CORPORA.parse(run_cfg.data, "data")
+    tokenizer = None
+    if data.uses_tokenizer:
+        tokenizer = TOKENIZERS.parse(
+            {"name": "pretrained", "path": str(run_dir / "tokenizer.json")}, "tokenizer")
+    datamodule = LMDataModule(data, tokenizer, seed=int(run_cfg.seed),
+                              cache_dir=run_cfg.paths.cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
+    trainer_config = resolved(cfg, "trainer")
+    override = cfg.get("attention_override")
+    if not override:
+        metrics = run_evaluation(module, datamodule, trainer_config, sampling,
+                                 run_dir / "metrics.json")
+        return metrics, {"module": module, "datamodule": datamodule}
+    # Retrofit: evaluate the trained model, then with the other attention swapped in; the
+    # run's own metrics.json is left as it is.
+    baseline = run_evaluation(module, datamodule, trainer_config, SamplingConfig(), None)
+    module = _retrofit(cfg, module, checkpoint["state_dict"], run_cfg)
+    metrics = run_evaluation(module, datamodule, trainer_config, sampling, None)
+    metrics |= {f"baseline_{key}": baseline[key] for key in METRIC_KEYS}
+    metrics |= {f"delta_{key}": metrics[key] - baseline[key] for key in METRIC_KEYS}
+    (run_dir / f"metrics_{override}.json").write_text(json.dumps(metrics, indent=2))
+    return metrics, {"module": module, "datamodule": datamodule}
+
+
+def _retrofit(cfg: DictConfig, module: LanguageModelModule, state_dict: dict[str, Any],
+              run_cfg: DictConfig) -> LanguageModelModule:
+    """A module with `cfg.attention_override` (its settings from the `cfg.<name>` section)
+    in place of the trained attention, loaded with every trained weight that fits."""
+    name = cfg.attention_override
+    override = {"name": name, **(resolved(cfg, name) if cfg.get(name) else {})}
+    config = swap_attention(module.model_config, override)
+    retrofitted = LanguageModelModule(model=config.to_dict(),
+                                      optim=OmegaConf.to_container(run_cfg.optim))
+    report = transfer_weights(retrofitted, state_dict)
+    log.info("attention_override=%s: untrained %s; unused trained %s", name, report.missing,
+             report.unexpected)
+    return retrofitted

@@ -1,0 +1,131 @@
+"""`train(cfg)`: what train.py runs, callable from tests. The run directory's files are
+described in `moa/training/run_files.py`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import moa.training.loggers  # noqa: F401  (the resolvers of conf/logger/wandb.yaml)
+from moa.data import LMDataModule
+from moa.models.params import active_parameters, kv_cache_bytes_per_token
+from moa.training.checkpoint import (
+    check_same_model,
+    keep_metrics_before,
+    load_checkpoint,
+    resume_checkpoint,
+)
+from moa.training.eval_task import run_evaluation
+from moa.training.host_memory import keep_freed
+from moa.training.job_log import log_lightning_to_the_job_file
+from moa.training.lit import LanguageModelModule
+from moa.training.resume import Resume, resume_mode
+from moa.training.run_config import RunSpec, parse_run, resolved
+from moa.training.run_files import write_run_files
+from moa.training.run_status import StatusSeconds, read_status, recording_status
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(section: DictConfig | None) -> list[Any]:
+    if not section:
+        return []
+    return [instantiate(node) for node in section.values() if node is not None]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Validate the config, train, then evaluate the best checkpoint; return metrics.
+
+    The run directory's status.json says running, then finished or failed (a bad config
+    too, so that a failed job of a sweep shows why), and the run's wall seconds, those of
+    earlier invocations included when resuming. With resume=auto a finished run is not
+    trained again: its metrics.json is returned (`moa/training/resume.py`)."""
+    log_lightning_to_the_job_file()
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mode = resume_mode(cfg, run_dir)
+    if mode is Resume.FINISHED:
+        log.info("%s finished already (resume=auto): nothing to train", run_dir)
+        saved = run_dir / "metrics.json"
+        return (json.loads(saved.read_text()) if saved.is_file() else {}), {}
+    resuming = mode is Resume.CONTINUE
+    earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if resuming else 0.0
+    with recording_status(run_dir, earlier) as refresh_status:
+        return _train(cfg, parse_run(cfg), run_dir, resuming, StatusSeconds(refresh_status))
+
+
+@contextmanager
+def _without_false_alarms(resuming: bool, run_dir: Path) -> Iterator[None]:
+    """Lightning's warnings about a non-empty run directory where they do not apply: our
+    run files (config.yaml, run.json, ...) are there before its loggers, and a resumed run
+    continues from its own checkpoints. Its warning that metrics.csv will be deleted stays
+    where one is there and the run is not resuming (a new run in an old run's directory)."""
+    with warnings.catch_warnings():
+        if resuming:
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+        if resuming or not (run_dir / "metrics.csv").exists():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists")
+        yield
+
+
+def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, resuming: bool,
+           status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
+    pl.seed_everything(cfg.seed, workers=True)
+    if spec.keep_host_memory:
+        keep_freed()
+
+    datamodule = LMDataModule(spec.data, spec.tokenizer, seed=cfg.seed,
+                              cache_dir=cfg.paths.cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model_config = spec.model.with_vocab(datamodule.vocab_size)
+    key = "resume" if resuming else "ckpt_path"
+    ckpt_path = resume_checkpoint(run_dir) if resuming else cfg.get("ckpt_path")
+    checkpoint = load_checkpoint(Path(ckpt_path), key) if ckpt_path else None
+    if checkpoint is not None:
+        check_same_model(model_config, checkpoint, Path(ckpt_path), key)
+    module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
+
+    record = {
+        "data": datamodule.fingerprint,
+        "parameters": module.model.num_parameters(),
+        "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
+        "active_parameters": active_parameters(module.model),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(module.model),
+    }
+    write_run_files(cfg, run_dir, datamodule, record)
+    log.info("model: %.2fM parameters; data: %s", record["parameters"] / 1e6,
+             datamodule.fingerprint)
+
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")), status_seconds],
+        logger=loggers or False,
+    )
+    with _without_false_alarms(resuming, run_dir):
+        if resuming:
+            keep_metrics_before(loggers, checkpoint["global_step"])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if torch.distributed.is_initialized():
+        # training is over: rank 0 evaluates alone, and torchmetrics must not wait for the others
+        torch.distributed.destroy_process_group()
+
+    metrics: dict[str, float] = {}
+    if cfg.get("evaluate", True) and trainer.is_global_zero:
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if best:
+            module.load_state_dict(load_checkpoint(Path(best))["state_dict"])
+        metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), spec.sampling,
+                                 run_dir / "metrics.json")
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
