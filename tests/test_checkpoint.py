@@ -151,3 +151,28 @@ def test_eval_takes_an_unfinished_run_only_when_asked(compose_config, trained_ru
     metrics, _ = evaluate(compose_config(f"run_dir={trained_run}", "checkpoint=last", *EVAL,
                                          config_name="eval"))
     assert set(metrics) == set(METRIC_KEYS)
+
+
+def test_format_1_checkpoints_load_unless_their_weights_meant_another_function(
+        compose_config, trained_run, tmp_path):
+    """Format 1 applied maha_diag's weights after the rotary encoding: such a checkpoint is
+    refused with that reason; any other format-1 checkpoint computes the same and loads."""
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["moa_format_version"] = 1
+    torch.save(checkpoint, tmp_path / "format1.ckpt")
+    metrics, _ = evaluate(compose_config(f"run_dir={trained_run}",
+                                         f"ckpt_path={tmp_path / 'format1.ckpt'}", *EVAL,
+                                         config_name="eval"))
+    assert set(metrics) == set(METRIC_KEYS)
+
+    checkpoint["model_config"]["attention"] = {"name": "metric", "metric": {"name": "maha_diag"}}
+    torch.save(checkpoint, tmp_path / "format1_maha.ckpt")
+    with pytest.raises(ConfigError, match="Mahalanobis weights after the rotary encoding"):
+        evaluate(compose_config(f"run_dir={trained_run}",
+                                f"ckpt_path={tmp_path / 'format1_maha.ckpt'}", *EVAL,
+                                config_name="eval"))
+    checkpoint["moa_format_version"] = 99
+    torch.save(checkpoint, tmp_path / "format99.ckpt")
+    with pytest.raises(ConfigError, match="format version 99"):
+        evaluate(compose_config(f"run_dir={trained_run}", f"ckpt_path={tmp_path / 'format99.ckpt'}",
+                                *EVAL, config_name="eval"))

@@ -78,12 +78,12 @@ def test_metric_attention_is_causal(metric, impl):
 
 @pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
 @pytest.mark.parametrize("position", ["rope", "learned"])
-@pytest.mark.parametrize("balls", [False, True])
-def test_cached_decoding_equals_uncached(impl, position, balls):
+@pytest.mark.parametrize("balls, key_norm", [(False, "free"), (True, "free"), (True, "sphere")])
+def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
     torch.manual_seed(2)
     config = tiny_model_config({"name": "metric", "impl": impl, "n_kv_heads": 2,
                                 "metric": {"name": "maha_diag"}, "use_balls": balls,
-                                "radius_init": 0.5}, position=position)
+                                "radius_init": 0.5, "key_norm": key_norm}, position=position)
     model = build_model(config).eval()
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
@@ -199,3 +199,63 @@ def test_gpt_with_maha_diag_metric_attention_learns():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert model.blocks[0].attention.log_maha.grad is None  # zeroed: it was trained
+
+
+@pytest.mark.parametrize("metric", ["l2", "maha_diag"])
+def test_sphere_keys_are_dot_product_attention_over_unit_keys(metric):
+    """key_norm=sphere puts the metric-space keys on the sphere of radius sqrt(D), so that
+    ||k||^2 is the same for every key and softmax(-alpha ||q - k||^2) is SDPA's softmax of
+    2 alpha q.k: the scores keep no term that ranks a key without the query."""
+    torch.manual_seed(6)
+    config = _metric_config(metric={"name": metric}, key_norm="sphere", n_kv_heads=2)
+    attention = ATTENTION.build(config.attention, config).double()
+    with torch.no_grad():
+        if attention.log_maha is not None:
+            attention.log_maha.normal_()
+        attention.log_alpha.normal_()
+    q, k, v = (torch.randn(2, heads, 9, 8, dtype=torch.float64) for heads in (4, 2, 2))
+    q_m, k_m = attention.to_metric_space(q, k)
+    radius = torch.full((2, 2, 9), 8 ** 0.5, dtype=torch.float64)
+    torch.testing.assert_close(k_m.norm(dim=-1), radius)
+    alpha = attention.log_alpha.exp()
+    got = metric_attention_eager(q_m, k_m, v, k_m.pow(2).sum(-1), alpha, None)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q_m * 2 * alpha.view(1, 4, 1, 1), k_m.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        is_causal=True, scale=1.0)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 64, 128])
+@pytest.mark.parametrize("key_norm", ["free", "sphere"])
+def test_default_alpha_gives_sdpa_logit_spread(head_dim, key_norm):
+    """alpha_init: null is 1 / (2 sqrt(D)): on random q and k of unit variance per channel,
+    the spread over keys of metric attention's scores is SDPA's (q.k / sqrt(D)) within
+    sqrt(3/2) (the key-norm term's share) with free keys, and equal with sphere keys."""
+    torch.manual_seed(7)
+    config = tiny_model_config({"name": "metric", "key_norm": key_norm, "alpha_init": None},
+                               d_model=4 * head_dim, n_heads=4)
+    attention = ATTENTION.build(config.attention, config).double()
+    q = torch.randn(1, 4, 64, head_dim, dtype=torch.float64)
+    k = torch.randn(1, 4, 4096, head_dim, dtype=torch.float64)
+    q_m, k_m = attention.to_metric_space(q, k)
+    metric = metric_scores(q_m, k_m, k_m.pow(2).sum(-1), attention.log_alpha.exp())
+    sdpa = q @ k.transpose(-1, -2) / head_dim ** 0.5
+    ratio = (metric.std(-1) / sdpa.std(-1)).mean().item()
+    assert ratio == pytest.approx(1.5 ** 0.5 if key_norm == "free" else 1.0, rel=0.08)
+
+
+def test_alpha_and_mahalanobis_spread_are_training_stats():
+    torch.manual_seed(8)
+    config = _metric_config(metric={"name": "maha_diag"})
+    attention = ATTENTION.build(config.attention, config)
+    with torch.no_grad():
+        attention.log_alpha.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]).log())
+        attention.log_maha.normal_()
+    record = AuxiliaryRecorder()
+    attention.train()(torch.randn(2, 5, config.d_model), _context(config, 5, record))
+    torch.testing.assert_close(record.stats["alpha"], torch.tensor(1.5))
+    torch.testing.assert_close(record.stats["maha_log_spread"],
+                               attention.log_maha.detach().std(correction=0))
+    record = AuxiliaryRecorder()
+    attention.eval()(torch.randn(2, 5, config.d_model), _context(config, 5, record))
+    assert "alpha" not in record.stats  # decoding pays for no statistics

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moa.errors import ConfigError
+from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.training import METRIC_KEYS, evaluate, train
 from moa.training.run_status import read_status, recording_status
 from tests.conftest import ROOT
@@ -34,7 +35,7 @@ def test_smoke_train_then_eval(compose_config, tmp_path):
     assert set(metrics) == set(METRIC_KEYS)
     for name in ("best.ckpt", "last.ckpt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        assert checkpoint["moa_format_version"] == 1
+        assert checkpoint["moa_format_version"] == WEIGHTS_FORMAT
         assert checkpoint["model_config"]["d_model"] == 64  # the tiny size of trainer=smoke
     for name in ("config.yaml", "tokenizer.json", "run.json", "metrics.json"):
         assert (run_dir / name).is_file(), name

@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 class AlccaConfig(HeadsConfig):
     name: str = "alcca"
     metric: MetricConfig = field(default_factory=MetricConfig)
-    alpha_init: float = 1.0
+    alpha_init: float | None = None  # None: 1 / (2 sqrt(head_dim)), as metric attention
     learn_alpha: bool = True
+    key_norm: str = "free"  # as metric attention's
     k: int = 32  # nearest keys per query
     theta: float = 0.0  # centre-of-mass radius; 0 never takes the mean
     eps: float = 1e-6  # inverse_distance: 1 / (d + eps)
@@ -60,7 +61,7 @@ class AlccaConfig(HeadsConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (ALCCA has no dropout)")
-        check(self.alpha_init > 0, "alpha_init", self.alpha_init, "a positive float")
+        self.metric_attention()  # checks the fields it shares (alpha_init, key_norm, ...)
         check(self.k > 0, "k", self.k, "a positive integer")
         check(self.theta >= 0, "theta", self.theta, ">= 0")
         check(self.eps > 0, "eps", self.eps, "a positive float")
@@ -75,7 +76,7 @@ class AlccaConfig(HeadsConfig):
         return MetricAttentionConfig(n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
                                      bias=self.bias, metric=self.metric,
                                      alpha_init=self.alpha_init, learn_alpha=self.learn_alpha,
-                                     impl="eager")
+                                     key_norm=self.key_norm, impl="eager")
 
 
 @ATTENTION.register("alcca", AlccaConfig)
@@ -92,8 +93,9 @@ class AlccaAttention(MetricAttention):
         ctx.output_positions (B, K) (exact index), only those positions search and average:
         -> (B, K, C); the centre-of-mass statistic is still every query's."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-        q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        q, k = self.positioned_metric_space(q, k, ctx)
         v = ctx.position.scale_values(v, ctx.positions)
+        self._record_scale(ctx)
         B, Hq, T, D = q.shape
         G, Hkv = self.group, k.size(1)
         state: dict[str, Any] = {} if ctx.cache is None else ctx.cache.state

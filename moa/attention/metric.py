@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 
 METRICS = ("l2", "cosine", "maha_diag")
 IMPLS = ("auto", "eager", "cpu_fused", "triton")
+KEY_NORMS = ("free", "sphere")
+
+
+def default_alpha(head_dim: int) -> float:
+    """alpha_init: null. -alpha ||q - k||^2 = 2 alpha q.k - alpha ||k||^2 - alpha ||q||^2,
+    and the last term cancels in the softmax: alpha = 1 / (2 sqrt(D)) gives the q.k part
+    SDPA's scale q.k / sqrt(D)."""
+    return 1.0 / (2.0 * math.sqrt(head_dim))
 
 
 @dataclass
@@ -58,8 +66,9 @@ class MetricAttentionConfig(HeadsConfig):
     name: str = "metric"
     metric: MetricConfig = field(default_factory=MetricConfig)
     impl: str = "auto"
-    alpha_init: float = 1.0
+    alpha_init: float | None = None  # None: default_alpha(head_dim)
     learn_alpha: bool = True
+    key_norm: str = "free"  # sphere: keys of norm sqrt(D) in the metric space
     use_balls: bool = False
     radius_init: float = 4.0
     learn_radius: bool = True
@@ -74,7 +83,9 @@ class MetricAttentionConfig(HeadsConfig):
         super().__post_init__()
         check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (metric attention: attn_drop)")
         check_choice("impl", self.impl, IMPLS)
-        check(self.alpha_init > 0, "alpha_init", self.alpha_init, "a positive float")
+        check(self.alpha_init is None or self.alpha_init > 0, "alpha_init", self.alpha_init,
+              "a positive float, or null for 1 / (2 sqrt(head_dim))")
+        check_choice("key_norm", self.key_norm, KEY_NORMS)
         check(self.radius_init > 0, "radius_init", self.radius_init, "a positive float")
         check(self.ball_band > 0, "ball_band", self.ball_band, "a positive float")
         check(self.origin_init_scale >= 0, "origin_init_scale", self.origin_init_scale, ">= 0")
@@ -115,7 +126,8 @@ class MetricAttention(nn.Module):
         self.heads = QKVProjection(config, model)
         n_q, n_kv, D = self.heads.n_q_heads, self.heads.n_kv_heads, self.heads.head_dim
         self.group = n_q // n_kv
-        log_alpha = torch.full((n_q,), math.log(config.alpha_init))
+        alpha = default_alpha(D) if config.alpha_init is None else config.alpha_init
+        log_alpha = torch.full((n_q,), math.log(alpha))
         if config.learn_alpha:
             self.log_alpha = nn.Parameter(log_alpha)
         else:
@@ -136,16 +148,38 @@ class MetricAttention(nn.Module):
             return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if self.log_maha is not None:
             scale = (0.5 * self.log_maha).exp().to(q.dtype)  # sqrt(w): (Hkv, D)
-            return q * scale.repeat_interleave(self.group, 0)[:, None], k * scale[:, None]
+            q, k = q * scale.repeat_interleave(self.group, 0)[:, None], k * scale[:, None]
+        if self.config.key_norm == "sphere":  # ||k||^2 = D: no key scores without a query
+            k = F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
         return q, k
+
+    def positioned_metric_space(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, Hq, T, D) and k (B, Hkv, T, D) mapped to the metric space, then rotated by
+        the position encoding. In this order a score depends on relative positions only:
+        a rotation keeps Euclidean distances, so ||R_i q - R_j k|| = ||q - R_(j-i) k||,
+        whereas Mahalanobis weights applied after the rotation weigh the two channels of a
+        rotated pair differently at each absolute position. (L2 and cosine commute with
+        the rotation; the order matters for maha_diag.)"""
+        return ctx.position.rotate(*self.to_metric_space(q, k), ctx.positions)
+
+    def _record_scale(self, ctx: ForwardContext) -> None:
+        """alpha (mean over the heads) and, under maha_diag, the spread of the weights (the
+        standard deviation of log w over heads and channels: 0 while every w is equal)."""
+        if not self.training:
+            return
+        ctx.record.stat("alpha", self.log_alpha.detach().exp().mean())
+        if self.log_maha is not None:
+            ctx.record.stat("maha_log_spread", self.log_maha.detach().std(correction=0))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
         ctx.output_positions (B, K), only those positions attend: -> (B, K, C). Every query
         is still projected, so the triangle-inequality penalty samples the same points."""
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-        q, k = self.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        q, k = self.positioned_metric_space(q, k, ctx)
         v = ctx.position.scale_values(v, ctx.positions)
+        self._record_scale(ctx)
         k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)

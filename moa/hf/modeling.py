@@ -44,6 +44,7 @@ from moa.config import ModelConfig
 from moa.layers.kv_cache import KVCache
 from moa.layers.position import POSITION
 from moa.models.language_model import LanguageModel, shared_parameters
+from moa.models.weights_format import WEIGHTS_FORMAT
 
 MODEL_TYPE = "moa_metric"
 CACHE_ARGUMENT = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
@@ -61,6 +62,7 @@ class MoaConfig(PreTrainedConfig):
     max_position_embeddings: int | None = None
     tie_word_embeddings: bool = True
     use_cache: bool = True
+    moa_format_version: int | None = None  # what the weights mean (moa/models/weights_format.py)
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.moa:
@@ -73,7 +75,7 @@ class MoaConfig(PreTrainedConfig):
 
     @classmethod
     def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> MoaConfig:
-        return cls(moa=config.to_dict(), **kwargs)
+        return cls(moa=config.to_dict(), moa_format_version=WEIGHTS_FORMAT, **kwargs)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.moa)

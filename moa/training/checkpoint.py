@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from moa.config import ModelConfig
 from moa.errors import ConfigError
-from moa.training.lit import CHECKPOINT_FORMAT_VERSION
+from moa.models.weights_format import stale_weights
 
 
 def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
@@ -36,11 +36,11 @@ def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError) as error:
         raise ConfigError(key, str(path), "a complete checkpoint file",
                           f"unreadable: {str(error).splitlines()[0]}") from None
-    version = checkpoint.get("moa_format_version") if isinstance(checkpoint, dict) else None
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise ConfigError(key, str(path),
-                          f"a moa checkpoint of format version {CHECKPOINT_FORMAT_VERSION}",
-                          f"found format version {version}")
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise ConfigError(key, str(path), "a moa checkpoint", "no moa model config in it")
+    stale = stale_weights(checkpoint["model_config"], checkpoint.get("moa_format_version"))
+    if stale is not None:
+        raise ConfigError(key, str(path), "a moa checkpoint this version can run", stale)
     return checkpoint
 
 

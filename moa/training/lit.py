@@ -16,10 +16,10 @@ from torchmetrics.aggregation import MeanMetric
 from moa.config import ModelConfig, OptimConfig
 from moa.errors import TrainingStopped
 from moa.models.language_model import ModelOutput, build_model
+from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.schema import parse
 from moa.training.optim import build_optimizer
 
-CHECKPOINT_FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # labels that carry no loss (mqar's non-answer positions)
 
 
@@ -134,7 +134,7 @@ class LanguageModelModule(pl.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["moa_format_version"] = CHECKPOINT_FORMAT_VERSION
+        checkpoint["moa_format_version"] = WEIGHTS_FORMAT
         checkpoint["model_config"] = self.model_config.to_dict()
         # Lightning does not save the global RNGs: dropout after a resume needs them
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
