@@ -176,3 +176,17 @@ def test_format_1_checkpoints_load_unless_their_weights_meant_another_function(
     with pytest.raises(ConfigError, match="format version 99"):
         evaluate(compose_config(f"run_dir={trained_run}", f"ckpt_path={tmp_path / 'format99.ckpt'}",
                                 *EVAL, config_name="eval"))
+
+
+def test_format_1_metric_attention_keeps_the_free_keys_it_was_trained_with(tmp_path):
+    """A format-1 config has no key_norm: wherever metric attention or ALCCA sits (the
+    attention, a mixture's paths), the upgraded config says `free`, whatever the default."""
+    from moa.models.weights_format import WEIGHTS_FORMAT, upgraded_config
+
+    old = {"attention": {"name": "mixture", "paths": [
+        {"name": "metric", "metric": {"name": "l2"}}, {"name": "local_conv"},
+        {"name": "alcca", "metric": {"name": "l2"}}]}, "position": {"name": "rope"}}
+    paths = upgraded_config(old, 1)["attention"]["paths"]
+    assert [path.get("key_norm") for path in paths] == ["free", None, "free"]
+    assert "key_norm" not in old["attention"]["paths"][0]  # the stored config is not changed
+    assert upgraded_config(old, WEIGHTS_FORMAT) == old

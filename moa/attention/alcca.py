@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 class AlccaConfig(HeadsConfig):
     name: str = "alcca"
     metric: MetricConfig = field(default_factory=MetricConfig)
-    alpha_init: float | None = None  # None: 1 / (2 sqrt(head_dim)), as metric attention
+    alpha_init: float | None = 1.0  # None: 1 / (2 sqrt(head_dim)), as metric attention
     learn_alpha: bool = True
     key_norm: str = "free"  # as metric attention's
     k: int = 32  # nearest keys per query

@@ -66,7 +66,7 @@ class MetricAttentionConfig(HeadsConfig):
     name: str = "metric"
     metric: MetricConfig = field(default_factory=MetricConfig)
     impl: str = "auto"
-    alpha_init: float | None = None  # None: default_alpha(head_dim)
+    alpha_init: float | None = 1.0  # None: default_alpha(head_dim)
     learn_alpha: bool = True
     key_norm: str = "free"  # sphere: keys of norm sqrt(D) in the metric space
     use_balls: bool = False

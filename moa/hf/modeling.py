@@ -44,7 +44,7 @@ from moa.config import ModelConfig
 from moa.layers.kv_cache import KVCache
 from moa.layers.position import POSITION
 from moa.models.language_model import LanguageModel, shared_parameters
-from moa.models.weights_format import WEIGHTS_FORMAT
+from moa.models.weights_format import WEIGHTS_FORMAT, upgraded_config
 
 MODEL_TYPE = "moa_metric"
 CACHE_ARGUMENT = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
@@ -78,7 +78,8 @@ class MoaConfig(PreTrainedConfig):
         return cls(moa=config.to_dict(), moa_format_version=WEIGHTS_FORMAT, **kwargs)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.moa)
+        # a config.json written before moa_format_version existed is format 1
+        return ModelConfig.from_dict(upgraded_config(self.moa, self.moa_format_version or 1))
 
 
 class MoaCache(Cache):

@@ -4,6 +4,8 @@
        rotary encoding, so that their scores depended on absolute positions.
     2  the weights are applied before the rotation (moa/attention/metric.py). A version-1
        model that has no maha_diag metric under a rotary encoding computes the same here.
+       Metric attention gained `key_norm`: a version-1 config, which has none, had free
+       keys (`upgraded_config` says so explicitly).
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ def stale_weights(model_config: Mapping[str, Any], version: int | None) -> str |
                 "encoding (scores that depended on absolute positions); this moa applies "
                 "them before it, so these weights would compute another function: retrain")
     return None
+
+
+def upgraded_config(model_config: Mapping[str, Any], version: int | None) -> dict[str, Any]:
+    """`model_config` as this code reads it: a format-1 config's metric attentions (and
+    ALCCA's) get the `key_norm: free` they were trained with, wherever they sit (the
+    attention, a mixture's paths, the LM head's)."""
+    if version == WEIGHTS_FORMAT:
+        return dict(model_config)
+
+    def upgrade(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            node = {key: upgrade(value) for key, value in node.items()}
+            if node.get("name") in ("metric", "alcca") and "metric" in node:
+                node.setdefault("key_norm", "free")
+            return node
+        if isinstance(node, list | tuple):
+            return [upgrade(value) for value in node]
+        return node
+
+    return upgrade(model_config)
 
 
 def _uses_mahalanobis(node: Any) -> bool:

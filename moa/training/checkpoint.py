@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from moa.config import ModelConfig
 from moa.errors import ConfigError
-from moa.models.weights_format import stale_weights
+from moa.models.weights_format import stale_weights, upgraded_config
 
 
 def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
@@ -38,9 +38,11 @@ def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
                           f"unreadable: {str(error).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise ConfigError(key, str(path), "a moa checkpoint", "no moa model config in it")
-    stale = stale_weights(checkpoint["model_config"], checkpoint.get("moa_format_version"))
+    version = checkpoint.get("moa_format_version")
+    stale = stale_weights(checkpoint["model_config"], version)
     if stale is not None:
         raise ConfigError(key, str(path), "a moa checkpoint this version can run", stale)
+    checkpoint["model_config"] = upgraded_config(checkpoint["model_config"], version)
     return checkpoint
 
 

@@ -35,7 +35,7 @@ from moa.config import COMPONENTS, ModelConfig
 from moa.data import LMDataModule
 from moa.errors import ConfigError
 from moa.models.language_model import build_model, shared_parameters
-from moa.models.weights_format import stale_weights
+from moa.models.weights_format import stale_weights, upgraded_config
 from moa.training.checkpoint import check_same_model, load_checkpoint
 from moa.training.run_config import resolved
 from moa.training.run_status import FINISHED, read_status
@@ -107,11 +107,11 @@ def load_exported(directory: Path) -> dict[str, Any]:
     from safetensors.torch import load_file  # the `hf` extra, as the export that wrote it
 
     exported = json.loads((directory / "config.json").read_text())
-    model_config = exported["moa"]
-    # exports before the field existed are format 1
-    stale = stale_weights(model_config, exported.get("moa_format_version", 1))
+    version = exported.get("moa_format_version", 1)  # exports before the field: format 1
+    stale = stale_weights(exported["moa"], version)
     if stale is not None:
         raise ConfigError("run_dir", str(directory), "an exported model this moa can run", stale)
+    model_config = upgraded_config(exported["moa"], version)
     weights = load_file(directory / EXPORTED_WEIGHTS)
     model = build_model(model_config)
     state = {name.removeprefix(WEIGHTS_PREFIX): value for name, value in weights.items()}
