@@ -85,7 +85,7 @@ def _recall(module, exact, config, x) -> float:
     def neighbours(attention):
         q, k, _ = attention.heads.split(x)
         position = POSITION.build(config.position, config.max_seq_len, config.d_model, D)
-        q, k = attention.to_metric_space(*position.rotate(q, k, torch.arange(x.size(1))))
+        q, k = position.rotate(*attention.to_metric_space(q, k), torch.arange(x.size(1)))
         c = attention.alcca
         index = INDEXES[c.index](D, c.index_options)
         positions = torch.arange(x.size(1))

@@ -25,7 +25,7 @@ def _alcca_config(position="rope", **attention):
 def _reference_forward(attention, x, ctx):
     """The module's projections and metric map around the brute-force reference."""
     q, k, v = attention.heads.split(x)
-    q, k = attention.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+    q, k = attention.positioned_metric_space(q, k, ctx)
     c = attention.alcca
     y = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
                               c.weighting)
@@ -35,7 +35,7 @@ def _reference_forward(attention, x, ctx):
 def _median_centre_distance(attention, x, ctx):
     """A theta that sends about half the queries to the centre-of-mass branch."""
     q, k, _ = attention.heads.split(x)
-    q, k = attention.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+    q, k = attention.positioned_metric_space(q, k, ctx)
     centre = k.cumsum(2) / torch.arange(1, k.size(2) + 1, dtype=k.dtype)[:, None]
     return float((q - centre.repeat_interleave(attention.group, 1)).norm(dim=-1).median())
 

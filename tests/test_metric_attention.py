@@ -142,9 +142,7 @@ def test_pruned_fraction_and_ti_penalty_are_recorded():
     x = torch.randn(2, 10, config.d_model)
     attention(x, _context(config, 10, record))
     q, k, _ = attention.heads.split(x)
-    q, k = attention.to_metric_space(*POSITION.build(
-        config.position, config.max_seq_len, config.d_model, config.head_dim
-    ).rotate(q, k, torch.arange(10)))
+    q, k = attention.positioned_metric_space(q, k, _context(config, 10))
     outside = (k - attention.balls.origin[None, :, None]).norm(dim=-1) > attention.balls.radius[
         None, :, None]
     torch.testing.assert_close(record.stats["pruned_fraction"], outside.float().mean())
@@ -225,12 +223,37 @@ def test_sphere_keys_are_dot_product_attention_over_unit_keys(metric):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
+@pytest.mark.parametrize("metric", ["l2", "maha_diag"])
+def test_ignoring_the_key_norm_is_dot_product_attention(impl, metric):
+    """key_norm=ignore drops -alpha ||k||^2, the one term by which metric attention's softmax
+    differs from dot-product attention: the module is then SDPA over its metric-space q and
+    k with scale 2 alpha, through every kernel."""
+    torch.manual_seed(9)
+    config = _metric_config(impl, metric={"name": metric}, key_norm="ignore", n_kv_heads=2)
+    attention = ATTENTION.build(config.attention, config).eval()
+    with torch.no_grad():
+        if attention.log_maha is not None:
+            attention.log_maha.normal_()
+        attention.log_alpha.normal_()
+    x = torch.randn(2, 11, config.d_model)
+    ctx = _context(config, 11)
+    q, k, v = attention.heads.split(x)
+    q, k = attention.positioned_metric_space(q, k, ctx)
+    alpha = attention.log_alpha.exp().view(1, -1, 1, 1)
+    want = attention.heads.merge(torch.nn.functional.scaled_dot_product_attention(
+        q * 2 * alpha, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True,
+        scale=1.0))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x, ctx), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("head_dim", [8, 16, 64, 128])
-@pytest.mark.parametrize("key_norm", ["free", "sphere"])
+@pytest.mark.parametrize("key_norm", ["free", "sphere", "ignore"])
 def test_default_alpha_gives_sdpa_logit_spread(head_dim, key_norm):
     """alpha_init: null is 1 / (2 sqrt(D)): on random q and k of unit variance per channel,
     the spread over keys of metric attention's scores is SDPA's (q.k / sqrt(D)) within
-    sqrt(3/2) (the key-norm term's share) with free keys, and equal with sphere keys."""
+    sqrt(3/2) (the key-norm term's share) with free keys, and equal without that term."""
     torch.manual_seed(7)
     config = tiny_model_config({"name": "metric", "key_norm": key_norm, "alpha_init": None},
                                d_model=4 * head_dim, n_heads=4)
@@ -238,7 +261,8 @@ def test_default_alpha_gives_sdpa_logit_spread(head_dim, key_norm):
     q = torch.randn(1, 4, 64, head_dim, dtype=torch.float64)
     k = torch.randn(1, 4, 4096, head_dim, dtype=torch.float64)
     q_m, k_m = attention.to_metric_space(q, k)
-    metric = metric_scores(q_m, k_m, k_m.pow(2).sum(-1), attention.log_alpha.exp())
+    k_norm = k_m.pow(2).sum(-1) * (key_norm != "ignore")
+    metric = metric_scores(q_m, k_m, k_norm, attention.log_alpha.exp())
     sdpa = q @ k.transpose(-1, -2) / head_dim ** 0.5
     ratio = (metric.std(-1) / sdpa.std(-1)).mean().item()
     assert ratio == pytest.approx(1.5 ** 0.5 if key_norm == "free" else 1.0, rel=0.08)

@@ -62,6 +62,8 @@ class AlccaConfig(HeadsConfig):
         super().__post_init__()
         check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (ALCCA has no dropout)")
         self.metric_attention()  # checks the fields it shares (alpha_init, key_norm, ...)
+        check(self.key_norm != "ignore", "key_norm", self.key_norm, "free | sphere",
+              "ALCCA's neighbours are the nearest keys by distance")
         check(self.k > 0, "k", self.k, "a positive integer")
         check(self.theta >= 0, "theta", self.theta, ">= 0")
         check(self.eps > 0, "eps", self.eps, "a positive float")

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 METRICS = ("l2", "cosine", "maha_diag")
 IMPLS = ("auto", "eager", "cpu_fused", "triton")
-KEY_NORMS = ("free", "sphere")
+KEY_NORMS = ("free", "sphere", "ignore")
 
 
 def default_alpha(head_dim: int) -> float:
@@ -68,7 +68,7 @@ class MetricAttentionConfig(HeadsConfig):
     impl: str = "auto"
     alpha_init: float | None = 1.0  # None: default_alpha(head_dim)
     learn_alpha: bool = True
-    key_norm: str = "free"  # sphere: keys of norm sqrt(D) in the metric space
+    key_norm: str = "free"  # sphere: keys of norm sqrt(D); ignore: no -alpha ||k||^2 term
     use_balls: bool = False
     radius_init: float = 4.0
     learn_radius: bool = True
@@ -181,6 +181,8 @@ class MetricAttention(nn.Module):
         v = ctx.position.scale_values(v, ctx.positions)
         self._record_scale(ctx)
         k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
+        if self.config.key_norm == "ignore":  # softmax(2 alpha q.k): dot-product attention
+            k_norm = torch.zeros_like(k_norm)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
         if ctx.cache is not None:
