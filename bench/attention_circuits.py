@@ -14,7 +14,8 @@ right after its key, then the queries (moa/data/mqar.py). Recall needs
   positions at the queries) without the match.
 `prev` and `lookup` are mean attention probabilities over the test split's examples
 (chance: 1/(position+1)). Every scheme with queries and keys is read (dot-product:
-softmax(q.k/sqrt(D)); metric: softmax(-alpha ||q-k||^2) in its metric space), from the
+softmax(q.k/sqrt(D)); metric: softmax(-alpha ||q-k||^2) in its metric space, without
+the key-norm term under key_norm=ignore), from the
 queries and keys after the position encoding, with the run's best checkpoint.
 """
 
@@ -41,7 +42,7 @@ def attention_probabilities(module: torch.nn.Module, q: torch.Tensor, k: torch.T
     """(B, Hq, T, T) causal attention probabilities from positioned q (B, Hq, T, D) and
     k (B, Hkv, T, D)."""
     if isinstance(module, MetricAttention):
-        k_norm = k.pow(2).sum(-1)
+        k_norm = k.pow(2).sum(-1) * (module.config.key_norm != "ignore")
         scores = metric_scores(q, k, k_norm, module.log_alpha.exp())
     else:
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
