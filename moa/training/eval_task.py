@@ -18,12 +18,13 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from moa.attention import ATTENTION
 from moa.config import ModelConfig
 from moa.data import CORPORA, TOKENIZERS, LMDataModule
 from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.models.retrofit import swap_attention, transfer_weights
-from moa.schema import parse
+from moa.schema import check_choice, parse
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
 from moa.training.run_config import check_trainer, resolved
@@ -63,8 +64,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
     config; write DIR/metrics.json."""
     log_lightning_to_the_job_file()
-    check_top_level(cfg)
-    check_targets(cfg)
+    sampling = check_eval_config(cfg)
     run_dir, run_cfg, checkpoint = load_run(cfg)
     # evaluation and sampling run eagerly: compiling would cost more than it saves
     model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
@@ -82,7 +82,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                               cache_dir=run_cfg.paths.cache_dir)
     datamodule.prepare_data()
     datamodule.setup("test")
-    sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
     trainer_config = resolved(cfg, "trainer")
     override = cfg.get("attention_override")
     if not override:
@@ -99,6 +98,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     (run_dir / f"metrics_{override}.json").write_text(
         json.dumps({**metrics, "weights": weights}, indent=2))
     return metrics, {"module": retrofitted, "datamodule": datamodule, "weights": weights}
+
+
+def check_eval_config(cfg: DictConfig) -> SamplingConfig:
+    """eval.yaml's values, before any file is read: its top-level keys, the trainer and
+    sampling sections, and the retrofit's section (`alcca.k=...`) where one is asked for."""
+    check_top_level(cfg)
+    check_targets(cfg, sections=())  # a trainer preset's callbacks are training's only
+    name = cfg.get("attention_override")
+    if name:
+        check_choice("attention_override", name, ATTENTION.names())
+        ATTENTION.parse({"name": name, **(resolved(cfg, name) if cfg.get(name) else {})}, name)
+    return parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
 
 
 def _retrofit(cfg: DictConfig, module: LanguageModelModule, state_dict: dict[str, Any],

@@ -22,7 +22,7 @@ from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.schema import check_choice, parse
 from moa.training.card import apply_card_config
-from moa.training.values import check_targets, check_top_level
+from moa.training.values import check_sizes, check_targets, check_top_level
 
 TOP_LEVEL_KEYS = {
     "hydra",
@@ -48,15 +48,7 @@ def check_model_size(model: DictConfig) -> None:
     sizes = model.get("sizes") or {}
     if sizes:
         check_choice("model.size", model.get("size"), sorted(sizes))
-    for name in sizes:  # the sizes not chosen too: `model.size=NAME` must not fail later
-        entry = OmegaConf.to_container(sizes[name], resolve=False)
-        for key, value in (entry.items() if isinstance(entry, dict) else ()):
-            try:
-                OmegaConf.merge(OmegaConf.structured(ModelConfig), {key: value})
-            except OmegaConfBaseException:
-                raise ConfigError(f"model.sizes.{name}.{key}", value,
-                                  f"a value of model.{key}'s type", "wrong type") from None
-
+    check_sizes(sizes)
 
 def resolved(cfg: DictConfig, key: str) -> Any:
     """The plain resolved value of `cfg[key]`, with interpolation errors naming the key."""

@@ -17,12 +17,15 @@ import os
 import re
 import types
 import typing
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from moa.config import ModelConfig
 from moa.errors import ConfigError
 from moa.schema import check
 
@@ -110,12 +113,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_targets(cfg: DictConfig) -> None:
-    """The trainer section and every callback and logger: each key an argument of its
-    `_target_`, each value of its type and in its range."""
+def check_targets(cfg: DictConfig, sections: tuple[str, ...] = ("callbacks", "logger")) -> None:
+    """The trainer section and every callback and logger of `sections` (eval has none):
+    each key an argument of its `_target_`, each value of its type and in its range."""
     if "trainer" in cfg:
         check_target("trainer", _unresolved(cfg.trainer))
-    for section in ("callbacks", "logger"):
+    for section in sections:
         for name, node in (_unresolved(cfg[section]) or {}).items() if section in cfg else ():
             if node is not None:
                 check_target(f"{section}.{name}", node)
@@ -161,11 +164,24 @@ def _import(key: str, target: Any) -> Any:
 
 
 def _hints(target: Any) -> dict[str, Any]:
+    """The arguments' annotations, evaluated one by one where they are strings (one that
+    names a type its module imports only for type checkers stays unchecked)."""
     function = target.__init__ if inspect.isclass(target) else target
     try:
         return typing.get_type_hints(function)
-    except Exception:  # noqa: BLE001  (an annotation that does not evaluate: types unchecked)
-        return {}
+    except Exception:  # noqa: BLE001  (some annotation does not evaluate: take the others)
+        pass
+    namespace = {**vars(typing), **getattr(inspect.getmodule(function), "__dict__", {})}
+    hints = {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        annotation = parameter.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # noqa: S307  (a library's annotation)
+            except Exception:  # noqa: BLE001
+                continue
+        hints[name] = annotation
+    return hints
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -211,3 +227,38 @@ def _describe(hint: Any) -> str:
         return " | ".join(map(str, typing.get_args(hint)))
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
+
+
+def check_sizes(sizes: Mapping[str, Any]) -> None:
+    """Every size of `model.sizes`, the ones not chosen too (`model.size=NAME` must not
+    fail later): a key of the model section has that key's type, and any other (a
+    component's width, read by interpolation) the same kind of value in every size, or
+    null."""
+    if not sizes:
+        return
+    typed = OmegaConf.structured(ModelConfig)
+    entries = {name: OmegaConf.to_container(entry, resolve=False) if OmegaConf.is_config(entry)
+               else entry for name, entry in sizes.items()}
+    for name, entry in entries.items():
+        try:
+            OmegaConf.merge(typed, {key: value for key, value in entry.items() if key in typed})
+        except OmegaConfBaseException as error:
+            key = str(error.full_key)
+            raise ConfigError(f"model.sizes.{name}.{key}", entry.get(key),
+                              f"a value of model.{key}'s type", "wrong type") from None
+    others = {key for entry in entries.values() for key in entry if key not in typed}
+    for key in sorted(others):
+        kinds = {name: _kind(entry[key]) for name, entry in entries.items()
+                 if entry.get(key) is not None}
+        usual = Counter(kinds.values()).most_common(1)[0][0] if kinds else None
+        for name, kind in kinds.items():
+            check(kind == usual, f"model.sizes.{name}.{key}", entries[name][key],
+                  f"{usual}, as the other sizes give", "wrong type")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else type(value).__name__
