@@ -19,6 +19,7 @@ import enum
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moa.errors import ConfigError
@@ -64,7 +65,8 @@ def resume_mode(cfg: DictConfig, run_dir: Path) -> Resume:
     if resume is True:
         return Resume.CONTINUE
     if resume is False or resume is None:
-        check_free(run_dir)
+        if rank_zero_only.rank == 0:  # the other ranks of a DDP run join rank 0's directory
+            check_free(run_dir)
         return Resume.FRESH
     if resume != "auto":
         raise ConfigError("resume", resume, "false | true | auto")

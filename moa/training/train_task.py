@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checked everything and continues it, so a refused resume leaves it as it was. A new
     run in another run's directory is refused (`moa/training/resume.py`). With
     resume=auto a finished run is not trained again: its metrics.json is returned."""
+    started = time.monotonic()
     log_lightning_to_the_job_file()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resuming = mode is Resume.CONTINUE
     earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if resuming else 0.0
     prepared = _prepare(cfg, run_dir, resuming) if run_records(run_dir) else None
+    earlier += time.monotonic() - started if prepared else 0.0  # this invocation's set-up
     with recording_status(run_dir, earlier) as refresh_status:
         return _train(cfg, prepared or _prepare(cfg, run_dir, resuming), run_dir, resuming,
                       StatusSeconds(refresh_status))
