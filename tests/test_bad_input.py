@@ -29,6 +29,7 @@ def corpus(content: bytes):
 
 CASES = {
     "empty corpus": (corpus(b"\n\n \n"), "data.train_files", "no non-empty text"),
+    "empty data file": (corpus(b""), "data.train_files", "the file is empty"),
     "corpus smaller than one block": (corpus(b"a few\n\nshort\n\nparagraphs\n"), "data.",
                                       "tokens"),
     "non-UTF-8 text": (corpus("caf\u00e9\n".encode("latin-1")), "data.train_files",
