@@ -2,16 +2,15 @@
 
 from contextlib import nullcontext
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import moa.training
-from moa.errors import exit_on_config_error
+from moa.errors import entry_point, exit_on_config_error
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@entry_point(config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # In a sweep a bad job raises like any failure: its status.json says why, the launcher
     # records it and runs the other jobs. A single run exits with one line instead.

@@ -3,14 +3,13 @@
     python -m moa.export run_dir=DIR out=DIR2      (or ckpt_path=FILE; checkpoint=best|last)
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from moa.errors import exit_on_config_error
+from moa.errors import entry_point, exit_on_config_error
 from moa.hf.export import export
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@entry_point(config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     with exit_on_config_error():
         print(export(cfg))

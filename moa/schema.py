@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -43,7 +44,7 @@ def parse(cls: type[T], data: Mapping[str, Any] | DictConfig, key: str) -> T:
         typed = OmegaConf.merge(OmegaConf.structured(cls), data)
     except OmegaConfBaseException as error:
         full_key = f"{key}.{error.full_key}" if getattr(error, "full_key", None) else key
-        value = data.get(str(error.full_key).split(".")[0]) if error.full_key else data
+        value = _select(data, str(error.full_key)) if error.full_key else data
         expected = _expected_type(cls, error.full_key)
         raise ConfigError(full_key, value, expected, "wrong type") from None
     try:
@@ -56,9 +57,21 @@ def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _select(data: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        data = data.get(name) if isinstance(data, Mapping) else None
+    return data
+
+
 def _expected_type(cls: type, field: str | None) -> str:
-    for f in dataclasses.fields(cls):
-        if f.name == (field or "").split(".")[0]:
+    """The declared type of `field` (dotted: a nested dataclass's field)."""
+    head, _, rest = (field or "").partition(".")
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if f.name == head:
+            nested = hints.get(f.name)
+            if rest and dataclasses.is_dataclass(nested):
+                return _expected_type(nested, rest)
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type)
             return f"a value of type {kind}"
     return "values of the declared types"

@@ -101,8 +101,11 @@ def test_malicious_checkpoint_is_refused_without_running_it(compose_config, trai
     with pytest.raises(ConfigError, match="ckpt_path=.*refused to load"):
         evaluate(compose_config(f"run_dir={trained_run}", f"ckpt_path={evil}", *EVAL,
                                 config_name="eval"))
-    with pytest.raises(ConfigError, match="ckpt_path=.*refused to load"):
-        train(compose_config(*RUN, f"ckpt_path={evil}"))
+    with pytest.raises(ConfigError, match="ckpt_path=.*refused to load") as refused:
+        train(compose_config(*RUN, f"ckpt_path={evil}", f"paths.output_dir={tmp_path / 'new'}"))
+    # what the file is and why it is refused, and no advice to load it unsafely
+    assert "a PyTorch pickle file holding a pickled reference to" in str(refused.value)
+    assert "code execution" in str(refused.value) and "weights_only" not in str(refused.value)
     malicious_checkpoint(trained_run / "checkpoints" / "last.ckpt", marker)
     with pytest.raises(ConfigError, match="resume=.*refused to load"):
         train(compose_config(*RUN, "resume=true"))
@@ -119,6 +122,7 @@ def test_command_line_eval_of_a_malicious_checkpoint_is_one_line(trained_run, tm
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: invalid config ckpt_path='{evil}' (refused to load")
+    assert "weights_only" not in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
 
 

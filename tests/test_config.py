@@ -149,3 +149,102 @@ def test_invalid_config_names_its_key(compose_config, overrides, key, allowed):
 def test_unknown_override_is_refused_by_hydra(compose_config):
     with pytest.raises(ConfigCompositionException, match="model.n_head"):
         compose_config("model.n_head=4")
+
+
+# Every value a user can set is checked: a boolean key refuses `maybe`, an integer key a
+# word, each naming its key. The walk reads the composed configs, so a new key or group
+# is covered without being listed here.
+def _typed_leaves(node, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, a wrong value) for every boolean and integer leaf under `node`."""
+    found = []
+    for name in node:
+        if not prefix and name == "hydra":
+            continue
+        child, key = node._get_node(name), f"{prefix}{name}"
+        if OmegaConf.is_dict(child):
+            found += _typed_leaves(child, f"{key}.")
+        elif not OmegaConf.is_list(child) and not child._is_interpolation():
+            value = child._value()
+            if isinstance(value, bool):
+                found.append((key, "maybe"))
+            elif isinstance(value, int):
+                found.append((key, "abc"))
+    return found
+
+
+def _refuses_each(cfg, leaves, check) -> list[str]:
+    """The keys whose wrong value `check(cfg)` accepts or refuses under another key."""
+    wrong = []
+    for key, bad in leaves:
+        good = OmegaConf.select(cfg, key)
+        OmegaConf.update(cfg, key, bad)
+        try:
+            check(cfg)
+            wrong.append(f"{key}={bad} accepted")
+        except ConfigError as error:
+            # a group read through another section's interpolation (`attention.router:
+            # ${router}`) is named where it is used (attention.router.router_topk), with
+            # the value given
+            named = error.key == key or error.key.endswith(f".{key}") or error.value == bad
+            if not named or "\n" in str(error):
+                wrong.append(f"{key}={bad} refused as {error.key}: {error}")
+        finally:
+            OmegaConf.update(cfg, key, good)
+    return wrong
+
+
+def test_every_boolean_and_integer_of_the_training_config_is_checked(compose_config):
+    cfg = compose_config()
+    leaves = _typed_leaves(cfg)
+    assert {("evaluate", "maybe"), ("seed", "abc"), ("trainer.max_steps", "abc"),
+            ("callbacks.model_checkpoint.save_last", "maybe")} <= set(leaves)
+    assert _refuses_each(cfg, leaves, parse_run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", _choices())
+def test_every_boolean_and_integer_of_every_group_option_is_checked(compose_config, choice):
+    required = REQUIRED.get(choice)
+    cfg = compose_config(choice, *([f"{required[0]}={required[1]}"] if required else []))
+    group = choice.lstrip("+").split("=")[0]
+    if group not in cfg:
+        pytest.skip(f"{group} presets set other groups' keys (walked with those groups)")
+    assert _refuses_each(cfg, _typed_leaves(cfg[group], f"{group}."), parse_run) == []
+
+
+@pytest.mark.parametrize("config_name", ["eval", "export"])
+def test_every_boolean_and_integer_of_eval_and_export_is_checked(compose_config, tmp_path,
+                                                                 config_name):
+    from moa.hf.export import export
+    from moa.training import evaluate
+
+    extra = f"out={tmp_path / 'out'}" if config_name == "export" else "attention_override=alcca"
+    cfg = compose_config(f"run_dir={tmp_path / 'no-run'}", extra, config_name=config_name)
+    leaves = _typed_leaves(cfg)
+    assert leaves, "nothing to walk"
+    assert _refuses_each(cfg, leaves, evaluate if config_name == "eval" else export) == []
+
+
+RANGES = [
+    ("trainer.max_steps=0", "trainer.max_steps", "a positive number of optimizer steps"),
+    ("trainer.max_steps=-5", "trainer.max_steps", "or -1"),
+    ("trainer.devices=abc", "trainer.devices", "auto, a positive count"),
+    ("trainer.accelerator=tpu9", "trainer.accelerator", "auto | cpu"),
+    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches", "a fraction in [0, 1]"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches", "positive"),
+    ("trainer.precision=33", "trainer.precision", "32-true"),
+    ("callbacks.model_checkpoint.mode=low", "callbacks.model_checkpoint.mode", "min | max"),
+    ("callbacks.throughput.window_size=0", "callbacks.throughput.window_size", "positive"),
+    ("seed=-1", "seed", "[0, 2**32)"),
+    ("seed=1.5", "seed", "[0, 2**32)"),
+    ("resume=maybe", "resume", "false | true | auto"),
+    ("ckpt_path=''", "ckpt_path", "a checkpoint file"),
+    ("model.sizes.card.d_model=wide", "model.sizes.card.d_model", "model.d_model's type"),
+]
+
+
+@pytest.mark.parametrize("override,key,allowed", RANGES, ids=[case[0] for case in RANGES])
+def test_values_with_a_range_are_refused_outside_it(compose_config, override, key, allowed):
+    with pytest.raises(ConfigError) as error:
+        parse_run(compose_config(override))
+    assert error.value.key == key and allowed in str(error.value)

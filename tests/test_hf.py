@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -151,11 +152,53 @@ def test_export_round_trip(compose_config, tmp_path):
     for name in ("config.json", "generation_config.json", "model.safetensors",
                  "tokenizer.json", "tokenizer_config.json", "README.md"):
         assert (out / name).is_file(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == {
+        path.name: 0o666 & ~umask for path in out.iterdir()}  # the weights as the rest
     assert "val_loss" in (out / "README.md").read_text()
 
     metrics, _ = evaluate(compose_config(f"run_dir={out}", "trainer=smoke",
                                          "sampling.prompts=[]", config_name="eval"))
     assert metrics == pytest.approx(trained, rel=1e-4)  # the same weights, splits and batches
+
+
+def test_export_never_writes_into_a_run_and_replaces_only_with_overwrite(compose_config,
+                                                                          tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_config("trainer=smoke", "model=gpt", "tokenizer=byte", "model.n_layers=1",
+                         "trainer.max_steps=2", "trainer.val_check_interval=2", "evaluate=false"))
+    run_files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+    def export_to(out, *overrides):
+        return export(compose_config(f"run_dir={run_dir}", "checkpoint=last", f"out={out}",
+                                     *overrides, config_name="export"))
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refused = {run_dir: "is a run directory", run_dir / "hf": "is a run directory",
+               run_dir / "checkpoints": "is a run directory", a_file: "a file is there",
+               other: "holds other files"}
+    for out, why in refused.items():
+        for overwrite in ("overwrite=false", "overwrite=true"):
+            with pytest.raises(ConfigError, match=why) as error:
+                export_to(out, overwrite)
+            assert error.value.key == "out"
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == run_files
+    assert a_file.read_text() == "mine" and [p.name for p in other.iterdir()] == ["notes.txt"]
+
+    out = tmp_path / "exported"
+    export_to(out)
+    (out / "stale.txt").write_text("from before")
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        export_to(out)
+    assert (out / "stale.txt").is_file()  # refused: nothing replaced
+    export_to(out, "overwrite=true")
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
 def test_export_without_out_names_the_key(compose_config, tmp_path):

@@ -58,12 +58,65 @@ def _alarms(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if any(alarm in str(w.message) for alarm in alarms)]
 
 
-def test_a_new_run_in_an_old_runs_directory_is_warned_of_its_metrics(compose_config):
+def _files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory and its bytes."""
+    return {str(path.relative_to(run_dir)): path.read_bytes()
+            for path in sorted(run_dir.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("record", ["checkpoints/last.ckpt", "metrics.json", "metrics.csv",
+                                    "status.json"])
+def test_a_new_run_is_refused_where_any_record_of_another_run_is(compose_config, tmp_path,
+                                                                 record):
+    run_dir = tmp_path / "run"
+    (run_dir / record).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / record).write_text("another run's")
+    (run_dir / ".hydra").mkdir()  # Hydra's own files do not make a run
+    with pytest.raises(ConfigError) as error:
+        train(compose_config(*RUN))
+    assert error.value.key == "hydra.run.dir" and "resume=true" in str(error.value)
+    assert record.split("/")[0] in str(error.value)
+    assert _files(run_dir) == {record: b"another run's"}  # nothing written before the refusal
+
+
+def test_a_new_run_in_a_finished_runs_directory_is_refused_before_anything_is_written(
+        compose_config, tmp_path):
+    run_dir = tmp_path / "run"
     train(compose_config(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(compose_config(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2"))
-    assert any("metrics.csv" in alarm or "will be deleted" in alarm for alarm in _alarms(caught))
+    before = _files(run_dir)
+    with pytest.raises(ConfigError, match="holds another run .*resume=true"):
+        train(compose_config(*RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"))
+    assert _files(run_dir) == before
+
+
+def test_a_failed_invocation_leaves_a_finished_runs_status_as_it_was(compose_config, tmp_path,
+                                                                     monkeypatch):
+    """Whatever fails before training continues (a bad value, another model, a checkpoint
+    that cannot be loaded, the data) is no failure of the run: eval still takes it."""
+    from moa.training import evaluate
+
+    run_dir = tmp_path / "run"
+    steps = ("trainer.max_steps=2", "trainer.val_check_interval=2")
+    train(compose_config(*RUN, *steps))
+    before = _files(run_dir)
+    failing = [("optim.lr=-1",), ("model.n_layers=3",), ("trainer.max_steps=0",),
+               ("data.batch_size=0",), ("seed=abc",)]
+    for overrides in failing:
+        with pytest.raises(ConfigError):
+            train(compose_config(*RUN, *steps, "resume=true", *overrides))
+        assert _files(run_dir) == before, overrides
+
+    def no_data(self, *args, **kwargs):
+        raise OSError("the corpus is gone")
+
+    monkeypatch.setattr("moa.data.LMDataModule.prepare_data", no_data)
+    with pytest.raises(OSError):
+        train(compose_config(*RUN, *steps, "resume=true"))
+    monkeypatch.undo()
+    assert read_status(run_dir)["status"] == "finished" and _files(run_dir) == before
+    metrics, _ = evaluate(compose_config(f"run_dir={run_dir}", "trainer=smoke",
+                                         "sampling.prompts=[]", config_name="eval"))
+    assert set(metrics) >= {"val_loss", "test_loss"}
 
 
 # epoch_batches: None, one long epoch (the checkpoint at step 5 is mid-epoch); 5, the

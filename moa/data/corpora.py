@@ -152,6 +152,9 @@ def _matching_files(globs: list[str], key: str) -> list[str]:
         matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
         check(bool(matches), key, pattern, "a path or glob matching at least one file",
               "no such file")
+        for match in matches:  # an empty file would fail inside `datasets` with a traceback
+            check(not Path(match).is_file() or Path(match).stat().st_size > 0, key, match,
+                  "data files with text in them", "the file is empty")
         files.extend(matches)
     return files
 

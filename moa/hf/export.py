@@ -29,9 +29,11 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from moa.config import ModelConfig
 from moa.data.tokenizer import SPECIAL_TOKENS
 from moa.errors import ConfigError
+from moa.hf.export_dir import export_directory
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
 from moa.training.checkpoint import load_checkpoint
 from moa.training.run_files import EXPORTED_RUN_CONFIG, locate_checkpoint
+from moa.training.values import check_top_level
 
 ROLES = ("system", "user", "assistant", "think", "reasoning")
 CHAT_TEMPLATE = (
@@ -46,11 +48,19 @@ CHAT_TEMPLATE = (
 
 
 def export(cfg: DictConfig) -> Path:
-    """Write the Hugging Face directory `cfg.out` from a run's checkpoint; return it."""
+    """Write the Hugging Face directory `cfg.out` from a run's checkpoint; return it. `out`
+    is a new or empty directory, or an earlier export with `overwrite=true`; never a run
+    directory (moa/hf/export_dir.py)."""
+    check_top_level(cfg)
     if not cfg.get("out"):
         raise ConfigError("out", cfg.get("out"), "a directory to write the exported model to")
     run_dir, checkpoint_path = locate_checkpoint(cfg)
-    out = Path(cfg.out)
+    with export_directory(Path(cfg.out), run_dir, cfg.get("overwrite", False)) as out:
+        _write(out, run_dir, checkpoint_path)
+    return Path(cfg.out)
+
+
+def _write(out: Path, run_dir: Path, checkpoint_path: Path) -> None:
     checkpoint = load_checkpoint(checkpoint_path)
     model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
     tokenizer = _hf_tokenizer(run_dir / "tokenizer.json")
@@ -66,7 +76,6 @@ def export(cfg: DictConfig) -> Path:
     run_config = OmegaConf.load(run_dir / "config.yaml")
     OmegaConf.save(run_config, out / EXPORTED_RUN_CONFIG)
     (out / "README.md").write_text(model_card(run_dir, checkpoint_path, run_config, model))
-    return out
 
 
 def _hf_tokenizer(path: Path) -> PreTrainedTokenizerFast | None:

@@ -14,7 +14,9 @@ alpha ||k||^2 and the ||q||^2 term is the same for every key of a query (it canc
 softmax), this alpha makes the q.k term exactly the trained logit q.k / sqrt(D); the one
 difference left is a bias -||k_j||^2 / (2 sqrt(D)) against keys of large norm. Any other
 alpha also rescales the trained logits (a temperature change), so this is the closest
-choice. `transfer_weights` loads what fits and reports the rest.
+choice. `transfer_weights` loads what fits and reports the rest: what it carried, what
+stays at its initial values and which trained weights it had no place for (a MoA block's
+paths, swapped for one attention, carry nothing).
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ from moa.schema import to_plain
 
 @dataclass
 class TransferReport:
+    carried: list[str]  # trained keys loaded into the new model
     missing: list[str]  # keys of the new model left at their initial values
     unexpected: list[str]  # trained keys the new model has no place for
+
+    def derived(self, trained: ModelConfig) -> list[str]:
+        """Missing keys that `swap_attention` sets from the trained model's config: the
+        alpha of a dot-product model (1 / (2 sqrt(D)), its logits' own scale)."""
+        if "alpha_init" in dataclasses.asdict(trained.attention):
+            return []
+        return [key for key in self.missing if key.endswith("attention.log_alpha")]
+
+    def untrained(self, trained: ModelConfig) -> list[str]:
+        """Keys of the new model that nothing trained sets: left at their random init."""
+        derived = set(self.derived(trained))
+        return [key for key in self.missing if key not in derived]
 
 
 def swap_attention(config: ModelConfig, override: Mapping[str, Any]) -> ModelConfig:
@@ -58,4 +73,5 @@ def swap_attention(config: ModelConfig, override: Mapping[str, Any]) -> ModelCon
 def transfer_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> TransferReport:
     """Load every trained tensor the module has a place for; report the others."""
     result = module.load_state_dict(dict(state_dict), strict=False)
-    return TransferReport(sorted(result.missing_keys), sorted(result.unexpected_keys))
+    carried = sorted(set(state_dict) & set(module.state_dict()))
+    return TransferReport(carried, sorted(result.missing_keys), sorted(result.unexpected_keys))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,8 @@ def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).split("\n")[0].strip() or "pickled objects"
         raise ConfigError(key, str(path), "a checkpoint of tensors and plain values",
-                          f"refused to load: it holds more than weights ({reason})") from None
+                          f"refused to load: {unsafe_content(error)}") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ConfigError(key, str(path), "a complete checkpoint file",
                           f"unreadable: {str(error).splitlines()[0]}") from None
@@ -44,6 +44,15 @@ def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
         raise ConfigError(key, str(path), "a moa checkpoint this version can run", stale)
     checkpoint["model_config"] = upgraded_config(checkpoint["model_config"], version)
     return checkpoint
+
+
+def unsafe_content(error: pickle.UnpicklingError) -> str:
+    """What made safe loading refuse a file, from PyTorch's message without its advice
+    (it suggests loading with weights_only=False, the path that runs the file's code)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    thing = f"a pickled reference to {found.group(1)}" if found else "pickled objects"
+    return (f"a PyTorch pickle file holding {thing}, which loading would call (code "
+            "execution), not only tensors and plain values")
 
 
 def check_same_model(config: ModelConfig, checkpoint: dict[str, Any], path: Path,

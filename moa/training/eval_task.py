@@ -3,7 +3,8 @@ val/test metrics and samples that training ends with too.
 
 With `attention_override=NAME` it evaluates a retrofit: the trained model, then the same
 model with another attention swapped in (moa/models/retrofit.py), every trained weight
-that fits loaded.
+that fits loaded; a swap that leaves weights untrained is refused unless
+`allow_untrained=true`, and metrics_<name>.json names the weights carried and not.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from moa.attention import ATTENTION
 from moa.config import ModelConfig
 from moa.data import CORPORA, TOKENIZERS, LMDataModule
+from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.models.retrofit import swap_attention, transfer_weights
-from moa.schema import parse
+from moa.schema import check_choice, parse
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
 from moa.training.run_config import check_trainer, resolved
 from moa.training.run_files import load_run
 from moa.training.samples import print_samples
+from moa.training.values import check_targets, check_top_level
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = [f"{split}_{name}" for split in ("val", "test") for name in ("loss", "ppl", "acc")]
@@ -60,6 +64,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
     config; write DIR/metrics.json."""
     log_lightning_to_the_job_file()
+    sampling = check_eval_config(cfg)
     run_dir, run_cfg, checkpoint = load_run(cfg)
     # evaluation and sampling run eagerly: compiling would cost more than it saves
     model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
@@ -77,7 +82,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                               cache_dir=run_cfg.paths.cache_dir)
     datamodule.prepare_data()
     datamodule.setup("test")
-    sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
     trainer_config = resolved(cfg, "trainer")
     override = cfg.get("attention_override")
     if not override:
@@ -86,25 +90,53 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         return metrics, {"module": module, "datamodule": datamodule}
     # Retrofit: evaluate the trained model, then with the other attention swapped in; the
     # run's own metrics.json is left as it is.
+    retrofitted, weights = _retrofit(cfg, module, checkpoint["state_dict"], run_cfg)
     baseline = run_evaluation(module, datamodule, trainer_config, SamplingConfig(), None)
-    module = _retrofit(cfg, module, checkpoint["state_dict"], run_cfg)
-    metrics = run_evaluation(module, datamodule, trainer_config, sampling, None)
+    metrics = run_evaluation(retrofitted, datamodule, trainer_config, sampling, None)
     metrics |= {f"baseline_{key}": baseline[key] for key in METRIC_KEYS}
     metrics |= {f"delta_{key}": metrics[key] - baseline[key] for key in METRIC_KEYS}
-    (run_dir / f"metrics_{override}.json").write_text(json.dumps(metrics, indent=2))
-    return metrics, {"module": module, "datamodule": datamodule}
+    (run_dir / f"metrics_{override}.json").write_text(
+        json.dumps({**metrics, "weights": weights}, indent=2))
+    return metrics, {"module": retrofitted, "datamodule": datamodule, "weights": weights}
+
+
+def check_eval_config(cfg: DictConfig) -> SamplingConfig:
+    """eval.yaml's values, before any file is read: its top-level keys, the trainer and
+    sampling sections, and the retrofit's section (`alcca.k=...`) where one is asked for."""
+    check_top_level(cfg)
+    check_targets(cfg, sections=())  # a trainer preset's callbacks are training's only
+    name = cfg.get("attention_override")
+    if name:
+        check_choice("attention_override", name, ATTENTION.names())
+        ATTENTION.parse({"name": name, **(resolved(cfg, name) if cfg.get(name) else {})}, name)
+    return parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
 
 
 def _retrofit(cfg: DictConfig, module: LanguageModelModule, state_dict: dict[str, Any],
-              run_cfg: DictConfig) -> LanguageModelModule:
+              run_cfg: DictConfig) -> tuple[LanguageModelModule, dict[str, list[str]]]:
     """A module with `cfg.attention_override` (its settings from the `cfg.<name>` section)
-    in place of the trained attention, loaded with every trained weight that fits."""
+    in place of the trained attention, loaded with every trained weight that fits, and
+    the record of its weights (`weights` in metrics_<name>.json): carried (trained, loaded),
+    derived (set from the trained config), initialised (random: nothing trained fits) and
+    unused (trained, no place in the new model). Refused where any weight is initialised
+    or unused, unless `allow_untrained=true`: its loss change would not be a retrofit's."""
     name = cfg.attention_override
     override = {"name": name, **(resolved(cfg, name) if cfg.get(name) else {})}
     config = swap_attention(module.model_config, override)
     retrofitted = LanguageModelModule(model=config.to_dict(),
                                       optim=OmegaConf.to_container(run_cfg.optim))
     report = transfer_weights(retrofitted, state_dict)
-    log.info("attention_override=%s: untrained %s; unused trained %s", name, report.missing,
-             report.unexpected)
-    return retrofitted
+    weights = {"carried": report.carried, "derived": report.derived(module.model_config),
+               "initialised": report.untrained(module.model_config),
+               "unused": report.unexpected}
+    log.info("attention_override=%s: %s", name,
+             "; ".join(f"{kind} {len(keys)}" for kind, keys in weights.items()))
+    lost = weights["initialised"] + weights["unused"]
+    if lost and not cfg.get("allow_untrained", False):
+        raise ConfigError("attention_override", name,
+                          "an attention the trained weights carry into, or allow_untrained=true",
+                          f"{len(weights['initialised'])} weights would stay at their random "
+                          f"init (first: {weights['initialised'][:2]}) and "
+                          f"{len(weights['unused'])} trained weights go unused (first: "
+                          f"{weights['unused'][:2]})")
+    return retrofitted, weights

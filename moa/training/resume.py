@@ -1,6 +1,7 @@
 """What `resume` makes of a run directory.
 
-- `false`: start afresh;
+- `false`: start afresh, in a directory that holds no other run (its checkpoints,
+  metrics or status): a run directory is one run's record, so a new run there is refused;
 - `true`: continue its `checkpoints/last.ckpt` (an error without one);
 - `auto`, for a sweep carried over several sittings: whichever applies. A finished run is
   left as it is (its metrics.json is the job's result), a run with a checkpoint continues
@@ -18,15 +19,39 @@ import enum
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moa.errors import ConfigError
 from moa.training.run_config import resolved
-from moa.training.run_status import FINISHED, read_status
+from moa.training.run_status import FINISHED, STATUS_FILE, read_status
 
 # The sections that decide what a run computes (not where it logs or how it is watched).
 COMPARED = ("seed", "model", "attention", "ffn", "position", "norm", "head", "router",
             "metric", "regularizer", "optim", "data", "tokenizer", "trainer")
+
+
+# What makes a directory a run's record (Hydra's own .hydra/ and job log do not).
+RUN_RECORDS = ("checkpoints", "metrics.json", "metrics.csv", STATUS_FILE)
+
+
+def run_records(run_dir: Path) -> list[str]:
+    """The files (or a non-empty checkpoints/) in `run_dir` that belong to a run."""
+    found = []
+    for name in RUN_RECORDS:
+        path = run_dir / name
+        if path.is_dir() and any(path.iterdir()) or path.is_file():
+            found.append(f"{name}/" if path.is_dir() else name)
+    return found
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse a new run in a directory holding another run's records."""
+    found = run_records(run_dir)
+    if found:
+        raise ConfigError("hydra.run.dir", str(run_dir), "a new or empty run directory",
+                          f"it holds another run ({', '.join(found)}): continue that run "
+                          "with resume=true, or give a new hydra.run.dir")
 
 
 class Resume(enum.Enum):
@@ -40,6 +65,8 @@ def resume_mode(cfg: DictConfig, run_dir: Path) -> Resume:
     if resume is True:
         return Resume.CONTINUE
     if resume is False or resume is None:
+        if rank_zero_only.rank == 0:  # the other ranks of a DDP run join rank 0's directory
+            check_free(run_dir)
         return Resume.FRESH
     if resume != "auto":
         raise ConfigError("resume", resume, "false | true | auto")

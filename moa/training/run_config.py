@@ -20,8 +20,9 @@ from moa.config import COMPONENTS, ModelConfig, OptimConfig
 from moa.data import CORPORA, TOKENIZERS
 from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
-from moa.schema import check, check_choice, parse
+from moa.schema import check_choice, parse
 from moa.training.card import apply_card_config
+from moa.training.values import check_sizes, check_targets, check_top_level
 
 TOP_LEVEL_KEYS = {
     "hydra",
@@ -47,7 +48,7 @@ def check_model_size(model: DictConfig) -> None:
     sizes = model.get("sizes") or {}
     if sizes:
         check_choice("model.size", model.get("size"), sorted(sizes))
-
+    check_sizes(sizes)
 
 def resolved(cfg: DictConfig, key: str) -> Any:
     """The plain resolved value of `cfg[key]`, with interpolation errors naming the key."""
@@ -76,10 +77,10 @@ def parse_run(cfg: DictConfig) -> RunSpec:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(str(key), cfg[key], f"top-level keys {sorted(TOP_LEVEL_KEYS)}",
                               "unknown key")
+    check_top_level(cfg)
+    check_targets(cfg)
     check_model_size(cfg.model)
     keep_host_memory = cfg.get("keep_host_memory", True)
-    check(isinstance(keep_host_memory, bool), "keep_host_memory", keep_host_memory,
-          "true | false")
     apply_card_config(cfg)
     model_section = resolved(cfg, "model")
     parse(ModelConfig, model_section, "model")  # first: the components interpolate its values

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from moa.training.eval_task import run_evaluation
 from moa.training.host_memory import keep_freed
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
-from moa.training.resume import Resume, resume_mode
+from moa.training.resume import Resume, resume_mode, run_records
 from moa.training.run_config import RunSpec, parse_run, resolved
 from moa.training.run_files import write_run_files
 from moa.training.run_status import StatusSeconds, read_status, recording_status
@@ -47,10 +48,14 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Validate the config, train, then evaluate the best checkpoint; return metrics.
 
-    The run directory's status.json says running, then finished or failed (a bad config
-    too, so that a failed job of a sweep shows why), and the run's wall seconds, those of
-    earlier invocations included when resuming. With resume=auto a finished run is not
-    trained again: its metrics.json is returned (`moa/training/resume.py`)."""
+    The run directory's status.json says running, then finished or failed, and the run's
+    wall seconds, those of earlier invocations included when resuming. A new run's status
+    is recorded from the start (a bad config too, so that a failed job of a sweep shows
+    why); a run that an earlier invocation started changes status only once this one has
+    checked everything and continues it, so a refused resume leaves it as it was. A new
+    run in another run's directory is refused (`moa/training/resume.py`). With
+    resume=auto a finished run is not trained again: its metrics.json is returned."""
+    started = time.monotonic()
     log_lightning_to_the_job_file()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +66,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         return (json.loads(saved.read_text()) if saved.is_file() else {}), {}
     resuming = mode is Resume.CONTINUE
     earlier = (read_status(run_dir) or {}).get("seconds", 0.0) if resuming else 0.0
+    prepared = _prepare(cfg, run_dir, resuming) if run_records(run_dir) else None
+    earlier += time.monotonic() - started if prepared else 0.0  # this invocation's set-up
     with recording_status(run_dir, earlier) as refresh_status:
-        return _train(cfg, parse_run(cfg), run_dir, resuming, StatusSeconds(refresh_status))
+        return _train(cfg, prepared or _prepare(cfg, run_dir, resuming), run_dir, resuming,
+                      StatusSeconds(refresh_status))
 
 
 @contextmanager
@@ -79,8 +87,18 @@ def _without_false_alarms(resuming: bool, run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, resuming: bool,
-           status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
+@dataclass
+class _Prepared:
+    spec: RunSpec
+    datamodule: LMDataModule
+    module: LanguageModelModule
+    checkpoint: dict[str, Any] | None
+    ckpt_path: str | None
+
+
+def _prepare(cfg: DictConfig, run_dir: Path, resuming: bool) -> _Prepared:
+    """Everything that can refuse the run: the config, the data, the checkpoint."""
+    spec = parse_run(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if spec.keep_host_memory:
         keep_freed()
@@ -96,7 +114,13 @@ def _train(cfg: DictConfig, spec: RunSpec, run_dir: Path, resuming: bool,
     if checkpoint is not None:
         check_same_model(model_config, checkpoint, Path(ckpt_path), key)
     module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
+    return _Prepared(spec, datamodule, module, checkpoint, ckpt_path)
 
+
+def _train(cfg: DictConfig, prepared: _Prepared, run_dir: Path, resuming: bool,
+           status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
+    spec, datamodule, module = prepared.spec, prepared.datamodule, prepared.module
+    checkpoint, ckpt_path = prepared.checkpoint, prepared.ckpt_path
     record = {
         "data": datamodule.fingerprint,
         "parameters": module.model.num_parameters(),
