@@ -14,7 +14,7 @@ from moa.training import train
 from moa.training.freeze import freeze
 from moa.training.init_from import init_state, load_init_weights
 from moa.training.run_config import parse_run
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, train_run
 
 RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "model.n_layers=2", "data.batch_size=8",
        "trainer.max_steps=4", "trainer.val_check_interval=4", "evaluate=false",
@@ -24,22 +24,7 @@ RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "model.n_layers=2", "data
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory, cache_dir):
     """A trained tiny run to start from (trained once for the module)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from tests.conftest import CONF_DIR, ROOT
-
-    run_dir = tmp_path_factory.mktemp("source") / "run"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
-            f"paths.root_dir={ROOT}", f"paths.output_dir={run_dir}",
-            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *RUN])
-    HydraConfig.instance().set_config(cfg)
-    train(cfg)
-    GlobalHydra.instance().clear()
-    return run_dir
+    return train_run(tmp_path_factory.mktemp("source") / "run", cache_dir, *RUN)
 
 
 def test_init_from_takes_the_weights_and_starts_training_afresh(compose_config, tmp_path,
