@@ -28,6 +28,7 @@ from moa.data.chat_template import CHAT_TEMPLATE, ROLES
 from moa.data.tokenizer import SPECIAL_TOKENS
 from moa.errors import ConfigError
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
+from moa.hf.remote_code import AUTO_MAP, write_remote_code
 from moa.training.checkpoint import load_checkpoint
 from moa.training.run_files import EXPORTED_RUN_CONFIG, locate_checkpoint
 
@@ -47,7 +48,9 @@ def export(cfg: DictConfig) -> Path:
     model = MoaForCausalLM(MoaConfig.from_model_config(model_config, **ids))
     model.load_state_dict(checkpoint["state_dict"])  # the Lightning module's `model.` keys
     model.generation_config = GenerationConfig(**ids)
+    model.config.auto_map = AUTO_MAP  # loads without moa: trust_remote_code=True
     model.save_pretrained(out)
+    write_remote_code(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     run_config = OmegaConf.load(run_dir / "config.yaml")
