@@ -158,3 +158,25 @@ def test_init_from_run_dir_without_checkpoints_is_an_error(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="no checkpoint found"):
         init_state(Path(tmp_path))
+
+
+def test_discoverlm_sft_fine_tunes_a_pretrained_run_on_the_alpaca_slice(compose_config, tmp_path,
+                                                                       cache_dir, shared_data):
+    pretrained = train_run(tmp_path / "pretrain", cache_dir, "trainer=smoke", "model=discoverlm",
+                           "model.size=tiny", "model.max_seq_len=256", "tokenizer=byte",
+                           "data.batch_size=2", "trainer.max_steps=1",
+                           "trainer.val_check_interval=1", "evaluate=false")
+    cfg = compose_config("experiment=discoverlm_sft", f"init_from={pretrained}",
+                         "trainer.max_steps=2", "trainer.val_check_interval=2",
+                         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                         "data.batch_size=2", "data.eval_batch_size=8")
+    metrics, _ = train(cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["init_from"]["path"] == str(pretrained)
+    data = record["data"]
+    assert data["corpus"] == "chat"
+    assert sum(data["blocks"].values()) + sum(data["dropped_no_reply_in_block"].values()) \
+        + data["skipped_no_assistant_turn"] == 1000
+    for split in ("validation", "test"):  # byte tokens: some instructions fill the block
+        assert data["blocks"][split] + data["dropped_no_reply_in_block"][split] == 50
+    assert 0 < metrics["test_loss"] < 10
