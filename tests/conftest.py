@@ -127,3 +127,26 @@ def assert_cached_matches_full(model, ids, prefill: int = 3) -> None:
     steps = [model(ids[:, :prefill], cache).logits]
     steps += [model(ids[:, t:t + 1], cache).logits for t in range(prefill, ids.size(1))]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def train_run(run_dir: Path, cache_dir: Path, *overrides: str) -> Path:
+    """Train a run into `run_dir` outside the per-test fixtures (for module-scoped fixtures:
+    one small trained run that several tests start from)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from moa.training import train
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+            f"paths.root_dir={ROOT}", f"paths.output_dir={run_dir}",
+            f"paths.cache_dir={cache_dir}", f"paths.shared_data_dir={SHARED_DATA}",
+            f"hydra.run.dir={run_dir}", *overrides])
+    HydraConfig.instance().set_config(cfg)
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    return run_dir

@@ -38,6 +38,7 @@ def test_the_walk_finds_every_group():
 REQUIRED = {
     "data=hf": ("data.path", "some-user/some-dataset"),
     "data=text_files": ("data.train_files", "/some/corpus/*.txt"),
+    "data=chat": ("data.files", "/some/conversations.jsonl"),
     "tokenizer=pretrained": ("tokenizer.path", "/some/tokenizer.json"),
 }
 

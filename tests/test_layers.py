@@ -31,7 +31,7 @@ RULES = [
 ]
 FOLDERS = {*MODEL, "data", "training", "hf", "dashboard"}
 ROOT = {"config", "schema", "registry", "errors"}
-ENTRY = {"params", "export"}  # python -m moa.params / moa.export
+ENTRY = {"params", "export", "chat"}  # python -m moa.params / moa.export / moa.chat
 
 
 def layer_of(module: str) -> str:

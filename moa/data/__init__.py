@@ -1,8 +1,9 @@
-"""Data: tokenizers, text corpora, the MQAR task and the DataModule that serves them.
+"""Data: tokenizers, text corpora, conversations, the MQAR task and the DataModule.
 
 Importing this package registers every tokenizer (`TOKENIZERS`) and data source (`CORPORA`).
 """
 
+from moa.data.chat import ChatConfig
 from moa.data.corpora import HFConfig, PydocsConfig, TextFilesConfig
 from moa.data.datamodule import LMDataModule, build_datamodule
 from moa.data.mqar import MQARConfig, multiquery_ar
@@ -18,7 +19,8 @@ from moa.data.tokenizer import (
 )
 
 __all__ = [
-    "CORPORA", "SPECIAL_TOKENS", "SPLITS", "TOKENIZERS", "BPEConfig", "ByteConfig", "DataConfig",
+    "CORPORA", "SPECIAL_TOKENS", "SPLITS", "TOKENIZERS", "BPEConfig", "ByteConfig", "ChatConfig",
+    "DataConfig",
     "HFConfig", "LMDataModule", "LMSplits", "MQARConfig", "PretrainedConfig", "PydocsConfig",
     "TextFilesConfig", "Tokenizer", "TokenizerConfig", "build_datamodule", "multiquery_ar",
 ]

@@ -11,11 +11,8 @@ tokenizer_config.json with the special tokens and the chat template below), READ
 model card with the run's config and metrics) and moa_run.yaml (the run's config, which
 eval.py reads to evaluate DIR2 as it would the run).
 
-Chat format (`tokenizer.apply_chat_template`): `<|bos|>`, then each message as its role
-token and its content, an assistant message closed by `<|eos|>`; the roles are system,
-user, assistant, think and reasoning. The generation prompt is `<|assistant|>`:
-
-    <|bos|><|system|>Be brief.<|user|>Hi<|assistant|>Hello<|eos|><|user|>Why?<|assistant|>
+Chat format (`tokenizer.apply_chat_template`): moa/data/chat_template.py, the one
+definition that training on conversations (`data=chat`) renders with too.
 """
 
 from __future__ import annotations
@@ -27,24 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from moa.config import ModelConfig
+from moa.data.chat_template import CHAT_TEMPLATE, ROLES
 from moa.data.tokenizer import SPECIAL_TOKENS
 from moa.errors import ConfigError
 from moa.hf.export_dir import export_directory
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
+from moa.hf.remote_code import AUTO_MAP, write_remote_code
 from moa.training.checkpoint import load_checkpoint
 from moa.training.run_files import EXPORTED_RUN_CONFIG, locate_checkpoint
 from moa.training.values import check_top_level
-
-ROLES = ("system", "user", "assistant", "think", "reasoning")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in " + repr(list(ROLES)) + " %}"
-    "{{ raise_exception('unknown role ' + message['role'] + '; roles: " + ", ".join(ROLES)
-    + "') }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 
 
 def export(cfg: DictConfig) -> Path:
@@ -70,7 +58,9 @@ def _write(out: Path, run_dir: Path, checkpoint_path: Path) -> None:
     model = MoaForCausalLM(MoaConfig.from_model_config(model_config, **ids))
     model.load_state_dict(checkpoint["state_dict"])  # the Lightning module's `model.` keys
     model.generation_config = GenerationConfig(**ids)
+    model.config.auto_map = AUTO_MAP  # loads without moa: trust_remote_code=True
     model.save_pretrained(out)
+    write_remote_code(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     run_config = OmegaConf.load(run_dir / "config.yaml")

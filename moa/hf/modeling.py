@@ -2,6 +2,8 @@
 
     import moa                                   # registers model_type "moa_metric"
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    # (or, without moa installed: from_pretrained(DIR, trust_remote_code=True), which runs
+    # the copy of this file and the model code that the export wrote into DIR)
     model = AutoModelForCausalLM.from_pretrained(DIR)   # DIR from `python -m moa.export`
     tokenizer = AutoTokenizer.from_pretrained(DIR)
     out = model.generate(**tokenizer(["Once"], return_tensors="pt"), max_new_tokens=32)
@@ -30,13 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -214,6 +210,3 @@ def _check_left_padding(attention_mask: torch.Tensor) -> None:
         raise ValueError("attention_mask has padding after a token: only left padding is "
                          "supported (tokenizer.padding_side = 'left')")
 
-
-AutoConfig.register(MODEL_TYPE, MoaConfig)
-AutoModelForCausalLM.register(MoaConfig, MoaForCausalLM)

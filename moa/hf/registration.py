@@ -4,7 +4,10 @@
 importing transformers' model classes costs seconds, which every `train.py` run would pay.
 So `import moa` registers at once only if transformers is already loaded; otherwise it
 leaves a finder on `sys.meta_path` that wraps the loading of the `transformers` package
-and imports `moa.hf.modeling` (which registers) right after it, then removes itself.
+and registers `moa.hf.modeling`'s classes right after it, then removes itself. (The
+registration is here, not in modeling.py, because the export copies modeling.py into the
+exported directory as remote code, which must not register anything in the process that
+loads it.)
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def execute_then_register(module: ModuleType) -> None:
             execute(module)
-            importlib.import_module("moa.hf.modeling")
+            _register()
 
         spec.loader.exec_module = execute_then_register
         return spec
@@ -38,7 +41,15 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 def register_with_transformers() -> None:
     """Register now if transformers is loaded, else when it is (no-op without it)."""
     if PACKAGE in sys.modules:
-        importlib.import_module("moa.hf.modeling")
+        _register()
     elif importlib.util.find_spec(PACKAGE) is not None and not any(
             isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def _register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    modeling = importlib.import_module("moa.hf.modeling")
+    AutoConfig.register(modeling.MODEL_TYPE, modeling.MoaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(modeling.MoaConfig, modeling.MoaForCausalLM, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -49,31 +50,47 @@ def next_token(logits: torch.Tensor, sampling: SamplingConfig,
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.no_grad()
-def generate(model: LanguageModel, input_ids: torch.Tensor, sampling: SamplingConfig,
-             generator: torch.Generator | None = None,
-             stop_token: int | None = None) -> torch.Tensor:
-    """input_ids: (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
-
-    With `use_cache` each step feeds only the new token; without, each step recomputes
-    the whole context (the reference the cached path must match token for token).
-    The prompt is cut from the left so that prompt + new tokens fit in max_seq_len.
-    """
-    was_training = model.training
-    model.eval()
+def prompt_window(model: LanguageModel, input_ids: torch.Tensor,
+                  sampling: SamplingConfig) -> torch.Tensor:
+    """The prompt's last tokens, as many as leave room for max_new_tokens in max_seq_len."""
     limit = model.config.max_seq_len
     if sampling.max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens={sampling.max_new_tokens} must be below "
                          f"model.max_seq_len={limit}")
-    tokens = input_ids[:, -(limit - sampling.max_new_tokens):]
-    cache = model.new_cache() if sampling.use_cache else None
-    step_input = tokens
-    for _ in range(sampling.max_new_tokens):
-        logits = model(step_input, cache).logits[:, -1]  # (B, V)
-        token = next_token(logits, sampling, generator)
-        tokens = torch.cat((tokens, token), dim=1)
-        step_input = token if cache is not None else tokens
-        if stop_token is not None and bool((token == stop_token).all()):
-            break
-    model.train(was_training)
-    return tokens
+    return input_ids[:, -(limit - sampling.max_new_tokens):]
+
+
+@torch.no_grad()
+def stream(model: LanguageModel, input_ids: torch.Tensor, sampling: SamplingConfig,
+           generator: torch.Generator | None = None,
+           stop_token: int | None = None) -> Iterator[torch.Tensor]:
+    """Each step's new tokens (B, 1), as soon as they are chosen (a chat prints them so).
+
+    The prompt is cut from the left by `prompt_window`. With `use_cache` each step feeds
+    only the new token; without, each step recomputes the whole context (the reference
+    the cached path must match token for token). Stops after `stop_token` in every row."""
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = prompt_window(model, input_ids, sampling)
+        cache = model.new_cache() if sampling.use_cache else None
+        step_input = tokens
+        for _ in range(sampling.max_new_tokens):
+            logits = model(step_input, cache).logits[:, -1]  # (B, V)
+            token = next_token(logits, sampling, generator)
+            yield token
+            tokens = torch.cat((tokens, token), dim=1)
+            step_input = token if cache is not None else tokens
+            if stop_token is not None and bool((token == stop_token).all()):
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate(model: LanguageModel, input_ids: torch.Tensor, sampling: SamplingConfig,
+             generator: torch.Generator | None = None,
+             stop_token: int | None = None) -> torch.Tensor:
+    """input_ids: (B, T) -> (B, T' + n): the prompt cut to fit (`prompt_window`), then n <=
+    max_new_tokens new tokens (`stream`)."""
+    window = prompt_window(model, input_ids, sampling)
+    return torch.cat([window, *stream(model, window, sampling, generator, stop_token)], dim=1)

@@ -22,13 +22,14 @@ from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.schema import check_choice, parse
 from moa.training.card import apply_card_config
+from moa.training.freeze import check_freeze
 from moa.training.values import check_sizes, check_targets, check_top_level
 
 TOP_LEVEL_KEYS = {
     "hydra",
     "model", "attention", "ffn", "position", "norm", "optim", "data", "tokenizer", "trainer",
     "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "resume",
-    "evaluate", "keep_host_memory",
+    "evaluate", "keep_host_memory", "init_from", "freeze",
     "metric", "regularizer", "router", "head",
 }
 
@@ -81,6 +82,7 @@ def parse_run(cfg: DictConfig) -> RunSpec:
     check_targets(cfg)
     check_model_size(cfg.model)
     keep_host_memory = cfg.get("keep_host_memory", True)
+    check_freeze(cfg.get("freeze"))
     apply_card_config(cfg)
     model_section = resolved(cfg, "model")
     parse(ModelConfig, model_section, "model")  # first: the components interpolate its values

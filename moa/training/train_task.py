@@ -28,7 +28,9 @@ from moa.training.checkpoint import (
     resume_checkpoint,
 )
 from moa.training.eval_task import run_evaluation
+from moa.training.freeze import check_freeze, freeze
 from moa.training.host_memory import keep_freed
+from moa.training.init_from import check_init_from, load_init_weights
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
 from moa.training.resume import Resume, resume_mode, run_records
@@ -57,6 +59,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resume=auto a finished run is not trained again: its metrics.json is returned."""
     started = time.monotonic()
     log_lightning_to_the_job_file()
+    check_init_from(cfg)  # before resume's own checks: the two together are the error
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mode = resume_mode(cfg, run_dir)
@@ -128,6 +131,9 @@ def _train(cfg: DictConfig, prepared: _Prepared, run_dir: Path, resuming: bool,
         "active_parameters": active_parameters(module.model),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(module.model),
     }
+    if cfg.get("init_from"):  # weights only: optimiser, step and data position start afresh
+        record["init_from"] = load_init_weights(module.model, Path(cfg.init_from))
+    record["parameters_frozen"] = freeze(module.model, check_freeze(cfg.get("freeze")))["frozen"]
     write_run_files(cfg, run_dir, datamodule, record)
     log.info("model: %.2fM parameters; data: %s", record["parameters"] / 1e6,
              datamodule.fingerprint)
