@@ -22,6 +22,7 @@ from moa.data import CORPORA, TOKENIZERS, LMDataModule
 from moa.models.generation import SamplingConfig
 from moa.models.retrofit import swap_attention, transfer_weights
 from moa.schema import parse
+from moa.training.console import quiet_console
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
 from moa.training.run_config import check_trainer, resolved
@@ -60,6 +61,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
     config; write DIR/metrics.json."""
     log_lightning_to_the_job_file()
+    quiet_console()
     run_dir, run_cfg, checkpoint = load_run(cfg)
     # evaluation and sampling run eagerly: compiling would cost more than it saves
     model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})

@@ -26,6 +26,7 @@ from moa.training.checkpoint import (
     load_checkpoint,
     resume_checkpoint,
 )
+from moa.training.console import quiet_console
 from moa.training.eval_task import run_evaluation
 from moa.training.host_memory import keep_freed
 from moa.training.job_log import log_lightning_to_the_job_file
@@ -52,6 +53,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     earlier invocations included when resuming. With resume=auto a finished run is not
     trained again: its metrics.json is returned (`moa/training/resume.py`)."""
     log_lightning_to_the_job_file()
+    quiet_console()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mode = resume_mode(cfg, run_dir)
