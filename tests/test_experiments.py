@@ -131,6 +131,24 @@ def test_every_job_of_every_preset_validates(compose_config, tmp_path, experimen
         CHECKS[experiment](specs)
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_preset_sweeps_over_seeds(compose_config, experiment):
+    """`python train.py -m experiment=NAME seed=1,2,3`: every job of the preset, once per
+    seed (the seed varying fastest), and the first job's three seeds validate."""
+    jobs = sweep_jobs(compose_config, experiment, "seed=1,2,3")
+    assert len(jobs) == 3 * SWEPT.get(experiment, 1)
+    assert [job[-1] for job in jobs[:3]] == ["seed=1", "seed=2", "seed=3"]
+    assert len({tuple(job[:-1]) for job in jobs}) == SWEPT.get(experiment, 1)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for seed, job in enumerate(jobs[:3], start=1):
+            cfg = compose(config_name="train", return_hydra_config=True,
+                          overrides=[f"paths.root_dir={ROOT}", "hydra.run.dir=unused", *job])
+            HydraConfig.instance().set_config(cfg)
+            parse_run(cfg)
+            assert cfg.seed == seed
+
+
 def test_slurm_launcher_composes_into_submitits_launcher(compose_config):
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 

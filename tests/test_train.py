@@ -119,6 +119,34 @@ def test_command_line_train_and_eval(tmp_path, cache_dir):
     assert (result.stdout + result.stderr).count("GPU available") == 1
 
 
+# What `make train` printed besides what a person needs (issue 23): Lightning's advert for
+# its cloud logger, datasets' "Filter" progress bars, torch's LeafSpec deprecation that
+# Lightning triggers, and FLOPs nobody counted (a column of 0s, a UserWarning).
+CONSOLE_NOISE = ("litlogger", "Tip:", "Filter", "LeafSpec", "FLOPs", "UserWarning",
+                 "model summary callbacks")
+
+
+def test_the_console_has_what_a_person_needs_and_nothing_else(tmp_path, cache_dir):
+    """A smoke run of the default model from the command line: its config and parameter
+    summary, the model summary, the progress bar, validation results and samples; none of
+    the noise. That the step's FLOPs could not be counted is in the run's log instead."""
+    env = {**os.environ, "MOA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "disabled"}
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", "trainer=smoke", "model.n_layers=1",
+                             "trainer.max_steps=4", "trainer.val_check_interval=2",
+                             "sampling.max_new_tokens=4", f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = result.stdout + result.stderr
+    for noise in CONSOLE_NOISE:
+        assert noise not in console, (noise, console)
+    for needed in ("M parameters; data:", "Trainable params", "Total params", "Epoch 0",
+                   '"val_loss"', '"test_acc"', "--- greedy", "--- sampled"):
+        assert needed in console, (needed, console)
+    assert "FLOPs not counted: this model's work depends on its data" in \
+        (run_dir / "train.log").read_text()
+
+
 def test_command_line_config_error_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "model.n_heads=5",
                              f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,

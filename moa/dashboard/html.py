@@ -1,5 +1,7 @@
-"""One self-contained HTML page: loss curves (plotly, its script inlined so the page opens
-offline), the sortable runs table, router usage per layer and path, failed runs' errors."""
+"""One self-contained HTML page (plotly's script inlined once, so the page opens offline):
+the groups' loss curves, their statistics against the baseline, Pareto scatters, the MQAR
+heatmap, router usage over training, the sortable runs table, and the runs that were not
+counted (failed, running, unreadable) with why."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import re
 from typing import Any
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
+from moa.dashboard.figures import loss_figure, mqar_heatmap, pareto_figure, router_figure
+from moa.dashboard.groups import Group
+from moa.dashboard.report import STATISTICS_HEADER, groups_table, statistics_rows
 from moa.dashboard.runs import Run
 from moa.dashboard.table import build_table, format_cell
 
 ROUTER_STAT = re.compile(r"^(?P<scope>.+\.router)\.(?P<kind>usage|routed)\.(?P<path>\d+)$")
+CLASSES = {"running", "failed", "unreadable", "better", "worse"}
 
 # Click a header to sort by it (numbers numerically, "-" last); click again to reverse.
 SORT_SCRIPT = """
@@ -42,33 +47,14 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f2f2f2; cursor: pointer; }
 td:first-child, th:first-child { text-align: left; }
-.running { color: #b36b00; } .failed { color: #c00; font-weight: bold; }
+.running { color: #b36b00; } .failed, .unreadable { color: #c00; font-weight: bold; }
+.better { color: #080; font-weight: bold; } .worse { color: #c00; font-weight: bold; }
 """
-
-
-def loss_figure(runs: list[Run]) -> go.Figure:
-    """Training and validation loss against tokens seen, one colour per run."""
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("train loss", "val loss"))
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-               "#7f7f7f", "#bcbd22", "#17becf"]
-    for index, run in enumerate(runs):
-        colour = palette[index % len(palette)]
-        for column, key in enumerate(("train/loss", "val/loss"), start=1):
-            points = run.curves.get(key, [])
-            figure.add_trace(go.Scatter(
-                x=[tokens for tokens, _ in points], y=[value for _, value in points],
-                mode="lines+markers" if key == "val/loss" else "lines", name=run.name,
-                legendgroup=run.name, showlegend=column == 1, line={"color": colour}),
-                row=1, col=column)
-    figure.update_xaxes(title_text="tokens seen")
-    figure.update_yaxes(title_text="loss")
-    figure.update_layout(height=420, margin={"t": 40, "b": 40})
-    return figure
 
 
 def _cell(value: Any, tag: str = "td") -> str:
     sort_key = "" if value is None else str(value)
-    status = f' class="{value}"' if value in ("running", "failed") else ""
+    status = f' class="{value}"' if value in CLASSES else ""
     return (f'<{tag} data-value="{html.escape(sort_key)}"{status}>'
             f"{html.escape(format_cell(value))}</{tag}>")
 
@@ -100,20 +86,39 @@ def router_rows(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
     return ["run", "layer", "usage per path", "routed fraction per path", "entropy"], rows
 
 
-def render(runs: list[Run], title: str = "moa runs") -> str:
-    header, rows = build_table(runs)
-    figure = loss_figure(runs).to_html(full_html=False, include_plotlyjs=True)
-    router_header, routers = router_rows(runs)
-    failed = [run for run in runs if run.status == "failed"]
+def _figure(figure: go.Figure, div_id: str, with_script: bool) -> str:
+    return figure.to_html(full_html=False, include_plotlyjs=with_script, div_id=div_id)
+
+
+def render(runs: list[Run], groups: list[Group], baseline: str | None = None,
+           title: str = "moa runs") -> str:
+    figures = [(heading, div_id, figure) for heading, div_id, figure in (
+        ("Loss (mean over each group's seeds, band: +-1 std)", "loss-curves",
+         loss_figure(groups)),
+        ("Final val loss against size and speed (error bars: 95% CI)", "pareto",
+         pareto_figure(groups)),
+        ("MQAR test recall", "mqar-recall", mqar_heatmap(groups)),
+        ("Router usage over training (mean weight per path)", "router-usage",
+         router_figure(groups))) if figure is not None]
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p>{len(runs)} runs; x axis: tokens seen = step x batch x block.</p>",
-             figure, "<h2>Runs</h2>", html_table(header, rows)]
+             f"<p>{len(runs)} runs in {len(groups)} groups (runs that differ only in seeds "
+             f"and paths); x axes: tokens seen = step x batch x block."
+             + (f" Baseline: <b>{html.escape(baseline)}</b>." if baseline else "") + "</p>"]
+    for index, (heading, div_id, figure) in enumerate(figures):
+        parts += [f"<h2>{html.escape(heading)}</h2>", _figure(figure, div_id, index == 0)]
+        if index == 0:
+            parts += ["<h2>Groups</h2>", html_table(*groups_table(groups)),
+                      "<h2>Statistics (95% CI: Student t; differences: Welch)</h2>",
+                      html_table(STATISTICS_HEADER, statistics_rows(groups))]
+    router_header, routers = router_rows(runs)
     if routers:
-        parts += ["<h2>Router usage</h2>", html_table(router_header, routers)]
-    if failed:
-        parts += ["<h2>Failed runs</h2><ul>"]
-        parts += [f"<li><b>{html.escape(run.name)}</b>: {html.escape(run.error or '?')}</li>"
-                  for run in failed]
+        parts += ["<h2>Router usage at the last step</h2>", html_table(router_header, routers)]
+    parts += ["<h2>Runs</h2>", html_table(*build_table(runs))]
+    problems = [run for run in runs if run.status in ("failed", "unreadable")]
+    if problems:
+        parts += ["<h2>Failed and unreadable runs</h2><ul>"]
+        parts += [f"<li><b>{html.escape(run.name)}</b> ({run.status}): "
+                  f"{html.escape(run.error or '?')}</li>" for run in problems]
         parts += ["</ul>"]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}"

@@ -1,42 +1,19 @@
-"""The runs table: the config keys that differ between runs, then the final numbers.
-
-A group choice that differs (`attention`: mha | mqa) is one column and stands for the keys
-under it, wherever they are nested (`metric` also covers `attention.metric.name`); other
-differing config keys follow as dotted keys. Keys holding a run's own
-paths (output directories) never count as differing, nor does `resume` (how a run was
-invoked: a sweep finished with `resume=auto` has it on some jobs, not on others).
-"""
+"""The runs table: the config keys that differ between runs (`moa.dashboard.keys`: not
+the runs' own paths, run names nor `resume`; seeds included), then the final numbers.
+`format_text` aligns any table for the terminal."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
 
+from moa.dashboard.keys import comparable_config, differing_keys
 from moa.dashboard.runs import Run
 
 SUMMARY = ["status", "val loss", "val ppl", "val acc", "tokens/s", "minutes", "parameters",
            "active parameters", "KV bytes/token"]
 STAT_COLUMNS = {"TI-violating fraction": "ti_violating_fraction",
                 "pruned-key fraction": "pruned_fraction"}
-
-
-def _differs(values: list[Any]) -> bool:
-    return len({repr(value) for value in values}) > 1
-
-
-def differing_keys(runs: list[Run]) -> list[str]:
-    """Differing group choices, then differing dotted config keys not under one of them."""
-    groups = sorted({group for run in runs for group in run.choices})
-    choices = [group for group in groups
-               if _differs([run.choices.get(group) for run in runs])]
-    keys = sorted({key for run in runs for key in run.config})
-    own_paths = [
-        key for key in keys
-        if any(str(run.path) in str(run.config.get(key, "")) for run in runs)]
-    dotted = [key for key in keys if key not in own_paths and key != "resume"
-              and not set(key.split(".")) & set(choices) and not key.startswith("paths.")
-              and _differs([run.config.get(key) for run in runs])]
-    return choices + dotted
 
 
 def _stat_mean(run: Run, stat: str) -> float | None:
@@ -62,14 +39,16 @@ def summary(run: Run) -> dict[str, Any]:
 def build_table(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
     """(header, one row per run): run name, differing keys, summary columns; the stat
     columns only when some run has them."""
-    keys = differing_keys(runs)
+    readable = [run for run in runs if run.config_read]
+    keys = differing_keys([comparable_config(run) for run in readable],
+                          [run.choices for run in readable])
     summaries = [summary(run) for run in runs]
     stats = [column for column in STAT_COLUMNS
              if any(values[column] is not None for values in summaries)]
     header = ["run", *keys, *SUMMARY, *stats]
     rows = []
     for run, values in zip(runs, summaries, strict=True):
-        config = run.config | run.choices
+        config = comparable_config(run) | run.choices
         rows.append([run.name, *(config.get(key) for key in keys),
                      *(values[column] for column in [*SUMMARY, *stats])])
     return header, rows

@@ -9,6 +9,8 @@ on the train split and packs each split into fixed-length blocks.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,22 @@ class Corpus:
     sha256: str  # of every split's documents: identifies exactly what the model sees
 
 
+@contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """datasets' progress bars off for a moment's work (filtering out empty documents draws
+    one bar a split on every start, cached or not); HF_DATASETS_DISABLE_PROGRESS_BARS set
+    either way is left to decide."""
+    if (datasets.are_progress_bars_disabled()
+            or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None):
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def documents(
     dataset: datasets.Dataset, text_field: str, key: str, source: Any
 ) -> datasets.Dataset:
@@ -43,10 +61,11 @@ def documents(
     dataset = dataset.select_columns([text_field])
     if text_field != "text":
         dataset = dataset.rename_column(text_field, "text")
-    dataset = dataset.filter(
-        lambda texts: [bool(text and text.strip()) for text in texts],
-        input_columns="text", batched=True,
-    )
+    with _without_progress_bars():
+        dataset = dataset.filter(
+            lambda texts: [bool(text and text.strip()) for text in texts],
+            input_columns="text", batched=True,
+        )
     check(len(dataset) > 0, key, source, "a source with at least one document",
           "no non-empty text found")
     return dataset

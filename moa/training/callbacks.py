@@ -7,11 +7,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
-from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import RichModelSummary, ThroughputMonitor
+from lightning.pytorch.utilities.model_summary import (
+    get_formatted_model_size,
+    get_human_readable_count,
+)
 
 from moa.config import ModelConfig
 from moa.models.language_model import build_model
+from moa.training.job_log import job_file_log
+
+RIGHT_ALIGNED = {"Params", "Params per Device", "In sizes", "Out sizes"}
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
@@ -60,5 +66,44 @@ class TokenThroughput(ThroughputMonitor):
         scored = batch.get("scored_positions")
         pl_module.flops_per_batch = training_flops(
             pl_module.model_config, shape, None if scored is None else scored.size(1))
-        if pl_module.flops_per_batch is None:
-            rank_zero_warn("this model's work depends on its data: logging tokens/s, no FLOPs")
+        if pl_module.flops_per_batch is None and trainer.is_global_zero:
+            job_file_log().info("FLOPs not counted: this model's work depends on its data "
+                                "(top-k routing, ball pruning); tokens/s are logged, "
+                                "FLOPs/s are not")
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary (layers, parameter counts, size, modes) without its
+    FLOPs: it counts them only on a module's `example_input_array`, which ours has not,
+    and printed a FLOPs column of zeros and "Total FLOPs: 0". The FLOPs of a training step
+    are TokenThroughput's."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int,
+                  trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name, justify="right" if name in RIGHT_ALIGNED else "left",
+                             style="dim" if name == " " else None, no_wrap=name == "Name")
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        for label, value in (
+                ("Trainable params", get_human_readable_count(int(trainable_parameters))),
+                ("Non-trainable params",
+                 get_human_readable_count(int(total_parameters - trainable_parameters))),
+                ("Total params", get_human_readable_count(int(total_parameters))),
+                ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+                ("Modules in train mode", total_training_modes["train"]),
+                ("Modules in eval mode", total_training_modes["eval"])):
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console = get_console()
+        console.print(table)
+        console.print(grid)

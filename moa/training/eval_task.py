@@ -25,6 +25,7 @@ from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.models.retrofit import swap_attention, transfer_weights
 from moa.schema import check_choice, parse
+from moa.training.console import quiet_console
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
 from moa.training.run_config import check_trainer, resolved
@@ -64,6 +65,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a run's checkpoint (or a `moa.export` directory's weights) with its saved
     config; write DIR/metrics.json."""
     log_lightning_to_the_job_file()
+    quiet_console()
     sampling = check_eval_config(cfg)
     run_dir, run_cfg, checkpoint = load_run(cfg)
     # evaluation and sampling run eagerly: compiling would cost more than it saves

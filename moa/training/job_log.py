@@ -5,6 +5,19 @@ from __future__ import annotations
 import logging
 
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+JOB_FILE_LOGGER = "moa.job_file"  # the job's log file only, not the console
+
+
+def job_file_log() -> logging.Logger:
+    """A logger that writes to the job's log file and not to the console: for what a run's
+    record should say and a person at the terminal need not read (that a step's FLOPs could
+    not be counted). Without a log file (a test, a notebook) its INFO goes nowhere."""
+    logger = logging.getLogger(JOB_FILE_LOGGER)
+    logger.propagate = False
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    logger.handlers = files
+    logger.setLevel(logging.INFO)
+    return logger
 
 
 def log_lightning_to_the_job_file() -> None:

@@ -27,6 +27,7 @@ from moa.training.checkpoint import (
     load_checkpoint,
     resume_checkpoint,
 )
+from moa.training.console import quiet_console
 from moa.training.eval_task import run_evaluation
 from moa.training.freeze import check_freeze, freeze
 from moa.training.host_memory import keep_freed
@@ -59,6 +60,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resume=auto a finished run is not trained again: its metrics.json is returned."""
     started = time.monotonic()
     log_lightning_to_the_job_file()
+    quiet_console()
     check_init_from(cfg)  # before resume's own checks: the two together are the error
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
