@@ -65,10 +65,14 @@ def test_another_architecture_fails_before_training_naming_keys_and_shapes(
         train(compose_config(*RUN, f"init_from={source_run}", "model.n_layers=3"))
     assert error.value.key == "init_from"
     assert "missing ['blocks.2." in str(error.value)
-    with pytest.raises(ConfigError) as error:
-        train(compose_config(*RUN, f"init_from={source_run}", "model.d_model=32"))
-    assert "embedding.weight: (265, 64) there, (265, 32) here" in str(error.value)
     assert not (tmp_path / "run" / "metrics.csv").exists()
+    # the refused run's status.json keeps its directory for it: the next run takes another
+    with pytest.raises(ConfigError) as error:
+        train(compose_config(*RUN, f"init_from={source_run}", "model.d_model=32",
+                             f"paths.output_dir={tmp_path / 'run2'}",
+                             f"hydra.run.dir={tmp_path / 'run2'}"))
+    assert "embedding.weight: (265, 64) there, (265, 32) here" in str(error.value)
+    assert not (tmp_path / "run2" / "metrics.csv").exists()
 
 
 def test_a_larger_vocabulary_grows_the_embedding_with_the_mean_of_the_old_rows(tmp_path):

@@ -54,7 +54,7 @@ td:first-child, th:first-child { text-align: left; }
 
 def _cell(value: Any, tag: str = "td") -> str:
     sort_key = "" if value is None else str(value)
-    status = f' class="{value}"' if value in CLASSES else ""
+    status = f' class="{value}"' if isinstance(value, str) and value in CLASSES else ""
     return (f'<{tag} data-value="{html.escape(sort_key)}"{status}>'
             f"{html.escape(format_cell(value))}</{tag}>")
 
