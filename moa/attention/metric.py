@@ -180,9 +180,10 @@ class MetricAttention(nn.Module):
         q, k = self.positioned_metric_space(q, k, ctx)
         v = ctx.position.scale_values(v, ctx.positions)
         self._record_scale(ctx)
-        k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
         if self.config.key_norm == "ignore":  # softmax(2 alpha q.k): dot-product attention
-            k_norm = torch.zeros_like(k_norm)
+            k_norm = k.new_zeros(k.shape[:-1], dtype=torch.promote_types(k.dtype, torch.float32))
+        else:
+            k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
         if ctx.cache is not None:
