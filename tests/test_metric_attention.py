@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
+from moa.attention.balls import BallPruning
 from moa.config import ModelConfig
 from moa.errors import ConfigError
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
@@ -60,18 +61,67 @@ def test_cosine_distance_uses_unit_vectors():
     torch.testing.assert_close(k_m.norm(dim=-1), torch.ones(1, 4, 3))
 
 
+def _radii_at_median_distance(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Move every ball's origin off zero (cosine keys are all at distance 1 from it) and
+    set its radius, layer by layer, to the median distance of its head's keys from the
+    origin on `ids`: about half the keys are pruned, so both the gate and the causal mask
+    decide some weights."""
+    for balls in (m for m in model.modules() if isinstance(m, BallPruning)):
+        with torch.no_grad():
+            balls.origin.normal_(0.0, 0.5)
+        seen = []
+        handle = balls.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        distance = (seen[0] - balls.origin[None, :, None]).norm(dim=-1)  # (B, H, S)
+        with torch.no_grad():
+            balls.log_radius.copy_(distance.transpose(0, 1).flatten(1).median(1).values.log())
+
+
+def _pruned_fractions(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:
+    """The fraction of keys each ball prunes on `ids`."""
+    with torch.no_grad():
+        stats = model(ids).stats
+    return [float(v) for name, v in stats.items() if name.endswith("pruned_fraction")]
+
+
+class _Attention(torch.nn.Module):
+    """An attention module with its positions as a model sees them: x (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.attention = ATTENTION.build(config.attention, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, _context(self.config, x.size(1)))
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine", "maha_diag"])
 @pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
-def test_metric_attention_is_causal(metric, impl):
+@pytest.mark.parametrize("balls", [False, True])
+def test_metric_attention_is_causal(metric, impl, balls):
+    """New inputs after position 6 change no output at positions <= 6 and do change later
+    ones. With balls, the radii prune a measured share of keys strictly between 0 and 1, so
+    the causal mask, not the gate, is what hides the future (a radius that prunes every key
+    leaves each query its own key only: such a test passes without any causal mask)."""
     torch.manual_seed(1)
-    config = _metric_config(impl, metric={"name": metric}, n_kv_heads=2, use_balls=True,
-                            radius_init=0.3)
-    attention = ATTENTION.build(config.attention, config).eval()
+    config = _metric_config(impl, metric={"name": metric}, n_kv_heads=2, use_balls=balls,
+                            alpha_init=0.5)
+    module = _Attention(config).eval()
     x = torch.randn(2, 13, config.d_model)
-    y = attention(x, _context(config, 13))
-    x2 = x.clone()
-    x2[:, 7:] = torch.randn_like(x2[:, 7:])
-    y2 = attention(x2, _context(config, 13))
+    if balls:
+        _radii_at_median_distance(module, x)
+        record = AuxiliaryRecorder()
+        with torch.no_grad():
+            module.attention(x, _context(config, 13, record))
+        assert 0.3 < float(record.stats["pruned_fraction"]) < 0.7
+    with torch.no_grad():
+        y = module(x)
+        x2 = x.clone()
+        x2[:, 7:] = torch.randn_like(x2[:, 7:])
+        y2 = module(x2)
     torch.testing.assert_close(y2[:, :7], y[:, :7])
     assert not torch.allclose(y2[:, 7:], y[:, 7:])
 
@@ -80,12 +130,19 @@ def test_metric_attention_is_causal(metric, impl):
 @pytest.mark.parametrize("position", ["rope", "learned"])
 @pytest.mark.parametrize("balls, key_norm", [(False, "free"), (True, "free"), (True, "sphere")])
 def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
+    """A prefix, then one token at a time, equals one full forward. With balls, each layer's
+    radii prune a share of the keys strictly between 0 and 1 (asserted), so a cache that
+    gated its keys or kept each query's own key at the wrong position would differ."""
     torch.manual_seed(2)
     config = tiny_model_config({"name": "metric", "impl": impl, "n_kv_heads": 2,
                                 "metric": {"name": "maha_diag"}, "use_balls": balls,
-                                "radius_init": 0.5, "key_norm": key_norm}, position=position)
+                                "alpha_init": 0.5, "key_norm": key_norm}, position=position)
     model = build_model(config).eval()
     ids = torch.randint(0, 50, (2, 12))
+    if balls:
+        _radii_at_median_distance(model, ids)
+        fractions = _pruned_fractions(model, ids)
+        assert len(fractions) == config.n_layers and all(0.3 < f < 0.7 for f in fractions)
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache()
