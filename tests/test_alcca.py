@@ -3,6 +3,7 @@ mass branch, causality, cached decoding, retrofit and a smoke train."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -173,22 +174,51 @@ def test_centre_of_mass_branch_is_the_running_mean_of_values():
     assert not kv_grad[0].any() and kv_grad[1].any()  # keys none, values some
 
 
+def _thetas_at_median_distance(model: torch.nn.Module, ids: torch.Tensor, decoded: int) -> None:
+    """Give each layer, first to last, a theta at the median distance of its decoded queries
+    (positions >= `decoded`) from their centres on `ids`: about half take each branch."""
+    for block in model.blocks:
+        attention = block.attention
+        seen = []
+        handle = attention.register_forward_pre_hook(lambda _, a, seen=seen: seen.append(a))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        x, ctx = seen[0]
+        with torch.no_grad():
+            q, k, _ = attention.heads.split(x)
+            q, k = attention.positioned_metric_space(q, k, ctx)
+        centre = k.cumsum(2) / torch.arange(1, k.size(2) + 1, dtype=k.dtype)[:, None]
+        distance = (q - centre.repeat_interleave(attention.group, 1)).norm(dim=-1)  # (B, Hq, T)
+        theta = float(distance[:, :, decoded:].median())
+        attention.alcca = dataclasses.replace(attention.alcca, theta=theta)
+
+
 @pytest.mark.parametrize("index", ["exact", "faiss_flat", "faiss_ivf"])
 def test_cached_decoding_equals_uncached(index):
-    """A prefix, then one token at a time, through the growing index and running sums."""
+    """A prefix, then one token at a time, through the growing index and running sums. Each
+    layer's theta sends 30-70% of the decoded queries to the centre-of-mass branch
+    (asserted), so the neighbour search over the growing index, an IVF index trained
+    part-way through decoding included, decides the rest."""
     if index != "exact":
         pytest.importorskip("faiss")
     torch.manual_seed(3)
-    config = _alcca_config(k=4, index=index, theta=0.6, n_kv_heads=2,
+    config = _alcca_config(k=4, index=index, n_kv_heads=2,
                            index_options={"chunk": 5, "block": 4, "nlist": 1, "nprobe": 1})
     model = build_model(config).eval()  # faiss_ivf trains on the first 39 keys, mid-decode
     ids = torch.randint(0, 50, (2, 48))
+    _thetas_at_median_distance(model, ids, decoded=20)
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache()
-        steps = [model(ids[:, :20], cache).logits]
-        steps += [model(ids[:, t:t + 1], cache).logits for t in range(20, 48)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+        steps = [model(ids[:, :20], cache)]
+        steps += [model(ids[:, t:t + 1], cache) for t in range(20, 48)]
+    torch.testing.assert_close(torch.cat([s.logits for s in steps], dim=1), full, rtol=1e-5,
+                               atol=1e-5)
+    for layer in range(config.n_layers):
+        name = f"layers.{layer}.attention.centre_fraction"
+        decoded = torch.stack([s.stats[name] for s in steps[1:]]).mean()
+        assert 0.3 < float(decoded) < 0.7, (name, float(decoded))
 
 
 def test_config_errors_name_the_key(monkeypatch):
