@@ -4,10 +4,10 @@ when missing, broken, foreign or from an unfinished run."""
 from __future__ import annotations
 
 import os
-import random
+import shutil
 import subprocess
 import sys
-import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -25,18 +25,6 @@ RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "model.n_layers=1", "data
        "sampling.prompts=[]")
 EVAL = ("trainer.limit_test_batches=1", "sampling.prompts=[]")
 
-SAVER = """
-import sys, torch
-from moa.training.checkpoint_io import AtomicCheckpointIO
-io, step = AtomicCheckpointIO(), 0
-while True:
-    step += 1
-    weights = torch.full((4_000_000,), float(step))
-    io.save_checkpoint({"step": step, "weights": weights}, sys.argv[1])
-    print(step, flush=True)
-"""
-
-
 def test_smoke_trainer_writes_checkpoints_atomically(compose_config):
     trainer = instantiate(compose_config("trainer=smoke").trainer)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -52,23 +40,64 @@ def test_checkpoints_get_the_permissions_a_plain_save_gives(tmp_path):
     assert mode == stat.S_IMODE((tmp_path / "plain.ckpt").stat().st_mode)
 
 
-def test_a_kill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
-    """A process saving again and again is SIGKILLed at random moments: last.ckpt is always
-    absent or a whole checkpoint, and no other file looks like one."""
+class KillPoint:
+    """Pickled inside a checkpoint, it copies the checkpoint's directory as a kill at that
+    moment of the save would leave it; it unpickles as an empty OrderedDict."""
+
+    def __init__(self, kill) -> None:
+        self.kill = kill
+
+    def __reduce__(self):
+        self.kill()
+        return OrderedDict, ()
+
+
+def test_a_kill_at_any_stage_of_a_save_never_leaves_a_broken_checkpoint(tmp_path, monkeypatch):
+    """Deterministic: the directory is copied at each stage of two saves (a first one, then
+    one over it) as a SIGKILL there would leave it: while the checkpoint is pickled, and
+    before and after every fsync, chmod and replace. In every copy last.ckpt is absent or a
+    whole checkpoint (the old or the new), no other file looks like a checkpoint, and the
+    next save clears what the kill left."""
     path = tmp_path / "checkpoints" / "last.ckpt"
-    rng = random.Random(0)
-    for _ in range(2):
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=ROOT,
-                                 stdout=subprocess.PIPE, text=True)
-        saver.stdout.readline()  # one save done: the next ones overwrite it
-        time.sleep(rng.uniform(0.0, 0.4))
-        saver.kill()
-        saver.wait()
-        checkpoint = torch.load(path, weights_only=True)
-        assert (checkpoint["weights"] == checkpoint["step"]).all()
-        assert [p.name for p in path.parent.glob("*.ckpt")] == ["last.ckpt"]
-    AtomicCheckpointIO().save_checkpoint({"step": 0}, path)  # the next save clears leftovers
-    assert os.listdir(path.parent) == ["last.ckpt"]
+    copies, copying = [], []
+
+    def kill() -> None:
+        if copying:  # the copy's own chmod calls
+            return
+        copying.append(True)
+        copy = tmp_path / f"killed-{len(copies)}"
+        shutil.copytree(path.parent, copy) if path.parent.exists() else copy.mkdir()
+        copies.append(copy)
+        copying.clear()
+
+    def killed_around(function):
+        def wrapped(*args, **kwargs):
+            kill()
+            result = function(*args, **kwargs)
+            kill()
+            return result
+        return wrapped
+
+    for name in ("fsync", "chmod", "replace"):
+        monkeypatch.setattr(os, name, killed_around(getattr(os, name)))
+    for step in (1, 2):
+        weights = torch.full((1000,), float(step))
+        checkpoint = {"step": step, "before": KillPoint(kill), "weights": weights,
+                      "between": KillPoint(kill), "more": weights + 0, "after": KillPoint(kill)}
+        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    monkeypatch.undo()
+    assert len(copies) >= 2 * (3 + 2 * 4)  # pickling, and fsync x2, chmod, replace
+    steps = []
+    for copy in copies:
+        assert [p.name for p in copy.glob("*.ckpt")] in ([], ["last.ckpt"]), copy
+        if (copy / "last.ckpt").exists():
+            saved = torch.load(copy / "last.ckpt", weights_only=True)
+            assert (saved["weights"] == saved["step"]).all()
+            assert (saved["more"] == saved["step"]).all()
+            steps.append(saved["step"])
+        AtomicCheckpointIO().save_checkpoint({"step": 0}, copy / "last.ckpt")
+        assert os.listdir(copy) == ["last.ckpt"]  # the next save clears leftovers
+    assert set(steps) == {1, 2}  # some copies hold the first save, some the second
 
 
 class CreatesAFile:
