@@ -120,6 +120,18 @@ def assert_causal(module, config, T: int = 13, t: int = 6) -> None:
     assert not torch.allclose(y_changed[:, t + 1:], y[:, t + 1:])
 
 
+def assert_next_token_depends_on_context(logits_of, ids: torch.Tensor,
+                                        share: float = 0.5) -> None:
+    """The greedy next token of `logits_of(ids)` (B, T, V) changes in more than `share` of
+    the rows when each row's tokens but the last are the next row's: the model reads its
+    context, so a cache or a padding path that lost it would change its output."""
+    other = ids.clone()
+    other[:, :-1] = ids[:, :-1].roll(1, dims=0)
+    with torch.no_grad():
+        changed = logits_of(ids)[:, -1].argmax(-1) != logits_of(other)[:, -1].argmax(-1)
+    assert changed.float().mean() > share, f"{changed.float().mean():.2f} of rows changed"
+
+
 def assert_cached_matches_full(model, ids, prefill: int = 3) -> None:
     """Logits of one full forward equal a prefill of `prefill` tokens, then one at a time."""
     full = model(ids).logits

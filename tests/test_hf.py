@@ -21,7 +21,7 @@ from moa.models.generation import SamplingConfig, generate  # noqa: E402
 from moa.params import model_config  # noqa: E402
 from moa.training import evaluate, train  # noqa: E402
 from moa.training.lit import token_metrics  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, assert_next_token_depends_on_context  # noqa: E402
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "metric_mqa", "alcca", "local_conv",
            "channel_mix", "moas", "moas_static", "moa"]
@@ -32,10 +32,17 @@ PAD = 0
 
 
 def tiny_hf_model(overrides: list[str]) -> MoaForCausalLM:
-    """A random-init tiny model (byte vocabulary) behind the transformers wrapper."""
-    config = model_config([*overrides, "model.size=tiny", "tokenizer=byte"])
+    """A random-init tiny model (byte vocabulary) behind the transformers wrapper, with
+    weights large enough (init_std 0.3) that its greedy output depends on the context: at
+    0.02 the last token alone decides it, and a cache or padding path that loses the
+    context generates the same tokens."""
+    config = model_config([*overrides, "model.size=tiny", "tokenizer=byte", "model.init_std=0.3"])
     torch.manual_seed(0)
     return MoaForCausalLM(MoaConfig.from_model_config(config, pad_token_id=PAD)).eval()
+
+
+def ids_for_context() -> torch.Tensor:
+    return torch.randint(3, 200, (16, 6), generator=torch.Generator().manual_seed(1))
 
 
 def greedy(model: MoaForCausalLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -45,6 +52,11 @@ def greedy(model: MoaForCausalLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("overrides", CASES, ids=lambda o: o[-1].split("=")[1])
 def test_cached_generate_equals_uncached_and_ours(overrides):
     model = tiny_hf_model(overrides)
+    if overrides[-1] == "attention=channel_mix":  # mixes no positions: nothing to cache
+        with pytest.raises(AssertionError):
+            assert_next_token_depends_on_context(lambda x: model(x).logits, ids_for_context())
+    else:
+        assert_next_token_depends_on_context(lambda x: model(x).logits, ids_for_context())
     ids = torch.randint(3, 200, (2, 6))
     cached = greedy(model, ids, use_cache=True)
     assert cached.shape == (2, 16)
@@ -58,6 +70,7 @@ def test_cached_generate_equals_uncached_and_ours(overrides):
                                        ["model=moa_metric"]], ids=lambda o: o[-1])
 def test_left_padded_row_generates_what_it_generates_alone(overrides):
     model = tiny_hf_model(overrides)
+    assert_next_token_depends_on_context(lambda x: model(x).logits, ids_for_context())
     long, short = torch.randint(3, 200, (1, 9)), torch.randint(3, 200, (1, 5))
     batch = torch.cat([long, torch.cat([torch.full((1, 4), PAD), short], dim=1)])
     mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()  # (2, 9), left padding
@@ -86,7 +99,7 @@ def test_forward_takes_the_cache_under_either_name_and_returns_it_under_the_inst
         cache = getattr(model(ids[:, :6]), CACHE_ARGUMENT)
         assert isinstance(cache, MoaCache) and cache.get_seq_length() == 6
         step = model(ids[:, 6:], **{name: cache}).logits[:, -1]
-        torch.testing.assert_close(step, whole)
+        torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-5)
     first, second = (MoaCache(model.model, 1, per_row=False) for _ in range(2))
     with pytest.raises(ValueError, match="not both"):
         model(ids, cache=first, past_key_values=second)

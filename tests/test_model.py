@@ -7,7 +7,7 @@ import torch
 
 from moa.models.generation import SamplingConfig, generate, next_token
 from moa.models.language_model import build_model
-from tests.conftest import tiny_model_config
+from tests.conftest import assert_next_token_depends_on_context, tiny_model_config
 
 
 @pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 1}, {"n_q_heads": 2, "n_kv_heads": 2}])
@@ -28,8 +28,11 @@ def test_cached_forward_equals_full_forward(attention, position, head_dim):
 
 @pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 2}])
 def test_cached_generation_equals_uncached(attention):
+    """On a model whose next token depends on its context (asserted: at init_std 0.3, not
+    0.02), so a cache that lost the context would generate other tokens."""
     torch.manual_seed(1)
-    model = build_model(tiny_model_config(attention))
+    model = build_model(tiny_model_config(attention, init_std=0.3)).eval()
+    assert_next_token_depends_on_context(lambda x: model(x).logits, torch.randint(0, 50, (16, 5)))
     prompt = torch.randint(0, 50, (3, 5))
     greedy = SamplingConfig(max_new_tokens=20, temperature=0.0)
     cached = generate(model, prompt, greedy)
