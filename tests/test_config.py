@@ -55,11 +55,21 @@ def test_every_config_file_composes_and_validates(compose_config, choice):
     assert spec.model.d_model % spec.model.n_heads == 0
 
 
-@pytest.mark.parametrize("size", ["tiny", "small", "card"])
-@pytest.mark.parametrize("model", ["gpt", "gpt2"])
-def test_model_sizes_resolve(compose_config, model, size):
-    spec = parse_run(compose_config(f"model={model}", f"model.size={size}"))
-    assert spec.model.size == size
+@pytest.mark.parametrize("model", sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")))
+def test_model_sizes_give_their_table_rows(compose_config, model):
+    """Each `model.size` gives the model the values of its row in the preset's `sizes`
+    table (its own or the one it takes from gpt), and the sizes grow: tiny < small < card."""
+    table = compose_config(f"model={model}").model.sizes
+    widths = []
+    for size in ("tiny", "small", "card"):
+        spec = parse_run(compose_config(f"model={model}", f"model.size={size}")).model
+        assert spec.size == size
+        for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+            assert getattr(spec, key) == table[size][key], (size, key)
+        if table[size].get("vocab_size") is not None:
+            assert spec.vocab_size == table[size].vocab_size
+        widths.append(spec.d_model * spec.n_layers)
+    assert widths == sorted(set(widths))
 
 
 def test_eval_config_composes(compose_config):

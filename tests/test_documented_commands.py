@@ -10,11 +10,13 @@ import shlex
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from moa.training.eval_task import check_eval_config
 from moa.training.run_config import parse_run
 from tests.conftest import ROOT
 
 BLOCK_LINE = re.compile(r"^ *python (train|eval)\.py\b(.*)$", re.MULTILINE)  # code blocks
-INLINE = re.compile(r"`python (train|eval)\.py\b([^`]*)`")  # in prose: may wrap lines
+INLINE = re.compile(r"`python (train|eval)\.py\b([^`]+)`")  # in prose (may wrap lines);
+# a bare `python eval.py` there names the script, it is no command
 RECIPE = re.compile(r"^\t\$\(BIN\)/python (train|eval)\.py\b(.*?)(?: \$\(ARGS\))?$", re.MULTILINE)
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDERS = {"SCHEME": "mha"}  # a word a document asks the reader to fill in
@@ -60,6 +62,11 @@ def test_the_documents_have_commands_to_check():
 @pytest.mark.parametrize("script, overrides", COMMANDS,
                          ids=[" ".join([script, *overrides]) for script, overrides in COMMANDS])
 def test_documented_command_composes(compose_config, script, overrides):
+    """Training commands validate as a run; eval commands name a run or a checkpoint and
+    pass the checks eval.py makes before it reads any file (sampling, trainer, retrofit)."""
     cfg = compose_config(*_one_job(overrides), config_name=script)
     if script == "train" and not cfg.model.get("card_config"):  # the card: a file to read
         parse_run(cfg)
+    if script == "eval":
+        assert cfg.get("run_dir") or cfg.get("ckpt_path"), "an eval command names its run"
+        check_eval_config(cfg)

@@ -81,10 +81,18 @@ def test_metric_choice_reaches_every_metric_path(compose_config):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_tiny_preset_trains(preset, compose_config):
-    metrics, _ = train(compose_config("trainer=smoke", f"model={preset}", "trainer.max_steps=4",
-                                      "trainer.val_check_interval=2"))
+    """A few steps take the loss well below the uniform guess's log(V), where a tiny
+    preset starts, on the validation and the test split alike."""
+    metrics, objects = train(compose_config(
+        "trainer=smoke", f"model={preset}", "trainer.max_steps=6", "trainer.val_check_interval=3",
+        "optim.warmup_steps=1"))
     assert set(metrics) == set(METRIC_KEYS)
     assert all(math.isfinite(value) for value in metrics.values()), metrics
+    uniform = math.log(objects["datamodule"].vocab_size)
+    for split in ("val", "test"):
+        assert metrics[f"{split}_loss"] < uniform - 0.3, metrics
+        assert metrics[f"{split}_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]))
+        assert 0 < metrics[f"{split}_acc"] < 1
 
 
 @pytest.mark.parametrize("preset", PRESETS)
