@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests explore shapes from a fixed seed (derandomize): the same examples on every
+# run and machine, a bounded number of them, no example database written, no deadline
+# (a first example pays for imports and compilation).
+settings.register_profile("moa", derandomize=True, database=None, deadline=None,
+                          max_examples=20, print_blob=True)
+settings.load_profile("moa")
 
 # Tests never reach the network nor prompt: set before any library reads them.
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -12,6 +12,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -73,8 +75,27 @@ def _check(fn, case, gated, device="cpu"):
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=f"d{name} differs")
 
 
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("case", CASES)
+@st.composite
+def shapes(draw) -> tuple[int, ...]:
+    """(B, Hq, Hkv, T, S, D): any GQA grouping, T <= S (self-attention or decoding)."""
+    n_kv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    T = draw(st.integers(1, 40))
+    S = draw(st.one_of(st.just(T), st.integers(T, T + 40)))
+    D = draw(st.sampled_from([4, 8, 12, 16, 24, 32, 40, 64]))
+    return draw(st.integers(1, 2)), n_kv * group, n_kv, T, S, D
+
+
+def with_fixed_cases(test):
+    """Hypothesis runs CASES, gated and not, before the shapes it draws."""
+    for case in CASES:
+        for gated in (False, True):
+            test = example(case=case, gated=gated)(test)
+    return test
+
+
+@settings(max_examples=40)
+@given(case=shapes(), gated=st.booleans())
+@with_fixed_cases
 def test_cpu_fused_matches_reference(case, gated):
     _check(metric_attention_cpu, case, gated)
 

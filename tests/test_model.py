@@ -4,24 +4,43 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from moa.models.generation import SamplingConfig, generate, next_token
 from moa.models.language_model import build_model
 from tests.conftest import assert_next_token_depends_on_context, tiny_model_config
 
 
-@pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 1}, {"n_q_heads": 2, "n_kv_heads": 2}])
-@pytest.mark.parametrize("position", ["rope", "learned"])
-@pytest.mark.parametrize("head_dim", [None, 12])  # 12: heads wider together than d_model 32
-def test_cached_forward_equals_full_forward(attention, position, head_dim):
+@st.composite
+def head_layouts(draw) -> dict:
+    """n_q_heads = n_kv_heads * group <= 8 of the model's 8 heads (fewer: SQA), of any
+    width (heads together may be wider or narrower than d_model 32)."""
+    n_kv = draw(st.integers(1, 4))
+    group = draw(st.integers(1, 8 // n_kv))
+    return {"n_q_heads": n_kv * group, "n_kv_heads": n_kv,
+            "head_dim": draw(st.sampled_from([None, 4, 6, 12]))}
+
+
+@settings(max_examples=25)
+@given(layout=head_layouts(), position=st.sampled_from(["rope", "learned"]),
+       cuts=st.lists(st.integers(1, 20), min_size=1, max_size=4, unique=True))
+@example(layout={"n_q_heads": 8, "n_kv_heads": 8, "head_dim": None}, position="rope",
+         cuts=[8, 9])
+@example(layout={"n_q_heads": 8, "n_kv_heads": 1, "head_dim": 12}, position="learned",
+         cuts=[8, 9])
+def test_cached_forward_equals_full_forward(layout, position, cuts):
+    """Chunks cut at `cuts` through the cache (a prefill, single steps, several tokens at a
+    time) give the full forward's logits."""
     torch.manual_seed(0)
-    config = tiny_model_config(attention, position=position, head_dim=head_dim)
+    head_dim = layout.pop("head_dim")
+    config = tiny_model_config(layout, position=position, head_dim=head_dim, n_heads=8)
     model = build_model(config).eval()
     ids = torch.randint(0, 50, (2, 21))
     full = model(ids).logits
     cache = model.new_cache()
-    chunks = [model(ids[:, :8], cache).logits, model(ids[:, 8:9], cache).logits,
-              model(ids[:, 9:], cache).logits]  # prefill, one step, then a multi-token chunk
+    bounds = [0, *sorted(cuts), 21]
+    chunks = [model(ids[:, a:b], cache).logits for a, b in zip(bounds, bounds[1:], strict=False)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 21
 

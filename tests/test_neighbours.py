@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from moa.errors import ConfigError
 from moa.kernels.neighbours import INDEXES, IndexOptions
@@ -40,11 +42,16 @@ def _causal_inputs(N, S, D, seed, group=1):
     return queries, keys, torch.arange(S).repeat_interleave(group)
 
 
-@pytest.mark.parametrize("S", [1, 17, 113])
-@pytest.mark.parametrize("k", [1, 4, 200])
-def test_exact_search_is_the_causal_top_k(S, k):
-    queries, keys, positions = _causal_inputs(3, S, 8, seed=S * 1000 + k, group=2)
-    got = _search("exact", queries, keys, positions, min(k, S), block=16)
+@settings(max_examples=25)
+@given(S=st.integers(1, 120), k=st.integers(1, 130), group=st.integers(1, 3),
+       block=st.integers(4, 40), chunk=st.integers(1, 50))
+@example(S=1, k=1, group=2, block=16, chunk=1)
+@example(S=17, k=4, group=2, block=16, chunk=17)
+@example(S=113, k=200, group=2, block=16, chunk=113)
+def test_exact_search_is_the_causal_top_k(S, k, group, block, chunk):
+    """Any length, k (beyond the keys seen too: -1 fills), GQA group, tile and chunk."""
+    queries, keys, positions = _causal_inputs(3, S, 8, seed=S * 1000 + k, group=group)
+    got = _search("exact", queries, keys, positions, min(k, S), chunk=chunk, block=block)
     want = _brute_force(queries, keys, positions, k)
     torch.testing.assert_close(got, want)
 
