@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock train test test-all smoke sweep dashboard chromium bench lint clean
+.PHONY: install lock train test test-all smoke sweep dashboard chromium bench mutate lint clean
 
 # $(call venv_with_torch,DIR): the venv DIR (made if missing) with pip upgraded and TORCH_SPEC.
 define venv_with_torch
@@ -70,9 +70,26 @@ bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results
 	$(BIN)/python bench/host_memory.py --json bench/results/host_memory.json
 	$(BIN)/python bench/output_positions.py --json bench/results/output_positions.json
 
+# Mutation testing (mutmut, in a venv of its own: never in CI nor `make test`). The modules
+# and the tests they run are [tool.mutmut] in pyproject.toml; each mutant runs only the
+# tests that execute its function. About an hour on 2 cores; MUTANTS narrows it, as
+# `make mutate MUTANTS='moa.layers.balance*'`. The report: docs/mutation.md's table.
+MUTATE_VENV := .venv-mutate
+MUTMUT_SPEC ?= mutmut==3.8.1
+MUTANTS ?=
+MUTATE_JOBS ?= 2
+$(MUTATE_VENV)/.installed: pyproject.toml constraints.txt
+	$(call venv_with_torch,$(MUTATE_VENV))
+	$(MUTATE_VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]" "$(MUTMUT_SPEC)"
+	touch $@
+
+mutate: $(MUTATE_VENV)/.installed  ## mutation score of the math and guarantees (about an hour)
+	CI=true OMP_NUM_THREADS=1 $(MUTATE_VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(MUTATE_VENV)/bin/python tests/mutation_report.py --out mutants/report.md
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf outputs/*/ .cache .pytest_cache .ruff_cache
+	rm -rf outputs/*/ .cache .pytest_cache .ruff_cache mutants
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -44,3 +44,22 @@ def test_gradients_push_towards_balance():
     probs = logits.softmax(-1)
     grad, = torch.autograd.grad(balance.mse_uniform(probs), logits)
     assert (grad[:, 0] > 0).all() and (grad[:, 1] < 0).all()  # descent lowers the favourite
+
+
+def test_losses_over_batch_time_and_paths_by_loops():
+    """(B, T, n) router outputs, as a mixture gives them, against loops over the tokens:
+    each loss reduces over the paths (the last axis) and averages over every token. Square
+    (N, n) inputs would not tell the axes apart."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, generator=generator, dtype=torch.float64)
+    probs = logits.softmax(-1)
+    dispatch = torch.nn.functional.one_hot(probs.argmax(-1), 3).double()
+    tokens = [(b, t) for b in range(2) for t in range(5)]
+    z = sum(math.log(sum(math.exp(v) for v in logits[b, t].tolist())) ** 2 for b, t in tokens)
+    assert balance.z_loss(logits).item() == pytest.approx(z / len(tokens))
+    mean = [sum(probs[b, t, i].item() for b, t in tokens) / len(tokens) for i in range(3)]
+    fraction = [sum(dispatch[b, t, i].item() for b, t in tokens) / len(tokens) for i in range(3)]
+    switch = 3 * sum(f * p for f, p in zip(fraction, mean, strict=True))
+    assert balance.switch(probs, dispatch).item() == pytest.approx(switch)
+    mse = sum((p - 1 / 3) ** 2 for p in mean) / 3
+    assert balance.mse_uniform(probs).item() == pytest.approx(mse)
