@@ -4,6 +4,7 @@ when missing, broken, foreign or from an unfinished run."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_a_kill_at_any_stage_of_a_save_never_leaves_a_broken_checkpoint(tmp_path
     before and after every fsync, chmod and replace. In every copy last.ckpt is absent or a
     whole checkpoint (the old or the new), no other file looks like a checkpoint, and the
     next save clears what the kill left."""
-    path = tmp_path / "checkpoints" / "last.ckpt"
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"  # the save makes both folders
     copies, copying = [], []
 
     def kill() -> None:
@@ -87,6 +88,9 @@ def test_a_kill_at_any_stage_of_a_save_never_leaves_a_broken_checkpoint(tmp_path
         AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     monkeypatch.undo()
     assert len(copies) >= 2 * (3 + 2 * 4)  # pickling, and fsync x2, chmod, replace
+    # the bytes go to a file beside the checkpoint (os.replace is atomic within one file
+    # system only; the system temp directory may be another)
+    assert any(p.name.startswith(".last.ckpt.tmp-") for copy in copies for p in copy.iterdir())
     steps = []
     for copy in copies:
         assert [p.name for p in copy.glob("*.ckpt")] in ([], ["last.ckpt"]), copy
@@ -98,6 +102,17 @@ def test_a_kill_at_any_stage_of_a_save_never_leaves_a_broken_checkpoint(tmp_path
         AtomicCheckpointIO().save_checkpoint({"step": 0}, copy / "last.ckpt")
         assert os.listdir(copy) == ["last.ckpt"]  # the next save clears leftovers
     assert set(steps) == {1, 2}  # some copies hold the first save, some the second
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary(tmp_path):
+    """A save that raises (here: an unpicklable value) raises that error, leaves the
+    previous checkpoint whole and removes its temporary file."""
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "hook": lambda: None}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
 class CreatesAFile:
