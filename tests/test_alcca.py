@@ -30,7 +30,7 @@ def _reference_forward(attention, x, ctx):
     q, k = attention.positioned_metric_space(q, k, ctx)
     c = attention.alcca
     y = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
-                              c.weighting)
+                              c.weighting, c.key_norm)
     return attention.heads.merge(y)
 
 
@@ -44,11 +44,14 @@ def _median_centre_distance(attention, x, ctx):
 
 @pytest.mark.parametrize("T", [1, 17, 113])
 @pytest.mark.parametrize("top_k", [1, 4, 200])
-@pytest.mark.parametrize("weighting", ["softmax", "inverse_distance"])
-def test_forward_and_gradients_match_the_reference(T, top_k, weighting):
+@pytest.mark.parametrize(("weighting", "key_norm"), [("softmax", "free"),
+                                                      ("inverse_distance", "free"),
+                                                      ("softmax", "ignore")])
+def test_forward_and_gradients_match_the_reference(T, top_k, weighting, key_norm):
     torch.manual_seed(T * 7 + top_k)
     config = tiny_model_config({"name": "alcca", "k": top_k, "weighting": weighting,
-                                "n_kv_heads": 2, "block": 32, "metric": {"name": "maha_diag"},
+                                "key_norm": key_norm, "n_kv_heads": 2, "block": 32,
+                                "metric": {"name": "maha_diag"},
                                 "index_options": {"block": 16}}, max_seq_len=128)
     attention = ATTENTION.build(config.attention, config).double()
     with torch.no_grad():
@@ -74,7 +77,8 @@ def test_forward_and_gradients_match_the_reference(T, top_k, weighting):
         torch.testing.assert_close(g, w)
 
 
-def test_dense_softmax_average_equals_the_gathered_one():
+@pytest.mark.parametrize("key_norm", ["free", "ignore"])
+def test_dense_softmax_average_equals_the_gathered_one(key_norm):
     """The two ways of averaging neighbours agree in float64, forward and gradients, with
     padded (-1) neighbour slots; the module picks the dense one for softmax where S <= k * D."""
     torch.manual_seed(3)
@@ -92,20 +96,21 @@ def test_dense_softmax_average_equals_the_gathered_one():
         return y, torch.autograd.grad((y * weights).sum(), inputs)
 
     got, got_grads = value_and_grads(alcca_module._dense_softmax_average(
-        queries, keys, values, ids, alpha))
+        queries, keys, values, ids, alpha, key_norm))
     want, want_grads = value_and_grads(alcca_module._gathered_average(
-        queries, keys, values, ids, alpha, "softmax", 1e-6))
+        queries, keys, values, ids, alpha, "softmax", 1e-6, key_norm))
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
 
 
-def test_all_neighbours_and_softmax_equal_metric_attention():
+@pytest.mark.parametrize("key_norm", ["free", "ignore"])
+def test_all_neighbours_and_softmax_equal_metric_attention(key_norm):
     """k >= L, theta = 0, softmax weighting: ALCCA is metric attention, with the weights of
-    a metric model loaded unchanged."""
+    a metric model loaded unchanged, under either key-norm rule."""
     torch.manual_seed(0)
     metric_config = tiny_model_config({"name": "metric", "impl": "eager", "n_kv_heads": 2,
-                                       "metric": {"name": "maha_diag"}})
+                                       "key_norm": key_norm, "metric": {"name": "maha_diag"}})
     metric = build_model(metric_config).eval()
     config = swap_attention(metric_config, {"name": "alcca", "k": 64, "theta": 0.0,
                                             "weighting": "softmax"})
@@ -221,9 +226,31 @@ def test_cached_decoding_equals_uncached(index):
         assert 0.3 < float(decoded) < 0.7, (name, float(decoded))
 
 
+@pytest.mark.parametrize("index", ["exact", "faiss_flat", "faiss_ivf"])
+def test_inner_product_neighbours_are_causal_and_cache_as_uncached(index):
+    """key_norm=ignore: the keys of largest q.k, through every index, a prefix then one token
+    at a time (faiss_ivf trains on the first 39 keys, mid-decode)."""
+    if index != "exact":
+        pytest.importorskip("faiss")
+    torch.manual_seed(4)
+    config = _alcca_config(k=4, index=index, key_norm="ignore", n_kv_heads=2,
+                           index_options={"chunk": 5, "block": 4, "nlist": 1, "nprobe": 1})
+    assert_causal(ATTENTION.build(config.attention, config).eval(), config)
+    model = build_model(config).eval()
+    ids = torch.randint(0, 50, (2, 48))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :20], cache).logits]
+        steps += [model(ids[:, t:t + 1], cache).logits for t in range(20, 48)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_config_errors_name_the_key(monkeypatch):
     with pytest.raises(ConfigError, match="attention.weighting"):
         _alcca_config(weighting="uniform")
+    with pytest.raises(ConfigError, match="attention.key_norm.*norms"):
+        _alcca_config(key_norm="ignore", weighting="inverse_distance")
     with pytest.raises(ConfigError, match="attention.k"):
         _alcca_config(k=0)
     monkeypatch.setattr(alcca_module, "faiss_available", lambda: False)

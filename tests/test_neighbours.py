@@ -13,19 +13,22 @@ from moa.kernels.neighbours import INDEXES, IndexOptions
 FAISS_BACKENDS = ["faiss_flat", "faiss_ivf", "faiss_hnsw"]
 
 
-def _brute_force(queries, keys, positions, k):
-    """Sets of the k nearest visible keys per query, by a dense distance matrix."""
-    distance = torch.cdist(queries.double(), keys.double())  # (N, M, S)
+def _brute_force(queries, keys, positions, k, inner_product=False):
+    """The k nearest visible keys per query (or those of largest q.k), by a dense matrix."""
+    if inner_product:
+        distance = -queries.double() @ keys.double().mT  # (N, M, S)
+    else:
+        distance = torch.cdist(queries.double(), keys.double())  # (N, M, S)
     hidden = torch.arange(keys.size(1))[None, :] > positions[:, None]
     distance = distance.masked_fill(hidden, float("inf"))
     top = distance.topk(min(k, keys.size(1)), dim=-1, largest=False)
     return top.indices.masked_fill(top.values.isinf(), -1)
 
 
-def _search(name, queries, keys, positions, k, chunk=None, **options):
+def _search(name, queries, keys, positions, k, chunk=None, inner_product=False, **options):
     """Add the keys `chunk` positions at a time (all at once by default), after each add
     searching the queries at those positions, as ALCCA's forward does."""
-    index = INDEXES[name](keys.size(-1), IndexOptions(**options))
+    index = INDEXES[name](keys.size(-1), IndexOptions(**options), inner_product=inner_product)
     chunk = chunk or keys.size(1)
     found = []
     for begin in range(0, keys.size(1), chunk):
@@ -44,15 +47,18 @@ def _causal_inputs(N, S, D, seed, group=1):
 
 @settings(max_examples=25)
 @given(S=st.integers(1, 120), k=st.integers(1, 130), group=st.integers(1, 3),
-       block=st.integers(4, 40), chunk=st.integers(1, 50))
-@example(S=1, k=1, group=2, block=16, chunk=1)
-@example(S=17, k=4, group=2, block=16, chunk=17)
-@example(S=113, k=200, group=2, block=16, chunk=113)
-def test_exact_search_is_the_causal_top_k(S, k, group, block, chunk):
-    """Any length, k (beyond the keys seen too: -1 fills), GQA group, tile and chunk."""
+       block=st.integers(4, 40), chunk=st.integers(1, 50), inner_product=st.booleans())
+@example(S=1, k=1, group=2, block=16, chunk=1, inner_product=False)
+@example(S=17, k=4, group=2, block=16, chunk=17, inner_product=True)
+@example(S=113, k=200, group=2, block=16, chunk=113, inner_product=False)
+@example(S=113, k=200, group=2, block=16, chunk=113, inner_product=True)
+def test_exact_search_is_the_causal_top_k(S, k, group, block, chunk, inner_product):
+    """Any length, k (beyond the keys seen too: -1 fills), GQA group, tile and chunk, by
+    distance or by inner product."""
     queries, keys, positions = _causal_inputs(3, S, 8, seed=S * 1000 + k, group=group)
-    got = _search("exact", queries, keys, positions, min(k, S), chunk=chunk, block=block)
-    want = _brute_force(queries, keys, positions, k)
+    got = _search("exact", queries, keys, positions, min(k, S), chunk=chunk, block=block,
+                  inner_product=inner_product)
+    want = _brute_force(queries, keys, positions, k, inner_product)
     torch.testing.assert_close(got, want)
 
 
@@ -69,12 +75,14 @@ def _recall(got, want):
 
 
 @pytest.mark.parametrize("name", FAISS_BACKENDS)
-def test_faiss_recall_against_exact_search(name):
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_faiss_recall_against_exact_search(name, inner_product):
     pytest.importorskip("faiss")
     queries, keys, positions = _causal_inputs(2, 1500, 16, seed=2)
-    exact = _search("exact", queries, keys, positions, 10)
+    exact = _search("exact", queries, keys, positions, 10, inner_product=inner_product)
     options = {"nlist": 8, "nprobe": 6}  # IVF recall on random data needs many probes
-    got = _search(name, queries, keys, positions, 10, chunk=64, **options)
+    got = _search(name, queries, keys, positions, 10, chunk=64, inner_product=inner_product,
+                  **options)
     recall = _recall(got, exact)
     assert recall == 1.0 if name == "faiss_flat" else recall >= 0.95, recall
     assert bool(((got <= positions[:, None]) | (got == -1)).all())  # never a future key

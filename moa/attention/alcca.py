@@ -6,7 +6,9 @@ the output is the mean of their values (the far-field approximation); otherwise 
 min(k, i + 1) nearest keys by Euclidean distance d_ij are found by the `index` backend
 (`moa/kernels/neighbours.py`) and their values averaged with weights 1 / (d_ij + eps)
 (`weighting=inverse_distance`, the ALCCA card's rule) or softmax(-alpha d_ij^2)
-(`weighting=softmax`, metric attention restricted to the neighbours). The spec is
+(`weighting=softmax`, metric attention restricted to the neighbours). Under
+`key_norm=ignore` (softmax only), as metric attention's scores lose the -alpha ||k||^2 term,
+the neighbours are the keys of largest q.k and their weights softmax(2 alpha q.k). The spec is
 `moa/kernels/alcca_reference.py`; the centres come from running sums, never an L x L tensor.
 
 Gradients: through the chosen neighbours, q, k, v and alpha get exact gradients of the
@@ -33,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from moa.attention.heads import HeadsConfig
 from moa.attention.metric import MetricAttention, MetricAttentionConfig, MetricConfig
 from moa.attention.registry import ATTENTION
-from moa.kernels.alcca_reference import WEIGHTINGS, neighbour_weights
+from moa.kernels.alcca_reference import WEIGHTINGS, neighbour_weights, pair_distance_sq
 from moa.kernels.neighbours import INDEXES, IndexOptions, faiss_available
 from moa.layers.context import select_positions
 from moa.schema import check, check_choice
@@ -62,8 +64,9 @@ class AlccaConfig(HeadsConfig):
         super().__post_init__()
         check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (ALCCA has no dropout)")
         self.metric_attention()  # checks the fields it shares (alpha_init, key_norm, ...)
-        check(self.key_norm != "ignore", "key_norm", self.key_norm, "free | sphere",
-              "ALCCA's neighbours are the nearest keys by distance")
+        check(self.key_norm != "ignore" or self.weighting == "softmax", "key_norm",
+              self.key_norm, "free | sphere with weighting=inverse_distance",
+              "inverse distances need the keys' norms")
         check(self.k > 0, "k", self.k, "a positive integer")
         check(self.theta >= 0, "theta", self.theta, ">= 0")
         check(self.eps > 0, "eps", self.eps, "a positive float")
@@ -102,7 +105,8 @@ class AlccaAttention(MetricAttention):
         G, Hkv = self.group, k.size(1)
         state: dict[str, Any] = {} if ctx.cache is None else ctx.cache.state
         if "index" not in state:
-            state["index"] = INDEXES[self.alcca.index](D, self.alcca.index_options)
+            state["index"] = INDEXES[self.alcca.index](
+                D, self.alcca.index_options, inner_product=self.alcca.key_norm == "ignore")
         index = state["index"]
         start = len(index)  # positions seen before this call
         centre = _prefix_mean(state, "key_sum", k, start)  # (B, Hkv, T, D)
@@ -134,7 +138,7 @@ class AlccaAttention(MetricAttention):
         alpha = self.log_alpha.exp().view(-1, 1, G).expand(-1, Tq, G)  # (Hkv, Tq, G)
         y = neighbour_average(flat_queries, k.flatten(0, 1), v.flatten(0, 1), ids,
                               alpha.flatten(1).repeat(B, 1), self.alcca.weighting,
-                              self.alcca.eps, self.alcca.block)
+                              self.alcca.eps, self.alcca.block, self.alcca.key_norm)
         y = y.view(B, Hkv, Tq, G, D)
         y = torch.where(near[..., None], value_mean[:, :, :, None].to(y.dtype), y)
         return self.heads.merge(y.transpose(2, 3).reshape(B, Hq, Tq, D))  # (B, Tq, C)
@@ -171,9 +175,10 @@ def search_neighbours(index: Any, queries: torch.Tensor, keys: torch.Tensor,
 
 def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       ids: torch.Tensor, alpha: torch.Tensor, weighting: str, eps: float,
-                      block: int) -> torch.Tensor:
+                      block: int, key_norm: str = "free") -> torch.Tensor:
     """Weighted average of each query's chosen values, differentiable in queries (N, M, D),
-    keys and values (N, S, D) and alpha (N, M); ids (N, M, k), -1 for none -> (N, M, D).
+    keys and values (N, S, D) and alpha (N, M); ids (N, M, k), -1 for none -> (N, M, D);
+    key_norm=ignore drops the keys' norms from the scores (`pair_distance_sq`).
     Computed `block` queries at a time. Softmax weighting over at most k * D keys takes
     `_dense_softmax_average`: two matmuls over all S keys, no (M, k, D) tensor, and under
     autograd it keeps its (N, M, S) weights for the backward, as eager attention keeps its
@@ -188,24 +193,28 @@ def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
         rows = slice(begin, begin + block)
         if dense:
             average, part = _dense_softmax_average, (queries[:, rows], keys, values, ids[:, rows],
-                                                     alpha[:, rows])
+                                                     alpha[:, rows], key_norm)
         else:
             average, part = _gathered_average, (queries[:, rows], keys, values, ids[:, rows],
-                                                alpha[:, rows], weighting, eps)
+                                                alpha[:, rows], weighting, eps, key_norm)
         out.append(checkpoint(average, *part, use_reentrant=False) if checkpointed
                    else average(*part))
     return torch.cat(out, dim=1)
 
 
 def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+                           ids: torch.Tensor, alpha: torch.Tensor,
+                           key_norm: str = "free") -> torch.Tensor:
     """softmax(-alpha d^2) over the chosen keys, from one (N, m, S) product: since
     -alpha ||q - k||^2 = alpha (2 q.k - ||k||^2) - alpha ||q||^2 and the last term is the same
     for all of a query's keys, the chosen keys' scores are gathered from 2 q.K - ||K||^2 (no
-    cancellation against ||q||^2), and their weights scattered back onto the S keys."""
+    cancellation against ||q||^2; 2 q.K under key_norm=ignore), and their weights scattered
+    back onto the S keys."""
     valid = ids >= 0
     index = ids.clamp_min(0)  # (N, m, k)
-    logits = torch.baddbmm(-keys.pow(2).sum(-1)[:, None], queries, keys.mT, alpha=2)  # (N, m, S)
+    logits = 2 * queries @ keys.mT  # (N, m, S)
+    if key_norm != "ignore":
+        logits = logits - keys.pow(2).sum(-1)[:, None]
     scores = (alpha[..., None] * logits.gather(-1, index)).masked_fill(~valid, float("-inf"))
     weights = torch.softmax(scores, dim=-1).masked_fill(~valid, 0.0)  # (N, m, k)
     dense = torch.zeros_like(logits).scatter_add_(-1, index, weights)  # (N, m, S)
@@ -214,11 +223,11 @@ def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: to
 
 def _gathered_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       ids: torch.Tensor, alpha: torch.Tensor, weighting: str,
-                      eps: float) -> torch.Tensor:
+                      eps: float, key_norm: str = "free") -> torch.Tensor:
     N, m, k = ids.shape
     flat = ids.clamp_min(0).view(N, m * k, 1).expand(-1, -1, keys.size(-1))  # (N, m*k, D)
     chosen_k = keys.gather(1, flat).view(N, m, k, -1)  # (N, m, k, D)
     chosen_v = values.gather(1, flat).view(N, m, k, -1)
-    distance_sq = (queries[:, :, None] - chosen_k).pow(2).sum(-1)  # (N, m, k)
+    distance_sq = pair_distance_sq(queries[:, :, None], chosen_k, key_norm)  # (N, m, k)
     weights = neighbour_weights(distance_sq, alpha, weighting, eps, ids >= 0)
     return (weights[..., None].to(chosen_v.dtype) * chosen_v).sum(-2)  # (N, m, D)

@@ -1,16 +1,21 @@
 """ALCCA, brute force: the readable spec that `moa/attention/alcca.py` must match.
 
-    out = alcca_attention_eager(q, k, v, alpha, top_k, theta, eps, weighting)
+    out = alcca_attention_eager(q, k, v, alpha, top_k, theta, eps, weighting, key_norm)
 
     q       (B, Hq, T, D)   queries in the head's metric space (where it is Euclidean)
     k, v    (B, Hkv, S, D)  keys (metric space) and values; Hq % Hkv == 0; the queries are
                             the last T of the S positions (causal: query i sees j <= S-T+i)
     alpha   (Hq,)           positive sharpness per query head (softmax weighting)
+    key_norm                "free" or "sphere" (the keys as given), or "ignore"
     out     (B, Hq, T, D)
 
 For query i over its visible keys: with c_i their centre of mass, if ||q_i - c_i|| < theta
 the output is the mean of their values; otherwise the min(top_k, visible) nearest keys N_i
 by Euclidean distance d_ij are weighted by `neighbour_weights` and their values averaged.
+Under key_norm=ignore, as in metric attention, d_ij^2 is the squared distance less both
+norms, -2 q_i.k_j: the neighbours are the keys of largest inner product and the softmax
+weights those of dot-product attention at sharpness 2 alpha (the theta test stays
+Euclidean).
 Everything here is a dense (T, S) tensor: O(L^2) time and memory, for tests only.
 """
 
@@ -19,6 +24,14 @@ from __future__ import annotations
 import torch
 
 WEIGHTINGS = ("inverse_distance", "softmax")
+
+
+def pair_distance_sq(q: torch.Tensor, k: torch.Tensor, key_norm: str) -> torch.Tensor:
+    """||q - k||^2 over the last axis of broadcastable q and k, or -2 q.k under
+    key_norm=ignore (the squared distance without its ||q||^2 and ||k||^2 terms)."""
+    if key_norm == "ignore":
+        return -2.0 * (q * k).sum(-1)
+    return (q - k).pow(2).sum(-1)
 
 
 def neighbour_weights(distance_sq: torch.Tensor, alpha: torch.Tensor, weighting: str,
@@ -38,7 +51,8 @@ def neighbour_weights(distance_sq: torch.Tensor, alpha: torch.Tensor, weighting:
 
 
 def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                          top_k: int, theta: float, eps: float, weighting: str) -> torch.Tensor:
+                          top_k: int, theta: float, eps: float, weighting: str,
+                          key_norm: str = "free") -> torch.Tensor:
     group = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, S, D)
     T, S = q.size(2), k.size(2)
@@ -48,7 +62,7 @@ def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alp
     centre = average @ k  # (B, Hq, T, D)
     near = (q - centre).norm(dim=-1) < theta  # (B, Hq, T)
 
-    distance_sq = (q[:, :, :, None] - k[:, :, None]).pow(2).sum(-1)  # (B, Hq, T, S)
+    distance_sq = pair_distance_sq(q[:, :, :, None], k[:, :, None], key_norm)  # (B, Hq, T, S)
     ranked = distance_sq.masked_fill(~causal, float("inf"))
     chosen_sq, chosen = ranked.topk(min(top_k, S), dim=-1, largest=False)  # (B, Hq, T, k)
     weights = neighbour_weights(chosen_sq, alpha.view(1, -1, 1), weighting, eps,

@@ -2,13 +2,15 @@
 
 An index holds the keys of N independent heads (batch x key heads), added in time order:
 
-    index = INDEXES[name](dim, options)
+    index = INDEXES[name](dim, options, inner_product=False)
     index.add(keys)                              # keys (N, S_new, D), the next positions
     ids = index.search(queries, positions, k)    # queries (N, M, D), positions (M,) -> (N, M, k)
 
 Query m may see the keys at positions 0..positions[m] (the exact index also takes positions
 (N, M), one list per head); `ids` lists its k nearest such keys
-by Euclidean distance, nearest first, padded with -1 where fewer than k are visible. The
+by Euclidean distance, nearest first, padded with -1 where fewer than k are visible; with
+`inner_product=True`, its k keys of largest q.k instead (maximum inner-product search: the
+neighbours of metric attention under `key_norm=ignore`, whose scores are 2 alpha q.k). The
 search runs without autograd: it returns positions only, and ALCCA recomputes distances
 from the chosen keys so gradients flow through them (`moa/attention/alcca.py`).
 
@@ -75,10 +77,11 @@ def first_visible(ids: torch.Tensor, positions: torch.Tensor, k: int) -> torch.T
 
 
 class ExactIndex:
-    """Blocked exact top-k by squared L2, in PyTorch on the keys' device."""
+    """Blocked exact top-k by squared L2 (or inner product), in PyTorch on the keys' device."""
 
-    def __init__(self, dim: int, options: IndexOptions) -> None:
+    def __init__(self, dim: int, options: IndexOptions, inner_product: bool = False) -> None:
         self.block = self.chunk = options.block
+        self.inner_product = inner_product
         self.keys: torch.Tensor | None = None  # (N, S, D)
 
     def __len__(self) -> int:
@@ -93,9 +96,11 @@ class ExactIndex:
         N, M, _ = queries.shape
         ids = torch.full((N, M, k), -1, dtype=torch.long, device=queries.device)
         # score = ||k||^2 - 2 q.k, the squared distance less ||q||^2 (the same for all of a
-        # query's keys), as one product: [-2 q, 1] . [k, ||k||^2]
+        # query's keys), as one product: [-2 q, 1] . [k, ||k||^2]; -2 q.k by inner product
         keys = self.keys.to(queries.dtype)
-        keys = torch.cat([keys, keys.pow(2).sum(-1, keepdim=True)], dim=-1)  # (N, S, D+1)
+        norms = (keys.new_zeros(*keys.shape[:2], 1) if self.inner_product
+                 else keys.pow(2).sum(-1, keepdim=True))  # (N, S, 1)
+        keys = torch.cat([keys, norms], dim=-1)  # (N, S, D+1)
         queries = torch.cat([-2 * queries, queries.new_ones(N, M, 1)], dim=-1)  # (N, M, D+1)
         for start in range(0, M, self.block):
             q = queries[:, start:start + self.block]  # (N, m, D+1)
@@ -128,10 +133,11 @@ class ExactIndex:
 class _FaissIndex(ABC):
     """One FAISS index per head; subclasses say how one is made."""
 
-    def __init__(self, dim: int, options: IndexOptions) -> None:
+    def __init__(self, dim: int, options: IndexOptions, inner_product: bool = False) -> None:
         import faiss  # optional dependency: the config checked that it is installed
 
         self.faiss, self.dim, self.options = faiss, dim, options
+        self.metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
         self.chunk = options.chunk
         self.indexes: list[Any] = []
         self.size = 0
@@ -165,14 +171,18 @@ class _FaissIndex(ABC):
         return first_visible(ids, positions, k)
 
 
+    def _flat(self) -> Any:
+        return self.faiss.IndexFlat(self.dim, self.metric)
+
+
 class FaissFlatIndex(_FaissIndex):
     def _new(self) -> Any:
-        return self.faiss.IndexFlatL2(self.dim)
+        return self._flat()
 
 
 class FaissHNSWIndex(_FaissIndex):
     def _new(self) -> Any:
-        return self.faiss.IndexHNSWFlat(self.dim, self.options.hnsw_m)
+        return self.faiss.IndexHNSWFlat(self.dim, self.options.hnsw_m, self.metric)
 
     def _prepare(self, fetch: int) -> None:
         for index in self.indexes:
@@ -183,15 +193,15 @@ class FaissIVFIndex(_FaissIndex):
     """IVF-flat whose quantizer is trained on the first `39 * nlist` keys; queries that
     cannot see all of those are searched exactly among them."""
 
-    def __init__(self, dim: int, options: IndexOptions) -> None:
-        super().__init__(dim, options)
+    def __init__(self, dim: int, options: IndexOptions, inner_product: bool = False) -> None:
+        super().__init__(dim, options, inner_product)
         self.train_size = FAISS_MIN_TRAIN_PER_LIST * options.nlist
-        self.warmup = ExactIndex(dim, options)  # the first train_size keys
+        self.warmup = ExactIndex(dim, options, inner_product)  # the first train_size keys
         self.pending: list[np.ndarray] = []  # keys added before training, (N, s, D) each
 
     def _new(self) -> Any:
-        index = self.faiss.IndexIVFFlat(self.faiss.IndexFlatL2(self.dim), self.dim,
-                                        self.options.nlist)
+        index = self.faiss.IndexIVFFlat(self._flat(), self.dim, self.options.nlist,
+                                        self.metric)
         index.nprobe = self.options.nprobe
         return index
 
