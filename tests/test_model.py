@@ -45,6 +45,21 @@ def test_cached_forward_equals_full_forward(layout, position, cuts):
     assert cache.length == 21
 
 
+def test_a_cache_holds_exactly_its_capacity():
+    """A cache of 12 positions takes 12, to the last one; a 13th is refused with a message
+    that says so (the model itself would take 16)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(max_seq_len=16)).eval()
+    ids = torch.randint(0, 50, (1, 13))
+    cache = model.new_cache(capacity=12)
+    with torch.no_grad():
+        steps = [model(ids[:, :11], cache).logits, model(ids[:, 11:12], cache).logits]
+        torch.testing.assert_close(torch.cat(steps, dim=1), model(ids[:, :12]).logits,
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="KV cache is full: 13 positions > capacity 12"):
+            model(ids[:, 12:], cache)
+
+
 @pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 2}])
 def test_cached_generation_equals_uncached(attention):
     """On a model whose next token depends on its context (asserted: at init_std 0.3, not
