@@ -46,7 +46,8 @@ def _median_centre_distance(attention, x, ctx):
 @pytest.mark.parametrize("top_k", [1, 4, 200])
 @pytest.mark.parametrize(("weighting", "key_norm"), [("softmax", "free"),
                                                       ("inverse_distance", "free"),
-                                                      ("softmax", "ignore")])
+                                                      ("softmax", "ignore"),
+                                                      ("inverse_distance", "ignore")])
 def test_forward_and_gradients_match_the_reference(T, top_k, weighting, key_norm):
     torch.manual_seed(T * 7 + top_k)
     config = tiny_model_config({"name": "alcca", "k": top_k, "weighting": weighting,
@@ -77,8 +78,8 @@ def test_forward_and_gradients_match_the_reference(T, top_k, weighting, key_norm
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("key_norm", ["free", "ignore"])
-def test_dense_softmax_average_equals_the_gathered_one(key_norm):
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_dense_softmax_average_equals_the_gathered_one(inner_product):
     """The two ways of averaging neighbours agree in float64, forward and gradients, with
     padded (-1) neighbour slots; the module picks the dense one for softmax where S <= k * D."""
     torch.manual_seed(3)
@@ -96,9 +97,9 @@ def test_dense_softmax_average_equals_the_gathered_one(key_norm):
         return y, torch.autograd.grad((y * weights).sum(), inputs)
 
     got, got_grads = value_and_grads(alcca_module._dense_softmax_average(
-        queries, keys, values, ids, alpha, key_norm))
+        queries, keys, values, ids, alpha, inner_product))
     want, want_grads = value_and_grads(alcca_module._gathered_average(
-        queries, keys, values, ids, alpha, "softmax", 1e-6, key_norm))
+        queries, keys, values, ids, alpha, "softmax", 1e-6, inner_product))
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
@@ -249,8 +250,6 @@ def test_inner_product_neighbours_are_causal_and_cache_as_uncached(index):
 def test_config_errors_name_the_key(monkeypatch):
     with pytest.raises(ConfigError, match="attention.weighting"):
         _alcca_config(weighting="uniform")
-    with pytest.raises(ConfigError, match="attention.key_norm.*norms"):
-        _alcca_config(key_norm="ignore", weighting="inverse_distance")
     with pytest.raises(ConfigError, match="attention.k"):
         _alcca_config(k=0)
     monkeypatch.setattr(alcca_module, "faiss_available", lambda: False)

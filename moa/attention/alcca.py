@@ -7,8 +7,9 @@ min(k, i + 1) nearest keys by Euclidean distance d_ij are found by the `index` b
 (`moa/kernels/neighbours.py`) and their values averaged with weights 1 / (d_ij + eps)
 (`weighting=inverse_distance`, the ALCCA card's rule) or softmax(-alpha d_ij^2)
 (`weighting=softmax`, metric attention restricted to the neighbours). Under
-`key_norm=ignore` (softmax only), as metric attention's scores lose the -alpha ||k||^2 term,
-the neighbours are the keys of largest q.k and their weights softmax(2 alpha q.k). The spec is
+`key_norm=ignore` with softmax weighting, as metric attention's scores lose the
+-alpha ||k||^2 term, the neighbours are the keys of largest q.k and their weights
+softmax(2 alpha q.k); inverse_distance has no score and keeps distances. The spec is
 `moa/kernels/alcca_reference.py`; the centres come from running sums, never an L x L tensor.
 
 Gradients: through the chosen neighbours, q, k, v and alpha get exact gradients of the
@@ -35,7 +36,12 @@ from torch.utils.checkpoint import checkpoint
 from moa.attention.heads import HeadsConfig
 from moa.attention.metric import MetricAttention, MetricAttentionConfig, MetricConfig
 from moa.attention.registry import ATTENTION
-from moa.kernels.alcca_reference import WEIGHTINGS, neighbour_weights, pair_distance_sq
+from moa.kernels.alcca_reference import (
+    WEIGHTINGS,
+    by_inner_product,
+    neighbour_weights,
+    pair_distance_sq,
+)
 from moa.kernels.neighbours import INDEXES, IndexOptions, faiss_available
 from moa.layers.context import select_positions
 from moa.schema import check, check_choice
@@ -49,9 +55,9 @@ if TYPE_CHECKING:
 class AlccaConfig(HeadsConfig):
     name: str = "alcca"
     metric: MetricConfig = field(default_factory=MetricConfig)
-    alpha_init: float | None = 1.0  # None: 1 / (2 sqrt(head_dim)), as metric attention
+    alpha_init: float | None = None  # None: 1 / (2 sqrt(head_dim)), as metric attention
     learn_alpha: bool = True
-    key_norm: str = "free"  # as metric attention's
+    key_norm: str = "ignore"  # as metric attention's
     k: int = 32  # nearest keys per query
     theta: float = 0.0  # centre-of-mass radius; 0 never takes the mean
     eps: float = 1e-6  # inverse_distance: 1 / (d + eps)
@@ -64,14 +70,11 @@ class AlccaConfig(HeadsConfig):
         super().__post_init__()
         check(self.dropout == 0.0, "dropout", self.dropout, "0.0 (ALCCA has no dropout)")
         self.metric_attention()  # checks the fields it shares (alpha_init, key_norm, ...)
-        check(self.key_norm != "ignore" or self.weighting == "softmax", "key_norm",
-              self.key_norm, "free | sphere with weighting=inverse_distance",
-              "inverse distances need the keys' norms")
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         check(self.k > 0, "k", self.k, "a positive integer")
         check(self.theta >= 0, "theta", self.theta, ">= 0")
         check(self.eps > 0, "eps", self.eps, "a positive float")
         check(self.block > 0, "block", self.block, "a positive integer")
-        check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("index", self.index, tuple(INDEXES))
         check(self.index == "exact" or faiss_available(), "index", self.index,
               "exact, or install faiss (pip install 'moa[faiss]')", "faiss is not installed")
@@ -92,6 +95,7 @@ class AlccaAttention(MetricAttention):
         # The exact index searches queries at any positions; the FAISS indexes are searched
         # in position order, so `at_output_positions` keeps the wanted rows of a full forward.
         self.computes_output_positions = config.index == "exact"
+        self.inner_product = by_inner_product(config.weighting, config.key_norm)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
@@ -106,7 +110,7 @@ class AlccaAttention(MetricAttention):
         state: dict[str, Any] = {} if ctx.cache is None else ctx.cache.state
         if "index" not in state:
             state["index"] = INDEXES[self.alcca.index](
-                D, self.alcca.index_options, inner_product=self.alcca.key_norm == "ignore")
+                D, self.alcca.index_options, inner_product=self.inner_product)
         index = state["index"]
         start = len(index)  # positions seen before this call
         centre = _prefix_mean(state, "key_sum", k, start)  # (B, Hkv, T, D)
@@ -138,7 +142,7 @@ class AlccaAttention(MetricAttention):
         alpha = self.log_alpha.exp().view(-1, 1, G).expand(-1, Tq, G)  # (Hkv, Tq, G)
         y = neighbour_average(flat_queries, k.flatten(0, 1), v.flatten(0, 1), ids,
                               alpha.flatten(1).repeat(B, 1), self.alcca.weighting,
-                              self.alcca.eps, self.alcca.block, self.alcca.key_norm)
+                              self.alcca.eps, self.alcca.block, self.inner_product)
         y = y.view(B, Hkv, Tq, G, D)
         y = torch.where(near[..., None], value_mean[:, :, :, None].to(y.dtype), y)
         return self.heads.merge(y.transpose(2, 3).reshape(B, Hq, Tq, D))  # (B, Tq, C)
@@ -175,10 +179,10 @@ def search_neighbours(index: Any, queries: torch.Tensor, keys: torch.Tensor,
 
 def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       ids: torch.Tensor, alpha: torch.Tensor, weighting: str, eps: float,
-                      block: int, key_norm: str = "free") -> torch.Tensor:
+                      block: int, inner_product: bool = False) -> torch.Tensor:
     """Weighted average of each query's chosen values, differentiable in queries (N, M, D),
     keys and values (N, S, D) and alpha (N, M); ids (N, M, k), -1 for none -> (N, M, D);
-    key_norm=ignore drops the keys' norms from the scores (`pair_distance_sq`).
+    `inner_product` scores by 2 q.k, without the keys' norms (`pair_distance_sq`).
     Computed `block` queries at a time. Softmax weighting over at most k * D keys takes
     `_dense_softmax_average`: two matmuls over all S keys, no (M, k, D) tensor, and under
     autograd it keeps its (N, M, S) weights for the backward, as eager attention keeps its
@@ -193,10 +197,10 @@ def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
         rows = slice(begin, begin + block)
         if dense:
             average, part = _dense_softmax_average, (queries[:, rows], keys, values, ids[:, rows],
-                                                     alpha[:, rows], key_norm)
+                                                     alpha[:, rows], inner_product)
         else:
             average, part = _gathered_average, (queries[:, rows], keys, values, ids[:, rows],
-                                                alpha[:, rows], weighting, eps, key_norm)
+                                                alpha[:, rows], weighting, eps, inner_product)
         out.append(checkpoint(average, *part, use_reentrant=False) if checkpointed
                    else average(*part))
     return torch.cat(out, dim=1)
@@ -204,16 +208,16 @@ def neighbour_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
 
 def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            ids: torch.Tensor, alpha: torch.Tensor,
-                           key_norm: str = "free") -> torch.Tensor:
+                           inner_product: bool = False) -> torch.Tensor:
     """softmax(-alpha d^2) over the chosen keys, from one (N, m, S) product: since
     -alpha ||q - k||^2 = alpha (2 q.k - ||k||^2) - alpha ||q||^2 and the last term is the same
     for all of a query's keys, the chosen keys' scores are gathered from 2 q.K - ||K||^2 (no
-    cancellation against ||q||^2; 2 q.K under key_norm=ignore), and their weights scattered
+    cancellation against ||q||^2; 2 q.K by inner product), and their weights scattered
     back onto the S keys."""
     valid = ids >= 0
     index = ids.clamp_min(0)  # (N, m, k)
     logits = 2 * queries @ keys.mT  # (N, m, S)
-    if key_norm != "ignore":
+    if not inner_product:
         logits = logits - keys.pow(2).sum(-1)[:, None]
     scores = (alpha[..., None] * logits.gather(-1, index)).masked_fill(~valid, float("-inf"))
     weights = torch.softmax(scores, dim=-1).masked_fill(~valid, 0.0)  # (N, m, k)
@@ -223,11 +227,11 @@ def _dense_softmax_average(queries: torch.Tensor, keys: torch.Tensor, values: to
 
 def _gathered_average(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       ids: torch.Tensor, alpha: torch.Tensor, weighting: str,
-                      eps: float, key_norm: str = "free") -> torch.Tensor:
+                      eps: float, inner_product: bool = False) -> torch.Tensor:
     N, m, k = ids.shape
     flat = ids.clamp_min(0).view(N, m * k, 1).expand(-1, -1, keys.size(-1))  # (N, m*k, D)
     chosen_k = keys.gather(1, flat).view(N, m, k, -1)  # (N, m, k, D)
     chosen_v = values.gather(1, flat).view(N, m, k, -1)
-    distance_sq = pair_distance_sq(queries[:, :, None], chosen_k, key_norm)  # (N, m, k)
+    distance_sq = pair_distance_sq(queries[:, :, None], chosen_k, inner_product)  # (N, m, k)
     weights = neighbour_weights(distance_sq, alpha, weighting, eps, ids >= 0)
     return (weights[..., None].to(chosen_v.dtype) * chosen_v).sum(-2)  # (N, m, D)

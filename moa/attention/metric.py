@@ -7,6 +7,14 @@ every metric is Euclidean, so one kernel serves all three (`moa/kernels/`), chos
 `impl`: `eager` (the reference, O(L^2)), `cpu_fused` (PyTorch's fused CPU flash kernel),
 `triton` (flash-style Triton kernels) or `auto` (triton on CUDA, cpu_fused otherwise).
 
+Since -alpha ||q - k||^2 = 2 alpha q.k - alpha ||k||^2 - alpha ||q||^2 and the last term
+cancels in the softmax, `key_norm` says what becomes of the middle one, a score for each
+key that does not look at the query: `ignore` (the default) drops it, leaving 2 alpha q.k
+over the metric-space q and k; `free` keeps it (the distance as written); `sphere` makes
+it the same for every key. With it, the distance form stays on MQAR's guessing plateau
+where dot products learn (docs/results.md). `alpha_init: null` (the default) is SDPA's
+scale for the q.k part.
+
 Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per query
 head; the Mahalanobis weights and the balls describe the key space, so they are per key
 head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`)
@@ -66,9 +74,9 @@ class MetricAttentionConfig(HeadsConfig):
     name: str = "metric"
     metric: MetricConfig = field(default_factory=MetricConfig)
     impl: str = "auto"
-    alpha_init: float | None = 1.0  # None: default_alpha(head_dim)
+    alpha_init: float | None = None  # None: default_alpha(head_dim)
     learn_alpha: bool = True
-    key_norm: str = "free"  # sphere: keys of norm sqrt(D); ignore: no -alpha ||k||^2 term
+    key_norm: str = "ignore"  # no -alpha ||k||^2 term; free: the distance; sphere: ||k|| = sqrt(D)
     use_balls: bool = False
     radius_init: float = 4.0
     learn_radius: bool = True

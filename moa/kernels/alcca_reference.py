@@ -12,10 +12,11 @@
 For query i over its visible keys: with c_i their centre of mass, if ||q_i - c_i|| < theta
 the output is the mean of their values; otherwise the min(top_k, visible) nearest keys N_i
 by Euclidean distance d_ij are weighted by `neighbour_weights` and their values averaged.
-Under key_norm=ignore, as in metric attention, d_ij^2 is the squared distance less both
-norms, -2 q_i.k_j: the neighbours are the keys of largest inner product and the softmax
-weights those of dot-product attention at sharpness 2 alpha (the theta test stays
-Euclidean).
+Under key_norm=ignore with softmax weighting, as in metric attention, d_ij^2 is the squared
+distance less both norms, -2 q_i.k_j: the neighbours are the keys of largest inner product
+and the weights those of dot-product attention at sharpness 2 alpha. key_norm says what
+becomes of a softmax score's key-norm term, so inverse_distance, which weighs by distances
+and has no score, keeps Euclidean neighbours under any key_norm, as the theta test does.
 Everything here is a dense (T, S) tensor: O(L^2) time and memory, for tests only.
 """
 
@@ -26,10 +27,15 @@ import torch
 WEIGHTINGS = ("inverse_distance", "softmax")
 
 
-def pair_distance_sq(q: torch.Tensor, k: torch.Tensor, key_norm: str) -> torch.Tensor:
-    """||q - k||^2 over the last axis of broadcastable q and k, or -2 q.k under
-    key_norm=ignore (the squared distance without its ||q||^2 and ||k||^2 terms)."""
-    if key_norm == "ignore":
+def by_inner_product(weighting: str, key_norm: str) -> bool:
+    """Whether neighbours are ranked (and softmax-weighted) by q.k rather than distance."""
+    return key_norm == "ignore" and weighting == "softmax"
+
+
+def pair_distance_sq(q: torch.Tensor, k: torch.Tensor, inner_product: bool) -> torch.Tensor:
+    """||q - k||^2 over the last axis of broadcastable q and k, or with `inner_product` -2 q.k
+    (the squared distance without its ||q||^2 and ||k||^2 terms)."""
+    if inner_product:
         return -2.0 * (q * k).sum(-1)
     return (q - k).pow(2).sum(-1)
 
@@ -62,7 +68,8 @@ def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alp
     centre = average @ k  # (B, Hq, T, D)
     near = (q - centre).norm(dim=-1) < theta  # (B, Hq, T)
 
-    distance_sq = pair_distance_sq(q[:, :, :, None], k[:, :, None], key_norm)  # (B, Hq, T, S)
+    inner_product = by_inner_product(weighting, key_norm)
+    distance_sq = pair_distance_sq(q[:, :, :, None], k[:, :, None], inner_product)  # (B, Hq, T, S)
     ranked = distance_sq.masked_fill(~causal, float("inf"))
     chosen_sq, chosen = ranked.topk(min(top_k, S), dim=-1, largest=False)  # (B, Hq, T, k)
     weights = neighbour_weights(chosen_sq, alpha.view(1, -1, 1), weighting, eps,
