@@ -140,6 +140,16 @@ def test_wikitext2_uses_its_own_validation_and_test_files(shared_data, tmp_path)
     assert corpus.splits["train"][0]["text"] == " = Valkyria Chronicles III = "
 
 
+def test_tinystories_local_has_one_story_a_document(shared_data, tmp_path, stories):
+    corpus = load_text_files(CORPORA.parse(data_yaml("tinystories_local", shared_data)), tmp_path)
+    documents = [text for split in ("train", "validation", "test")
+                 for text in texts(corpus.splits[split])]
+    raw = (shared_data / "tinystories" / "TinyStories-train.first2MiB.txt").read_text()
+    assert len(documents) == len([s for s in raw.split("<|endoftext|>") if s.strip()])
+    assert not any("<|endoftext|>" in text for text in documents)
+    assert set(stories[:50]) <= set(documents)
+
+
 def test_alpaca_json_reads_the_text_field(shared_data, tmp_path):
     config = CORPORA.parse({"name": "text_files", "text_field": "output",
                             "train_files": str(shared_data / "alpaca" / "alpaca_data_1k.json")})
