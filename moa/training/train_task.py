@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from moa.training.host_memory import keep_freed
 from moa.training.init_from import check_init_from, load_init_weights
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
+from moa.training.objectives import SpecialTokens
 from moa.training.resume import Resume, resume_mode, run_records
 from moa.training.run_config import RunSpec, parse_run, resolved
 from moa.training.run_files import write_run_files
@@ -118,7 +119,10 @@ def _prepare(cfg: DictConfig, run_dir: Path, resuming: bool) -> _Prepared:
     checkpoint = load_checkpoint(Path(ckpt_path), key) if ckpt_path else None
     if checkpoint is not None:
         check_same_model(model_config, checkpoint, Path(ckpt_path), key)
-    module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
+    objective = replace(spec.objective, seed=int(cfg.seed),
+                        tokens=SpecialTokens.of(datamodule.tokenizer))
+    module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim),
+                                 objective=asdict(objective))
     return _Prepared(spec, datamodule, module, checkpoint, ckpt_path)
 
 
