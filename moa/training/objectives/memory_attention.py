@@ -9,7 +9,8 @@ over the turns of a conversation (Reactive AI's supervised-training article):
     label_t = w_t * ED_t + (1 - w_t) * STM_{t-1}
     loss = mean over turns, layers, batch and slots of -cos(STM_t, label_t)
 
-ED_t is the encoder's layer outputs for turn t's interaction (encoded without gradients:
+ED_t is the encoder's layer outputs for turn t's interaction (reading STM_{t-1} where the
+encoder has memory cross-attention; encoded without gradients:
 only the memory attention trains; conf/objective/rxt_memory.yaml freezes the rest), laid on
 the slots position by position as Reactive AI does with message length = slots (256 on the
 card): position i onto slot i, zero where the interaction is shorter (padding included),
@@ -77,7 +78,7 @@ class MemoryAttentionObjective(Objective):
         cosines = []
         for turn in range(ids.size(1)):
             with torch.no_grad():
-                encoded = model.encode(ids[:, turn], pad_mask[:, turn]).layers
+                encoded = model.encode(ids[:, turn], pad_mask[:, turn], memory=memory).layers
             new_memory = model.update_memory(memory, encoded, pad_mask[:, turn])
             weight = self.config.new_data_weight(turn)
             new_data = on_slots(encoded, pad_mask[:, turn], memory.size(2))

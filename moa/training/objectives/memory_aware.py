@@ -1,8 +1,8 @@
 """`objective=rxt_smat`: supervised memory-aware training (stage 4) on conversations.
 
 For each conversation (B, N, L): the decoder answers turn 0 reading the initial STM; then
-for t = 1..N-1 the encoder encodes turn t-1's interaction `[Q] query [A] answer`, the
-memory attention writes it into the STM, and the decoder answers turn t reading the STM.
+for t = 1..N-1 the encoder encodes turn t-1's interaction `[Q] query [A] answer` (reading
+the STM where it has memory cross-attention), the memory attention writes it into the STM, and the decoder answers turn t reading the STM.
 loss = the decoder's cross-entropy over every turn's labels; gradients flow back through
 the chain of writes. Evaluation also scores the answers by turn and by the distance of
 their question (moa/training/objectives/scores.py) and the encoder's MLM on the turns.
@@ -71,7 +71,8 @@ class MemoryAwareObjective(MaskedLanguageModelObjective):
         losses, right, counts = [], [], []
         for turn in range(ids.size(1)):
             if turn > 0:
-                encoded = model.encode(ids[:, turn - 1], pad_mask[:, turn - 1]).layers
+                encoded = model.encode(ids[:, turn - 1], pad_mask[:, turn - 1],
+                                       memory=memory).layers
                 memory = model.update_memory(memory, encoded, pad_mask[:, turn - 1])
             logits = model.decode(ids[:, turn], memory)  # (B, L, V)
             loss, acc, count = token_metrics(logits, labels[:, turn])
