@@ -61,7 +61,8 @@ def stories(shared_data) -> list[str]:
 # --- YAML presets ------------------------------------------------------------------------
 
 REQUIRED = {"text_files": {"train_files": "x.txt"}, "hf": {"path": "some/dataset"},
-            "chat": {"files": ["conversations.jsonl"]}}
+            "chat": {"files": ["conversations.jsonl"]},
+            "interactions": {"files": ["conversations.jsonl"]}}
 
 
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "data").glob("*.yaml")), ids=lambda p: p.stem)

@@ -99,3 +99,32 @@ def test_turns_that_do_not_fit_and_a_tokenizer_without_q_and_a_are_errors(tmp_pa
     with pytest.raises(ConfigError) as error:
         CORPORA.build(config(), TOKENIZERS.parse({"name": "byte"}), tmp_path)
     assert error.value.key == "tokenizer.special_tokens"
+
+
+def test_interactions_from_files_label_the_answer_only(tmp_path, shared_data):
+    """data=interactions: every user message the assistant answers is one interaction."""
+    import json
+
+    from moa.data.interactions import interaction_pairs
+
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "see you"}, {"role": "user", "content": "?"}]
+    assert interaction_pairs(messages) == [("hi", "hello"), ("bye", "see you")]
+    records = tmp_path / "chats.jsonl"
+    records.write_text("\n".join(json.dumps({"messages": messages}) for _ in range(30)))
+    data = CORPORA.parse({"name": "interactions", "files": [str(records)], "block_size": 32},
+                         "data")
+    splits = CORPORA.build(data, TOKENIZER, tmp_path)
+    tokenizer = splits.tokenizer
+    item = splits.datasets["train"][0]
+    ids = item["input_ids"][item["input_ids"] != tokenizer.pad_id].tolist()
+    assert tokenizer.decode(ids) in ("[Q] hi[A] hello", "[Q] bye[A] see you")
+    labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(labelled[:-1]).strip() in ("hello", "see you")
+    assert labelled[-1] == tokenizer.eos_id
+    alpaca = CORPORA.parse({"name": "interactions", "format": "alpaca", "block_size": 256,
+                            "files": [str(shared_data / "alpaca" / "alpaca_data_1k.json")]},
+                           "data")
+    built = CORPORA.build(alpaca, TOKENIZER, tmp_path)
+    assert sum(len(built.datasets[split]) for split in built.datasets) > 900

@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from moa.data.interactions import InteractionEncoder
 from moa.data.source import CORPORA, SPLITS, DataConfig, LMSplits
-from moa.data.tokenizer import TOKENIZERS, Tokenizer, TokenizerConfig
-from moa.errors import ConfigError
+from moa.data.tokenizer import TOKENIZERS, TokenizerConfig
 from moa.schema import check, check_choice, check_range
 
 IGNORE_INDEX = -100
-QUERY, ANSWER = "[Q]", "[A]"
 VIEWS = ("conversation", "current", "history")
 KEYS = ["cat", "dog", "bird", "fish", "ball", "tree", "car", "house", "book", "cup", "hat",
         "box", "boat", "cake", "door", "kite", "lamp", "bed", "toy", "shoe", "sun", "moon",
@@ -121,45 +120,16 @@ def conversations(config: DialogueRecallConfig, count: int,
     return made
 
 
-class TurnEncoder:
-    """Token ids of interactions, from each word's ids encoded once (with its leading
-    space, a whole pre-token for byte-level BPE, so the ids are those of the joined text)."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        ids = {token: tokenizer.token_to_id(token) for token in (QUERY, ANSWER)}
-        missing = [token for token, i in ids.items() if i is None]
-        if missing:
-            raise ConfigError("tokenizer.special_tokens", missing, f"[{QUERY}, {ANSWER}] among "
-                              "them (tokenizer=rxt_bpe has them)", "data=dialogue_recall's turns "
-                              "are [Q] query [A] answer")
-        self.tokenizer, self.query_id, self.answer_id = tokenizer, ids[QUERY], ids[ANSWER]
-        self._words: dict[str, list[int]] = {}
-
-    def words(self, words: list[str]) -> list[int]:
-        out = []
-        for word in words:
-            if word not in self._words:
-                self._words[word] = self.tokenizer.encode(" " + word)
-            out += self._words[word]
-        return out
-
-    def turn(self, query: list[str], answer: list[str]) -> tuple[list[int], list[bool]]:
-        """Ids of `[Q] query [A] answer <|eos|>` and which of them the model writes."""
-        head = [self.query_id, *self.words(query), self.answer_id]
-        tail = [*self.words(answer), self.tokenizer.eos_id]
-        return head + tail, [False] * len(head) + [True] * len(tail)
-
-
-def encode_turns(conversation: Conversation, encoder: TurnEncoder, length: int
+def encode_turns(conversation: Conversation, encode: InteractionEncoder, length: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """input_ids and labels (N, length): turn tokens t_0..t_{n-1}, labels t_1..t_n where
     the model writes them, right-padded; a turn longer than `length` + 1 is an error."""
     turns = len(conversation.queries)
-    inputs = np.full((turns, length), encoder.tokenizer.pad_id, dtype=np.int64)
+    inputs = np.full((turns, length), encode.tokenizer.pad_id, dtype=np.int64)
     labels = np.full((turns, length), IGNORE_INDEX, dtype=np.int64)
     for t, (query, answer) in enumerate(zip(conversation.queries, conversation.answers,
                                             strict=True)):
-        ids, written = encoder.turn(query, answer)
+        ids, written = encode(" ".join(query), " ".join(answer))
         check(len(ids) - 1 <= length, "data.block_size", length,
               f">= {len(ids) - 1} (the longest turn)", "a turn does not fit")
         inputs[t, :len(ids) - 1] = ids[:-1]
@@ -226,15 +196,15 @@ def build_dialogue_recall(config: DialogueRecallConfig, tokenizer_config: Tokeni
     texts = (" ".join(["[Q]", *q, "[A]", *a]) for c in made["train"]
              for q, a in zip(c.queries, c.answers, strict=True))
     tokenizer = TOKENIZERS.build(tokenizer_config, texts, digest.hexdigest(), cache_dir)
-    encoder = TurnEncoder(tokenizer)
+    encode = InteractionEncoder(tokenizer)
     splits, fingerprint = {}, {"corpus": "dialogue_recall", "corpus_sha256": digest.hexdigest(),
                                "tokenizer_sha256": tokenizer.sha256, "tokens": {}, "blocks": {}}
     for split in SPLITS:
         # history: turns are packed back to back, so each is first padded to the longest only
         length = config.block_size if config.view != "history" else max(
-            len(encoder.turn(q, a)[0]) - 1 for c in made[split]
+            len(encode(" ".join(q), " ".join(a))[0]) - 1 for c in made[split]
             for q, a in zip(c.queries, c.answers, strict=True))
-        encoded = [encode_turns(c, encoder, length) for c in made[split]]
+        encoded = [encode_turns(c, encode, length) for c in made[split]]
         inputs = np.stack([turn_inputs for turn_inputs, _ in encoded])  # (C, N, L)
         labels = np.stack([turn_labels for _, turn_labels in encoded])
         distances = np.array([c.distances for c in made[split]], dtype=np.int64)  # (C, N)
