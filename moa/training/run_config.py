@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from moa.config import COMPONENTS, ModelConfig, OptimConfig
+from moa.config import COMPONENTS, ModelConfig, OptimConfig, model_config_class
 from moa.data import CORPORA, TOKENIZERS
 from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
@@ -87,7 +87,8 @@ def parse_run(cfg: DictConfig) -> RunSpec:
     check_freeze(cfg.get("freeze"))
     apply_card_config(cfg)
     model_section = resolved(cfg, "model")
-    parse(ModelConfig, model_section, "model")  # first: the components interpolate its values
+    # First the model section alone: the components interpolate its values.
+    parse(model_config_class(model_section), model_section, "model")
     model = ModelConfig.from_sections(
         model_section, **{key: resolved(cfg, key) for key in COMPONENTS if key in cfg})
     optim = parse(OptimConfig, resolved(cfg, "optim"), "optim")
