@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 import moa.training.loggers  # noqa: F401  (the resolvers of conf/logger/wandb.yaml)
 from moa.data import LMDataModule
+from moa.models.language_model import LanguageModel
 from moa.models.params import active_parameters, kv_cache_bytes_per_token
 from moa.training.checkpoint import (
     check_same_model,
@@ -130,13 +131,15 @@ def _train(cfg: DictConfig, prepared: _Prepared, run_dir: Path, resuming: bool,
            status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
     spec, datamodule, module = prepared.spec, prepared.datamodule, prepared.module
     checkpoint, ckpt_path = prepared.checkpoint, prepared.ckpt_path
+    model = module.model
     record = {
         "data": datamodule.fingerprint,
-        "parameters": module.model.num_parameters(),
-        "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
-        "active_parameters": active_parameters(module.model),
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(module.model),
+        "parameters": model.num_parameters(),
+        "parameters_without_embedding": model.num_parameters() - model.embedding.weight.numel(),
+        "active_parameters": active_parameters(model),
     }
+    if isinstance(model, LanguageModel):  # the Reactive Transformer's cache is per message
+        record["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
     if cfg.get("init_from"):  # weights only: optimiser, step and data position start afresh
         record["init_from"] = load_init_weights(module.model, Path(cfg.init_from))
     record["parameters_frozen"] = freeze(module.model, check_freeze(cfg.get("freeze")))["frozen"]

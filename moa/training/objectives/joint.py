@@ -34,6 +34,7 @@ class JointObjective(MaskedLanguageModelObjective):
     """loss = MLM loss + AR loss; acc: the decoder's next-token accuracy."""
 
     metric_names = ("loss", "acc", "mlm_loss", "mlm_acc", "ar_loss")
+    perplexity = False  # of MLM + AR: no perplexity
 
     def check_model(self, model) -> None:
         super().check_model(model)

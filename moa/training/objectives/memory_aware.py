@@ -2,10 +2,11 @@
 
 For each conversation (B, N, L): the decoder answers turn 0 reading the initial STM; then
 for t = 1..N-1 the encoder encodes turn t-1's interaction `[Q] query [A] answer` (reading
-the STM where it has memory cross-attention), the memory attention writes it into the STM, and the decoder answers turn t reading the STM.
-loss = the decoder's cross-entropy over every turn's labels; gradients flow back through
-the chain of writes. Evaluation also scores the answers by turn and by the distance of
-their question (moa/training/objectives/scores.py) and the encoder's MLM on the turns.
+the STM where it has memory cross-attention), the memory attention writes it into the
+STM, and the decoder answers turn t reading the STM. loss = the decoder's cross-entropy
+over every turn's labels; gradients flow back through the chain of writes. Evaluation
+also scores the answers by turn and by the distance of their question
+(moa/training/objectives/scores.py), and the encoder's MLM on the turns.
 
 Parts are unfrozen gradually: `unfreeze` maps a glob over parameter names (the syntax of
 `freeze`, moa/training/freeze.py) to the fraction of training from which they train; before
