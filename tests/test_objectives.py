@@ -192,3 +192,15 @@ def test_an_objective_the_model_lacks_is_an_error_before_training(compose_config
                              f"paths.output_dir={other}", f"hydra.run.dir={other}"))
     assert error.value.key == "objective" and "decoder-only" in str(error.value)
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_eval_on_an_rxt_run_reproduces_its_metrics_and_scores(compose_config, stage_runs):
+    from moa.training import evaluate
+
+    run_dir = stage_runs["rxt_smat"]
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    metrics, _ = evaluate(compose_config(f"run_dir={run_dir}", "trainer.limit_test_batches=2",
+                                         config_name="eval"))
+    assert json.loads((run_dir / "metrics.json").read_text()) == trained
+    assert metrics["recall_by_distance"] == pytest.approx(trained["recall_by_distance"])
+    assert metrics["test_mlm_acc"] == pytest.approx(trained["test_mlm_acc"])
