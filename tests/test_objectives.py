@@ -44,8 +44,9 @@ def stage_runs(tmp_path_factory, cache_dir):
     return runs
 
 
-def test_mlm_trains_the_encoder_alone(compose_config, tmp_path):
-    metrics, objects = train(compose_config(*stage("mlm")))
+@pytest.mark.parametrize("attention", ["sqa", "metric"])
+def test_mlm_trains_the_encoder_alone(compose_config, attention):
+    metrics, objects = train(compose_config(*stage("mlm"), f"attention={attention}"))
     assert 0 < metrics["test_mlm_acc"] <= 1 and metrics["test_loss"] == metrics["test_mlm_loss"]
     model = objects["module"].model
     assert all(p.grad is None for p in model.decoder.parameters())
@@ -204,3 +205,35 @@ def test_eval_on_an_rxt_run_reproduces_its_metrics_and_scores(compose_config, st
     assert json.loads((run_dir / "metrics.json").read_text()) == trained
     assert metrics["recall_by_distance"] == pytest.approx(trained["recall_by_distance"])
     assert metrics["test_mlm_acc"] == pytest.approx(trained["test_mlm_acc"])
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["rxt_joint", "rxt_smat"])
+def test_resume_continues_masks_and_unfreezing_exactly(compose_config, tmp_path, monkeypatch,
+                                                       name):
+    """Masks drawn from (seed, step) and parts unfrozen by progress: a run resumed from its
+    step-5 checkpoint logs the uninterrupted run's losses, bitwise."""
+    from moa.training.lit import LanguageModelModule
+    from tests.test_resume import train_curve
+
+    steps = (*stage(name), "trainer.max_steps=8", "trainer.log_every_n_steps=1",
+             "evaluate=false", "trainer.deterministic=true")
+    train(compose_config(*steps, f"paths.output_dir={tmp_path / 'whole'}"))
+    original = LanguageModelModule.training_step
+
+    def crash_at_step_6(self, batch, batch_idx):
+        if self.trainer.global_step == 6:
+            raise Crash("the node went away")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModelModule, "training_step", crash_at_step_6)
+    with pytest.raises(Crash):
+        train(compose_config(*steps))
+    monkeypatch.setattr(LanguageModelModule, "training_step", original)
+    train(compose_config(*steps, "resume=true"))
+    whole = train_curve(tmp_path / "whole")
+    assert [step for step, _ in whole] == list(range(8))
+    assert train_curve(tmp_path / "run") == whole
