@@ -7,55 +7,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from moa.chat import load_config, open_conversation
 from moa.data.tokenizer import Tokenizer
-from moa.models.language_model import build_model
-from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.training.reactive_conversation import ReactiveConversation
-from moa.training.run_config import parse_run, resolved
-from moa.training.run_files import WEIGHTS_PREFIX
 from tests.conftest import ROOT
 
-WORDS = "hello there my name is ada what who are you the cat sat on a mat".split()
 GREEDY = ("sampling.temperature=0", "sampling.max_new_tokens=6")
-
-
-def word_tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    backend = Backend(WordLevel({word: i for i, word in enumerate(["<|unk|>", *WORDS])},
-                                unk_token="<|unk|>"))
-    backend.pre_tokenizer = Whitespace()
-    backend.add_special_tokens(["[Q]", "[A]", "[MASK]"])
-    return Tokenizer(backend)
-
-
-@pytest.fixture
-def rxt_run(tmp_path, compose_config) -> Path:
-    """A tiny random RxT saved the way training saves a run."""
-    tokenizer = word_tokenizer()
-    cfg = compose_config("model=rxt_alpha_micro", "model.size=tiny", "model.vocab_size=300",
-                         "tokenizer.vocab_size=300")  # the words' ids and a padded rest
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({str(key): resolved(cfg, str(key)) for key in cfg
-                                     if key != "hydra"}), run_dir / "config.yaml")
-    tokenizer.save(run_dir / "tokenizer.json")
-    torch.manual_seed(0)
-    model = build_model(parse_run(cfg).model)
-    torch.save({"moa_format_version": WEIGHTS_FORMAT, "model_config": model.config.to_dict(),
-                "state_dict": {WEIGHTS_PREFIX + name: value
-                               for name, value in model.state_dict().items()}},
-               run_dir / "checkpoints" / "last.ckpt")
-    return run_dir
 
 
 def expected_reply(conversation: ReactiveConversation, text: str,

@@ -66,6 +66,12 @@ class ReactiveTransformer(nn.Module):
                 ("MLM head", [self.mlm_head]), ("Decoder", [self.decoder]),
                 ("Memory attention", [self.memory_attention])]
 
+    def encoder_only(self) -> ReactiveTransformer:
+        """This model without its decoder and memory attention, in place: the encoder and
+        the MLM head alone (`encode`, `mlm_logits`), as a fill-mask export holds them."""
+        del self.decoder, self.memory_attention
+        return self
+
     def initial_memory(self, batch_size: int, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
         """The STM a conversation starts from: (n_layers, B, slots, C), the same per row."""
