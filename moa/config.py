@@ -213,8 +213,12 @@ class ReactiveConfig(ModelConfig):
         see every key (the memory reads), checked that it can."""
         from moa.attention import ATTENTION
 
-        scheme = ATTENTION.parse(default if data is None else data, key)
+        data = default if data is None else data
+        name = data.get("name") if isinstance(data, dict) else getattr(data, "name", None)
         try:
+            if bidirectional and name is not None:  # before its keys: theirs may not fit
+                check_sees_every_key(name)
+            scheme = ATTENTION.parse(data, "attention")
             validate = getattr(scheme, "validate_for", None)
             if validate is not None:
                 validate(self)
@@ -237,15 +241,19 @@ def _check_no_auxiliary_loss(scheme: Any) -> None:
 def check_bidirectional(scheme: Any) -> None:
     """Refuse an attention scheme that cannot see every key (causal-only ones), where an
     encoder or a memory read needs it; keys named from the scheme (`name`, `use_balls`)."""
+    check_sees_every_key(scheme.name)
+    getattr(scheme, "check_bidirectional", lambda: None)()
+
+
+def check_sees_every_key(name: str) -> None:
     from moa.attention import ATTENTION
 
-    def able(name: str) -> bool:
-        return getattr(ATTENTION.entry(name).builder, "bidirectional", False)
+    def able(scheme: str) -> bool:
+        return getattr(ATTENTION.entry(scheme).builder, "bidirectional", False)
 
-    check(able(scheme.name), "name", scheme.name,
-          " | ".join(name for name in ATTENTION.names() if able(name)),
+    check(able(name), "name", name,
+          " | ".join(scheme for scheme in ATTENTION.names() if able(scheme)),
           "a causal-only scheme where every key must be seen")
-    getattr(scheme, "check_bidirectional", lambda: None)()
 
 
 @dataclass

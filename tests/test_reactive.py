@@ -223,6 +223,8 @@ def test_initial_memory_is_near_zero_and_the_same_for_every_row():
 
 @pytest.mark.parametrize(("model", "attention", "key"), [
     ({"cross_attention": {"name": "local_conv"}}, None, "model.cross_attention.name"),
+    ({"cross_attention": {"name": "flash"}}, None, "model.cross_attention.name"),
+    ({"cross_attention": {**DOT, "n_kv": 1}}, None, "model.cross_attention.n_kv"),
     ({"cross_attention": {**METRIC, "use_balls": True}}, None, "model.cross_attention.use_balls"),
     ({"decoder_attention": {"name": "dot_product", "n_kv_heads": 3}}, None,
      "model.decoder_attention.n_kv_heads"),
@@ -246,3 +248,25 @@ def test_config_round_trips_through_its_dict():
                              memory_attention={"variant": "interlayer", "gate": "linear"})
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert type(ModelConfig.from_dict(config.to_dict())).__name__ == "ReactiveConfig"
+
+
+def test_each_attention_role_is_a_choice_of_the_attention_group(compose_config):
+    """`attention@model.<role>=<scheme>` picks a role's scheme on the command line; each
+    role keeps the card's head counts (cross-attention 4q/2kv, the others 4q/4kv of 8)."""
+    from moa.training.run_config import parse_run
+
+    spec = parse_run(compose_config("model=rxt_alpha_micro",
+                                    "attention@model.cross_attention=metric",
+                                    "attention@model.memory_attention.attention=mha",
+                                    "model.memory_attention.variant=interlayer"))
+    config = spec.model
+    assert (config.cross_attention.name, config.cross_attention.n_q_heads,
+            config.cross_attention.n_kv_heads) == ("metric", 4, 2)
+    assert config.memory_attention.attention.name == "dot_product"
+    assert config.memory_attention.attention.layout(config) == (4, 4)
+    assert config.decoder_attention.layout(config) == (4, 4)
+    assert config.attention.layout(config) == (4, 4)
+    with pytest.raises(ConfigError) as error:
+        parse_run(compose_config("model=rxt_alpha_micro",
+                                 "attention@model.cross_attention=local_conv"))
+    assert error.value.key == "model.cross_attention.name"

@@ -13,6 +13,7 @@ encoder reads concat(query, answer) and the memory attention writes it into the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ class ReactiveTransformer(nn.Module):
         return [("Encoder", [self.embedding, self.position, self.encoder]),
                 ("MLM head", [self.mlm_head]), ("Decoder", [self.decoder]),
                 ("Memory attention", [self.memory_attention])]
+
+    def encoder_only(self) -> ReactiveTransformer:
+        """This model without its decoder and memory attention, in place: the encoder and
+        the MLM head alone (`encode`, `mlm_logits`), as a fill-mask export holds them."""
+        del self.decoder, self.memory_attention
+        return self
 
     def initial_memory(self, batch_size: int, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -131,22 +138,28 @@ class ReactiveTransformer(nn.Module):
         (e.g. `[Q] query [A]`), reading memory (n_layers, B, slots, C): (B, N) ids, N <=
         max_new_tokens, greedy unless `sampling` says otherwise. A row stops after
         `model.end_id` (kept) and is padded with `model.pad_id` after it."""
+        return torch.cat(list(self.stream(query_ids, memory, max_new_tokens, sampling,
+                                          generator)), dim=1)
+
+    @torch.no_grad()
+    def stream(self, query_ids: torch.Tensor, memory: torch.Tensor, max_new_tokens: int,
+               sampling: SamplingConfig | None = None,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """`respond`'s tokens (B, 1), each as soon as it is chosen (a chat prints it)."""
         sampling = sampling or SamplingConfig(temperature=0.0)
         B, prompt = query_ids.shape
         cache = self.new_cache(capacity=prompt + max_new_tokens)
         logits = self.decode(query_ids, memory, cache=cache)[:, -1]  # (B, V)
-        answer = []
         done = torch.zeros(B, dtype=torch.bool, device=query_ids.device)
         for step in range(max_new_tokens):
             token = next_token(logits, sampling, generator)  # (B, 1)
             token = token.masked_fill(done[:, None], self.config.pad_id)
-            answer.append(token)
+            yield token
             if self.config.end_id is not None:
                 done |= token[:, 0] == self.config.end_id
             if bool(done.all()) or step == max_new_tokens - 1:
-                break
+                return
             logits = self.decode(token, memory, cache=cache)[:, -1]
-        return torch.cat(answer, dim=1)
 
     def answer_mask(self, answer_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) True for the tokens `respond` wrote, up to and with each row's end."""
