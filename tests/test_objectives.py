@@ -44,12 +44,23 @@ def stage_runs(tmp_path_factory, cache_dir):
     return runs
 
 
-@pytest.mark.parametrize("attention", ["sqa", "metric"])
-def test_mlm_trains_the_encoder_alone(compose_config, attention):
-    metrics, objects = train(compose_config(*stage("mlm"), f"attention={attention}"))
-    assert 0 < metrics["test_mlm_acc"] <= 1 and metrics["test_loss"] == metrics["test_mlm_loss"]
-    model = objects["module"].model
-    assert all(p.grad is None for p in model.decoder.parameters())
+def test_mlm_trains_the_encoder_and_its_head_alone(compose_config, stage_runs):
+    source = init_state(stage_runs["rxt_joint"])
+    metrics, objects = train(compose_config(*stage("mlm"),
+                                            f"init_from={stage_runs['rxt_joint']}"))
+    assert metrics["test_loss"] == metrics["test_mlm_loss"] and 0 <= metrics["test_mlm_acc"] <= 1
+    trained = objects["module"].model.state_dict()
+    changed = {name for name in source if not torch.equal(trained[name], source[name])}
+    assert any(name.startswith("encoder.") for name in changed)
+    assert any(name.startswith("mlm_head.") for name in changed)
+    assert not any(name.startswith(("decoder.", "memory_attention.")) for name in changed
+                   if name != "decoder.lm_head.weight")  # the head is the shared embedding
+
+
+def test_mlm_trains_an_encoder_of_another_attention_scheme(compose_config):
+    metrics, _ = train(compose_config(*stage("mlm"), "attention=metric"))
+    assert metrics["test_loss"] == metrics["test_mlm_loss"] < 9  # ln(5000) = 8.5 at init
+    assert 0 <= metrics["test_mlm_acc"] <= 1
 
 
 def test_stages_chain_through_init_from(stage_runs):
