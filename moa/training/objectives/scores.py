@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from moa.training.objectives.base import IGNORE_INDEX
 
 
 class ConversationScores:
