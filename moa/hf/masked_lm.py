@@ -15,43 +15,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from moa.config import ModelConfig
-from moa.layers.position import POSITION
+from moa.hf.modeling import MoaConfig, fill_position_tables
 from moa.models.language_model import init_weights
 from moa.models.reactive import ReactiveTransformer
-from moa.models.weights_format import WEIGHTS_FORMAT, upgraded_config
 
 MODEL_TYPE = "moa_rxt_encoder"
 
 
-class MoaEncoderConfig(PreTrainedConfig):
-    """`moa`: our `ReactiveConfig.to_dict()`; the usual transformers fields derived from it."""
+class MoaEncoderConfig(MoaConfig):
+    """`moa`: our `ReactiveConfig.to_dict()`, read as `MoaConfig` reads a decoder's."""
 
     model_type = MODEL_TYPE
-    moa: dict | None = None
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    max_position_embeddings: int | None = None
-    moa_format_version: int | None = None
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        if self.moa:
-            self.vocab_size = self.moa["vocab_size"]
-            self.hidden_size = self.moa["d_model"]
-            self.num_hidden_layers = self.moa["n_layers"]
-            self.max_position_embeddings = self.moa["max_seq_len"]
-        super().__post_init__(**kwargs)
-
-    @classmethod
-    def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> MoaEncoderConfig:
-        return cls(moa=config.to_dict(), moa_format_version=WEIGHTS_FORMAT, **kwargs)
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(upgraded_config(self.moa, self.moa_format_version or 1))
 
 
 class MoaForMaskedLM(PreTrainedModel):
@@ -66,14 +43,10 @@ class MoaForMaskedLM(PreTrainedModel):
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         config = self.model.config
-        if module is not self.model.position:
+        if module is self.model.position:
+            fill_position_tables(module, config)
+        else:
             init_weights(module, config.init_std, config.n_layers)
-            return
-        # rope's tables are not saved: from_pretrained asks for them here
-        fresh = POSITION.build(config.position, config.max_seq_len, config.d_model,
-                               config.head_dim)
-        for name, buffer in fresh.named_buffers():
-            getattr(module, name).copy_(buffer)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embedding

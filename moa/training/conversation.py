@@ -72,18 +72,26 @@ class Conversation:
         self.turns.append({"role": "user", "content": text})
         prompt = torch.tensor([self.prompt_ids()], device=self.model.embedding.weight.device)
         new: list[int] = []
-        shown = 0
         try:
-            for token in stream(self.model, prompt, self.sampling, self.generator,
-                                stop_token=self.tokenizer.eos_id):
-                if int(token) == self.tokenizer.eos_id:
-                    break
-                new.append(int(token))
-                text_so_far = self.tokenizer.decode(new)
-                if not text_so_far.endswith("\ufffd"):  # wait for a character's last byte
-                    yield text_so_far[shown:]
-                    shown = len(text_so_far)
-            if self.tokenizer.decode(new)[shown:]:
-                yield self.tokenizer.decode(new)[shown:]
+            yield from text_pieces(stream(self.model, prompt, self.sampling, self.generator,
+                                          stop_token=self.tokenizer.eos_id),
+                                   self.tokenizer, new)
         finally:  # a reply stopped part way stays in the history as far as it got
             self.turns.append({"role": "assistant", "content": self.tokenizer.decode(new)})
+
+
+def text_pieces(tokens: Iterator[torch.Tensor], tokenizer: Tokenizer, new: list[int]
+                ) -> Iterator[str]:
+    """The text of `tokens` ((1, 1) each) up to the tokenizer's end, piece by piece as whole
+    characters complete; each token is appended to `new` as it comes."""
+    shown = 0
+    for token in tokens:
+        if int(token) == tokenizer.eos_id:
+            break
+        new.append(int(token))
+        text_so_far = tokenizer.decode(new)
+        if not text_so_far.endswith("\ufffd"):  # wait for a character's last byte
+            yield text_so_far[shown:]
+            shown = len(text_so_far)
+    if tokenizer.decode(new)[shown:]:
+        yield tokenizer.decode(new)[shown:]

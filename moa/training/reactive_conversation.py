@@ -23,6 +23,7 @@ from moa.data.tokenizer import Tokenizer
 from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.models.reactive import ReactiveTransformer
+from moa.training.conversation import text_pieces
 
 QUERY, ANSWER = "[Q]", "[A]"
 
@@ -82,19 +83,11 @@ class ReactiveConversation:
         device = self.model.embedding.weight.device
         query = torch.tensor([self.query_ids(text)], device=device)
         new: list[int] = []
-        shown = 0
         try:
-            for token in self.model.stream(query, self.memory, self.sampling.max_new_tokens,
-                                           self.sampling, self.generator):
-                if int(token) == self.tokenizer.eos_id:
-                    break
-                new.append(int(token))
-                text_so_far = self.tokenizer.decode(new)
-                if not text_so_far.endswith("\ufffd"):  # wait for a character's last byte
-                    yield text_so_far[shown:]
-                    shown = len(text_so_far)
-            if self.tokenizer.decode(new)[shown:]:
-                yield self.tokenizer.decode(new)[shown:]
+            yield from text_pieces(self.model.stream(query, self.memory,
+                                                     self.sampling.max_new_tokens,
+                                                     self.sampling, self.generator),
+                                   self.tokenizer, new)
         finally:
             self._remember(query, new)
 
