@@ -37,7 +37,7 @@ from moa.config import ModelConfig
 from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
 from moa.training.callbacks import training_flops
-from moa.training.lit import scored_forward, token_metrics
+from moa.training.objectives import scored_forward, token_metrics
 from moa.training.optim import parameter_groups
 
 BASELINE = "gpt"

@@ -2,12 +2,14 @@
 
     python -m moa.chat run_dir=DIR      (a run, or a directory written by python -m moa.export)
 
-The reply streams token by token (KV-cache decoding). Commands: /reset (forget the
-conversation), /system TEXT (set the system message), /temp T (sampling temperature,
-0 greedy), /quit. Ctrl-C stops a reply, not the program. With stdin piped, every line is
-one user turn (or command) and each reply is printed on its own line; notices go to
-stderr. Options: conf/chat.yaml (`sampling.temperature=0`, `system=...`, `device=cuda`).
-The conversation itself is moa/training/conversation.py.
+The reply streams token by token (KV-cache decoding). A causal LM re-reads the
+conversation each turn; a Reactive Transformer run (model=rxt_alpha_micro) reads its
+short-term memory, which each finished turn updates. Commands: /reset (forget the
+conversation; RxT: the initial memory), /system TEXT (set the system message), /temp T
+(sampling temperature, 0 greedy), /quit. Ctrl-C stops a reply, not the program. With
+stdin piped, every line is one user turn (or command) and each reply is printed on its
+own line; notices go to stderr. Options: conf/chat.yaml (`sampling.temperature=0`,
+`system=...`, `device=cuda`). The conversation itself is moa/training/conversation.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from moa.models.generation import SamplingConfig
 from moa.models.language_model import build_model
 from moa.schema import parse
 from moa.training.conversation import Conversation
+from moa.training.reactive_conversation import ReactiveConversation
 from moa.training.run_files import WEIGHTS_PREFIX, load_run
 
 CONFIG = Path(__file__).resolve().parent.parent / "conf" / "chat.yaml"
@@ -43,8 +46,12 @@ def load_config(arguments: list[str]) -> DictConfig:
     return OmegaConf.merge(defaults, given)
 
 
-def open_conversation(cfg: DictConfig, notice=print) -> Conversation:
-    """The model and tokenizer of `cfg.run_dir` / `cfg.ckpt_path` in a new Conversation."""
+CONVERSATIONS = {"language_model": Conversation, "reactive": ReactiveConversation}
+
+
+def open_conversation(cfg: DictConfig, notice=print) -> Conversation | ReactiveConversation:
+    """The model and tokenizer of `cfg.run_dir` / `cfg.ckpt_path` in a new conversation of
+    its architecture's kind: a causal LM re-reads the history, RxT keeps it in its memory."""
     directory, _run_cfg, checkpoint = load_run(cfg)
     tokenizer = Tokenizer.load(directory / "tokenizer.json", key="run_dir")
     model = build_model(ModelConfig.from_dict({**checkpoint["model_config"], "compile": False}))
@@ -55,7 +62,8 @@ def open_conversation(cfg: DictConfig, notice=print) -> Conversation:
     model.to(cfg.device)
     sampling = parse(SamplingConfig, cfg.sampling, "sampling")
     generator = torch.Generator(device=cfg.device).manual_seed(sampling.seed)
-    return Conversation(model, tokenizer, sampling, cfg.system, notice, generator)
+    conversation = CONVERSATIONS[model.config.architecture]
+    return conversation(model, tokenizer, sampling, cfg.system, notice, generator)
 
 
 def chat(conversation: Conversation, lines: Iterable[str], out: TextIO, err: TextIO,
@@ -81,7 +89,7 @@ def chat(conversation: Conversation, lines: Iterable[str], out: TextIO, err: Tex
         elif line.startswith("/"):
             err.write(f"[unknown command {command!r}; commands: {COMMANDS}]\n")
         elif line.strip():
-            _print_reply(conversation.reply(line), out, err, reply_prefix)
+            _print_reply(conversation.stream(line), out, err, reply_prefix)
 
 
 def _print_reply(pieces: Iterator[str], out: TextIO, err: TextIO, prefix: str) -> None:

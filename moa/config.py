@@ -3,6 +3,9 @@
 `ModelConfig` is what `build_model` takes: the `model` section's sizes plus the parsed
 configs of the `attention`, `ffn`, `position`, `norm` and `head` groups. It round-trips
 through a plain dict, which is what checkpoints store beside the weights.
+`model.architecture` picks the model it describes: `language_model` (the decoder,
+`ModelConfig`) or `reactive` (the Reactive Transformer, `ReactiveConfig`, which adds its
+memory and its other attentions to the same keys).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from moa.errors import ConfigError
 from moa.schema import check, check_choice, check_range, parse, to_plain
 
 COMPONENTS = ("attention", "ffn", "position", "norm", "head")
+ARCHITECTURES = ("language_model", "reactive")
+MEMORY_VARIANTS = ("simple", "interlayer")
+MEMORY_GATES = ("slot", "linear")
 # What a component left out means: configs and checkpoints from before `head` was a group.
 DEFAULT_COMPONENTS = {"head": {"name": "linear"}}
 
@@ -33,6 +39,7 @@ _register_resolvers()
 @dataclass
 class ModelConfig:
     name: str = "gpt"
+    architecture: str = "language_model"  # language_model | reactive (ReactiveConfig)
     size: str = "small"
     sizes: dict[str, Any] = field(default_factory=dict)  # size name -> its values, read by the YAML
     d_model: int = 256
@@ -56,6 +63,7 @@ class ModelConfig:
     head: Any = None
 
     def __post_init__(self) -> None:
+        check_choice("architecture", self.architecture, ARCHITECTURES)
         check(self.d_model > 0, "d_model", self.d_model, "a positive integer")
         check(self.n_layers > 0, "n_layers", self.n_layers, "a positive integer")
         check(self.n_heads > 0, "n_heads", self.n_heads, "a positive integer")
@@ -89,7 +97,8 @@ class ModelConfig:
 
         registries = {"attention": ATTENTION, "ffn": FFN, "position": POSITION, "norm": NORM,
                       "head": HEAD}
-        config = parse(cls, to_plain(model), "model")
+        model = to_plain(model)
+        config = parse(model_config_class(model), model, "model")
         parsed = {name: registries[name].parse(components.get(name, DEFAULT_COMPONENTS.get(name)),
                                                name)
                   for name in COMPONENTS}
@@ -118,6 +127,133 @@ class ModelConfig:
                               f">= {tokenizer_vocab} (the tokenizer's vocabulary), or null",
                               "smaller than the tokenizer's vocabulary")
         return self
+
+
+def model_config_class(model: Any) -> type[ModelConfig]:
+    """The config dataclass of a `model` section, by its `architecture` key."""
+    architecture = model.get("architecture", "language_model") if isinstance(model, dict) \
+        else "language_model"
+    check_choice("model.architecture", architecture, ARCHITECTURES)
+    return ReactiveConfig if architecture == "reactive" else ModelConfig
+
+
+@dataclass
+class MemoryAttentionConfig:
+    """The Reactive Transformer's memory write: per layer l,
+    `update = Attn(Q = norm(STM_l), K = V = norm(ED_l))`, `STM_l <- (1 - G) STM_l + G update`."""
+
+    variant: str = "simple"  # simple | interlayer (each layer first reads the layers' mean)
+    gate: str = "slot"  # slot: a learned logit per layer and slot | linear: w . (STM + update)
+    gate_init: float = 0.0  # the gate's initial logit: G starts at sigmoid(gate_init)
+    attention: Any = None  # its scheme (an attention config); None: dot_product, n_heads
+
+    def __post_init__(self) -> None:
+        # Only ever the `memory_attention` field of the model: keys named from there.
+        check_choice("memory_attention.variant", self.variant, MEMORY_VARIANTS)
+        check_choice("memory_attention.gate", self.gate, MEMORY_GATES)
+
+
+@dataclass
+class ReactiveConfig(ModelConfig):
+    """The Reactive Transformer (RxT): `ModelConfig`'s keys describe the encoder and the
+    decoder alike (d_model, n_layers each, n_heads, the ffn/position/norm groups; the
+    `attention` group is the encoder's self-attention, `head` the decoder's LM head;
+    max_seq_len is one message), plus the short-term memory and its attentions."""
+
+    name: str = "rxt_alpha_micro"
+    architecture: str = "reactive"
+    stm_slots: int = 256  # memory slots per layer: the STM is (n_layers, B, slots, d_model)
+    stm_init_std: float = 0.02  # the fixed initial STM ~ N(0, std^2), drawn at init
+    encoder_reads_memory: bool = True  # RxNN's RxT-Alpha encoder: memory cross-attention too
+    decoder_attention: Any = None  # the decoder's causal self-attention; None: `attention`'s
+    cross_attention: Any = None  # memory cross-attention (decoder, encoder); None: dot_product
+    memory_attention: MemoryAttentionConfig = field(default_factory=MemoryAttentionConfig)
+    pad_id: int = 0  # token ids the model needs, from the tokenizer (the model never reads it)
+    mask_id: int | None = None  # [MASK], for the MLM objective
+    query_id: int | None = None  # [Q], opens a query
+    answer_id: int | None = None  # [A], opens an answer: `respond` starts generating after it
+    end_id: int | None = None  # ends an answer: `respond` stops there
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.architecture == "reactive", "architecture", self.architecture, "reactive")
+        check(self.stm_slots > 0, "stm_slots", self.stm_slots, "a positive integer")
+        check(self.stm_init_std >= 0, "stm_init_std", self.stm_init_std, ">= 0")
+        for key in ("pad_id", "mask_id", "query_id", "answer_id", "end_id"):
+            value = getattr(self, key)
+            check(value is None or value >= 0, key, value, "a token id >= 0")
+        check(self.layer_scale_init is None, "layer_scale_init", self.layer_scale_init,
+              "null (the Reactive Transformer's blocks have no LayerScale)")
+        check(self.drop_path == 0, "drop_path", self.drop_path,
+              "0.0 (the Reactive Transformer's blocks have no stochastic depth)")
+        if self.attention is None:  # parsed as a plain `model` section: schemes come next
+            return
+        try:
+            check_bidirectional(self.attention)  # the encoder's self-attention
+            _check_no_auxiliary_loss(self.attention)
+        except ConfigError as error:
+            raise error.under("attention") from None
+        check(self.ffn.placement == "block", "ffn.placement", self.ffn.placement,
+              "block (each Reactive Transformer layer has its FFN)")
+        check(self.head.name == "linear", "head.name", self.head.name,
+              "linear (the decoder's LM head)")
+        try:  # after `from_sections` gave the components: keys named from `model`
+            self.decoder_attention = self._scheme("decoder_attention", self.decoder_attention,
+                                                  self.attention, bidirectional=False)
+            self.cross_attention = self._scheme("cross_attention", self.cross_attention,
+                                                {"name": "dot_product"}, bidirectional=True)
+            self.memory_attention.attention = self._scheme(
+                "memory_attention.attention", self.memory_attention.attention,
+                {"name": "dot_product"}, bidirectional=True)
+        except ConfigError as error:
+            raise error.under("model") from None
+
+    def _scheme(self, key: str, data: Any, default: Any, bidirectional: bool) -> Any:
+        """The parsed attention config at `key`, checked against this model; where it must
+        see every key (the memory reads), checked that it can."""
+        from moa.attention import ATTENTION
+
+        data = default if data is None else data
+        name = data.get("name") if isinstance(data, dict) else getattr(data, "name", None)
+        try:
+            if bidirectional and name is not None:  # before its keys: theirs may not fit
+                check_sees_every_key(name)
+            scheme = ATTENTION.parse(data, "attention")
+            validate = getattr(scheme, "validate_for", None)
+            if validate is not None:
+                validate(self)
+            if bidirectional:
+                check_bidirectional(scheme)
+            _check_no_auxiliary_loss(scheme)
+        except ConfigError as error:
+            inner = error.key.removeprefix("attention").removeprefix(".")
+            raise ConfigError(f"{key}.{inner}", error.value, error.allowed,
+                              error.reason) from None
+        return scheme
+
+
+def _check_no_auxiliary_loss(scheme: Any) -> None:
+    weight = getattr(scheme, "ti_reg_weight", 0.0)
+    check(weight == 0, "ti_reg_weight", weight, "0.0",
+          "the Reactive Transformer's objectives take no auxiliary losses")
+
+
+def check_bidirectional(scheme: Any) -> None:
+    """Refuse an attention scheme that cannot see every key (causal-only ones), where an
+    encoder or a memory read needs it; keys named from the scheme (`name`, `use_balls`)."""
+    check_sees_every_key(scheme.name)
+    getattr(scheme, "check_bidirectional", lambda: None)()
+
+
+def check_sees_every_key(name: str) -> None:
+    from moa.attention import ATTENTION
+
+    def able(scheme: str) -> bool:
+        return getattr(ATTENTION.entry(scheme).builder, "bidirectional", False)
+
+    check(able(name), "name", name,
+          " | ".join(scheme for scheme in ATTENTION.names() if able(scheme)),
+          "a causal-only scheme where every key must be seen")
 
 
 @dataclass

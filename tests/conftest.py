@@ -170,3 +170,51 @@ def train_run(run_dir: Path, cache_dir: Path, *overrides: str) -> Path:
     finally:
         GlobalHydra.instance().clear()
     return run_dir
+
+
+RXT_WORDS = "hello there my name is ada what who are you the cat sat on a mat".split()
+
+
+def word_tokenizer():
+    """A word-level tokenizer of RXT_WORDS with ours and RxT's special tokens."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from moa.data.tokenizer import Tokenizer
+
+    backend = Backend(WordLevel({word: i for i, word in enumerate(["<|unk|>", *RXT_WORDS])},
+                                unk_token="<|unk|>"))
+    backend.pre_tokenizer = Whitespace()
+    backend.add_special_tokens(["[Q]", "[A]", "[MASK]"])
+    return Tokenizer(backend)
+
+
+@pytest.fixture
+def rxt_run(tmp_path, compose_config) -> Path:
+    """A tiny random RxT saved the way training saves a run: config.yaml, tokenizer.json
+    (word_tokenizer) and checkpoints/last.ckpt."""
+    from omegaconf import OmegaConf
+
+    from moa.models.language_model import build_model
+    from moa.models.weights_format import WEIGHTS_FORMAT
+    from moa.training.run_config import parse_run, resolved
+    from moa.training.run_files import WEIGHTS_PREFIX
+
+    tokenizer = word_tokenizer()
+    cfg = compose_config("model=rxt_alpha_micro", "model.size=tiny", "model.vocab_size=300",
+                         "tokenizer.vocab_size=300")  # the words' ids and a padded rest
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({str(key): resolved(cfg, str(key)) for key in cfg
+                                     if key != "hydra"}), run_dir / "config.yaml")
+    tokenizer.save(run_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    model = build_model(parse_run(cfg).model)
+    torch.save({"moa_format_version": WEIGHTS_FORMAT, "model_config": model.config.to_dict(),
+                "state_dict": {WEIGHTS_PREFIX + name: value
+                               for name, value in model.state_dict().items()}},
+               run_dir / "checkpoints" / "last.ckpt")
+    return run_dir
+
+

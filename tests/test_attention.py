@@ -96,3 +96,68 @@ def test_sqa_uses_fewer_query_heads():
     attention = ATTENTION.build(config.attention, config)
     assert attention.heads.q.out_features == 2 * config.head_dim
     assert attention.heads.out.in_features == 2 * config.head_dim
+
+
+def _reads(scheme: dict, memory: bool, T: int = 7, M: int = 5):
+    """A scheme in float64, its input (2, T, C), a context that sees every key (an
+    encoder's, or with `memory` a read of a (2, M, C) memory) with a key mask."""
+    from dataclasses import replace
+
+    config = tiny_model_config(scheme)
+    torch.manual_seed(0)
+    module = ATTENTION.build(config.attention, config).double()
+    x = torch.randn(2, T, config.d_model, dtype=torch.float64)
+    S = M if memory else T
+    key_mask = torch.ones(2, S, dtype=torch.bool)
+    key_mask[1, S - 2:] = False
+    source = torch.randn(2, M, config.d_model, dtype=torch.float64) if memory else None
+    ctx = replace(forward_context(config, T), causal=False, key_mask=key_mask, memory=source)
+    return module, x, ctx
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_dot_product_without_causal_mask_equals_the_softmax_written_out(memory):
+    """Bidirectional self-attention (rotated q and k) and a memory read (only q rotated, the
+    memory's keys without positions), masked keys dropped, against the formula."""
+    module, x, ctx = _reads({"name": "dot_product", "n_q_heads": 4, "n_kv_heads": 2}, memory)
+    heads = module.heads
+    q = heads.queries(x)
+    k, v = heads.keys_values(x if ctx.memory is None else ctx.memory)
+    if memory:
+        q = ctx.position.rotate_queries(q, ctx.positions)
+    else:
+        q, k = ctx.position.rotate(q, k, ctx.positions)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / q.size(-1) ** 0.5
+    probs = scores.masked_fill(~ctx.key_mask[:, None, None, :], float("-inf")).softmax(-1)
+    torch.testing.assert_close(module(x, ctx), heads.merge(probs @ v))
+    changed = x.clone()
+    changed[:, -1] += 1.0  # a later query changes earlier outputs only where keys are its own
+    moved = (module(changed, ctx)[:, 0] - module(x, ctx)[:, 0]).abs().max()
+    assert (moved > 1e-6) != memory
+
+
+@pytest.mark.parametrize("memory", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "maha_diag"])
+def test_metric_without_causal_mask_fused_equals_eager(metric, memory):
+    """Metric attention's bidirectional path through SDPA equals its eager reference,
+    forward and the parameters' gradients; with a cache the memory is projected once."""
+    scheme = {"name": "metric", "n_kv_heads": 2, "metric": {"name": metric}}
+    fused, x, ctx = _reads({**scheme, "impl": "cpu_fused"}, memory)
+    eager, _, _ = _reads({**scheme, "impl": "eager"}, memory)
+    eager.load_state_dict(fused.state_dict())
+    out, reference = fused(x, ctx), eager(x, ctx)
+    torch.testing.assert_close(out, reference)
+    grads = torch.autograd.grad(out.square().sum(), list(fused.parameters()))
+    expected = torch.autograd.grad(reference.square().sum(), list(eager.parameters()))
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want)
+    if memory:
+        from dataclasses import replace
+
+        from moa.layers.kv_cache import LayerCache
+
+        cache = LayerCache(16)
+        first = fused(x, replace(ctx, cache=cache))
+        later = fused(x, replace(ctx, cache=cache, memory=torch.zeros_like(ctx.memory)))
+        torch.testing.assert_close(first, later)  # the cached projection, not the new memory

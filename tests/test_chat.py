@@ -64,11 +64,11 @@ def test_piped_lines_are_turns_and_replies_are_the_models_greedy_text(run_dir, t
 
 def test_the_reply_streams_and_a_second_turn_sees_the_first(run_dir):
     conversation = open_conversation(load_config([f"run_dir={run_dir}", *GREEDY]))
-    pieces = list(conversation.reply("Hello there"))
+    pieces = list(conversation.stream("Hello there"))
     assert len(pieces) > 1 and "".join(pieces) == conversation.turns[-1]["content"]
     expected = greedy_reply(conversation, [*conversation.messages,
                                            {"role": "user", "content": "And?"}])
-    assert "".join(conversation.reply("And?")) == expected
+    assert conversation.reply("And?") == expected
 
 
 def test_the_oldest_turns_are_dropped_to_fit_the_context_with_a_notice(run_dir):
@@ -77,7 +77,7 @@ def test_the_oldest_turns_are_dropped_to_fit_the_context_with_a_notice(run_dir):
                                                   "system=Sys"]), notice=notices.append)
     room = conversation.model.config.max_seq_len - 12  # tiny: 64 - 12
     for turn in range(4):
-        list(conversation.reply(f"turn {turn}: " + "x" * 10))
+        conversation.reply(f"turn {turn}: " + "x" * 10)
         assert len(conversation.prompt_ids()) <= room
     assert any("dropped" in notice for notice in notices)
     assert conversation.messages[0] == {"role": "system", "content": "Sys"}

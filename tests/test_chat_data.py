@@ -38,24 +38,24 @@ def many_conversations(n: int = 40) -> list[dict]:
 
 def test_training_ids_equal_the_exported_tokenizers_chat_template(tmp_path, shared_data):
     pytest.importorskip("transformers")
-    from moa.hf.export import _hf_tokenizer
+    from moa.hf.tokenizer import hf_tokenizer
 
     files = str(shared_data / "alpaca" / "alpaca_data_1k.json")
     splits = CORPORA.build(ChatConfig(files=files, format="alpaca", block_size=512),
                            ByteConfig(), tmp_path)
     splits.tokenizer.save(tmp_path / "tokenizer.json")
-    hf_tokenizer = _hf_tokenizer(tmp_path / "tokenizer.json")
+    exported = hf_tokenizer(tmp_path / "tokenizer.json")
     alpaca = json.loads(Path(files).read_text())[:3]
     alpaca_conversations = [[{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"
                               if r["input"] else r["instruction"]},
                              {"role": "assistant", "content": r["output"]}] for r in alpaca]
     for messages in CONVERSATIONS + alpaca_conversations:
-        text = hf_tokenizer.apply_chat_template(messages, tokenize=False)
+        text = exported.apply_chat_template(messages, tokenize=False)
         assert render(messages) == text
         ids, _ = encode_conversation(splits.tokenizer, messages)
-        expected = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        expected = exported.apply_chat_template(messages, tokenize=True, return_dict=False)
         assert ids.tolist() == list(expected)
-        prompt = hf_tokenizer.apply_chat_template(messages, tokenize=False,
+        prompt = exported.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
         assert render(messages, add_generation_prompt=True) == prompt
 

@@ -39,6 +39,7 @@ REQUIRED = {
     "data=hf": ("data.path", "some-user/some-dataset"),
     "data=text_files": ("data.train_files", "/some/corpus/*.txt"),
     "data=chat": ("data.files", "/some/conversations.jsonl"),
+    "data=interactions": ("data.files", "/some/conversations.jsonl"),
     "tokenizer=pretrained": ("tokenizer.path", "/some/tokenizer.json"),
 }
 

@@ -61,13 +61,16 @@ def stories(shared_data) -> list[str]:
 # --- YAML presets ------------------------------------------------------------------------
 
 REQUIRED = {"text_files": {"train_files": "x.txt"}, "hf": {"path": "some/dataset"},
-            "chat": {"files": ["conversations.jsonl"]}}
+            "chat": {"files": ["conversations.jsonl"]},
+            "interactions": {"files": ["conversations.jsonl"]}}
 
 
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "data").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_data_yaml_parses(path, shared_data):
     config = CORPORA.parse(data_yaml(path.stem, shared_data, **REQUIRED.get(path.stem, {})), "data")
-    assert config.block_size == (config.seq_len if config.name == "mqar" else 64)
+    # the synthetic tasks size their own examples; text blocks follow the model's context
+    own = {"mqar": getattr(config, "seq_len", None), "dialogue_recall": 32}
+    assert config.block_size == own.get(config.name, 64)
     if config.name == "text_files" and path.stem != "text_files":
         assert all(Path(file).is_file() for file in config.train_files)
 
@@ -138,6 +141,16 @@ def test_wikitext2_uses_its_own_validation_and_test_files(shared_data, tmp_path)
     valid = (shared_data / "wikitext-2" / "valid.txt").read_text().splitlines()
     assert texts(corpus.splits["validation"]) == [line for line in valid if line.strip()]
     assert corpus.splits["train"][0]["text"] == " = Valkyria Chronicles III = "
+
+
+def test_tinystories_local_has_one_story_a_document(shared_data, tmp_path, stories):
+    corpus = load_text_files(CORPORA.parse(data_yaml("tinystories_local", shared_data)), tmp_path)
+    documents = [text for split in ("train", "validation", "test")
+                 for text in texts(corpus.splits[split])]
+    raw = (shared_data / "tinystories" / "TinyStories-train.first2MiB.txt").read_text()
+    assert len(documents) == len([s for s in raw.split("<|endoftext|>") if s.strip()])
+    assert not any("<|endoftext|>" in text for text in documents)
+    assert set(stories[:50]) <= set(documents)
 
 
 def test_alpaca_json_reads_the_text_field(shared_data, tmp_path):

@@ -20,7 +20,7 @@ from moa.hf.modeling import CACHE_ARGUMENT, MoaCache, MoaConfig, MoaForCausalLM 
 from moa.models.generation import SamplingConfig, generate  # noqa: E402
 from moa.params import model_config  # noqa: E402
 from moa.training import evaluate, train  # noqa: E402
-from moa.training.lit import token_metrics  # noqa: E402
+from moa.training.objectives import token_metrics  # noqa: E402
 from tests.conftest import ROOT, assert_next_token_depends_on_context  # noqa: E402
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "metric_mqa", "alcca", "local_conv",

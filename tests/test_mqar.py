@@ -12,7 +12,7 @@ from moa.data import CORPORA, build_datamodule
 from moa.data.mqar import IGNORE_INDEX, MQARConfig, MQARDataset, multiquery_ar
 from moa.errors import ConfigError
 from moa.models.language_model import build_model
-from moa.training.lit import scored_forward, token_metrics
+from moa.training.objectives import scored_forward, token_metrics
 from tests.conftest import CONF_DIR, tiny_model_config
 from tests.test_head import moa_head
 

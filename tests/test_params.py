@@ -34,12 +34,31 @@ def test_table_sums_to_the_model_total(preset, capsys):
     rows = parameter_table(model)
     components = top_level(rows)
     assert sum(components.values()) == unique_parameters(model) == model.num_parameters()
-    assert {"embedding", "blocks", "norm", "lm_head"} <= set(components)
-    parts = [count for name, count in rows if name.startswith("  ")]
-    assert sum(parts) == components["blocks"]
+    if hasattr(model, "parameter_groups"):  # the Reactive Transformer: its own rows
+        assert list(components) == ["Encoder", "MLM head", "Decoder", "Memory attention"]
+    else:
+        assert {"embedding", "blocks", "norm", "lm_head"} <= set(components)
+        parts = [count for name, count in rows if name.startswith("  ")]
+        assert sum(parts) == components["blocks"]
     main(overrides)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"Total  {model.num_parameters() / 1e6:.2f}M"
+
+
+def test_rxt_alpha_micro_card_matches_the_card():
+    """The card: encoder ~1.88M (shared embedding and memory cross-attention counted), MLM
+    head ~660k at d 128 / V 5,000; within 2%. The command prints the five rows."""
+    result = subprocess.run([sys.executable, "-m", "moa.params", "model=rxt_alpha_micro",
+                             "model.size=card"], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    rows = {match[0]: int(match[1].replace(",", "")) for match in
+            re.findall(r"^(Encoder|MLM head|Decoder|Memory attention) +([\d,]+) ",
+                       result.stdout, re.MULTILINE)}
+    assert set(rows) == {"Encoder", "MLM head", "Decoder", "Memory attention"}
+    assert abs(rows["Encoder"] / 1.88e6 - 1) < 0.02
+    assert abs(rows["MLM head"] / 660e3 - 1) < 0.02
+    total = float(result.stdout.strip().splitlines()[-1].removeprefix("Total  ").rstrip("M"))
+    assert total == round(sum(rows.values()) / 1e6, 2)
 
 
 def test_tied_head_counts_zero_and_untied_counts_its_matrix():

@@ -157,6 +157,47 @@ def test_tokenizer_yaml_parses(path, tmp_path):
     mapping = OmegaConf.to_container(OmegaConf.load(path))
     if mapping["name"] == "pretrained":
         mapping["path"] = str(tmp_path / "tokenizer.json")
+    if mapping.get("train_files"):  # they name the shared data folder by interpolation
+        mapping["train_files"] = [str(tmp_path / "corpus.txt")]
     config = TOKENIZERS.parse(mapping, "tokenizer")
-    assert config.name == path.stem
-    assert config.max_vocab_size == {"bpe": 8192, "byte": 265, "pretrained": None}[path.stem]
+    expected = {"bpe": ("bpe", 8192), "byte": ("byte", 265), "pretrained": ("pretrained", None),
+                "rxt_bpe": ("bpe", 5000)}
+    assert (config.name, config.max_vocab_size) == expected[path.stem]
+
+
+def test_extra_special_tokens_are_single_tokens_after_ours(training_texts, tmp_path):
+    """[Q] [A] [MASK] (conf/tokenizer/rxt_bpe.yaml) are whole tokens that text never splits,
+    listed among the special ids; a saved tokenizer keeps them."""
+    extra = ["[Q]", "[A]", "[MASK]"]
+    config = BPEConfig(vocab_size=600, special_tokens=extra)
+    bpe = TOKENIZERS.build(config, iter(training_texts[:300]), FAKE_SHA, tmp_path)
+    byte = TOKENIZERS.build(ByteConfig(special_tokens=extra))
+    assert byte.vocab_size == ByteConfig(special_tokens=extra).max_vocab_size == 268
+    bpe.save(tmp_path / "saved.json")
+    loaded = TOKENIZERS.build(PretrainedConfig(path=str(tmp_path / "saved.json")))
+    for tokenizer in (bpe, byte, loaded):
+        ids = [tokenizer.token_to_id(token) for token in extra]
+        assert None not in ids
+        assert tokenizer.encode("[Q] a cat [A] a [MASK] dog")[0] == ids[0]
+        assert ids[2] in tokenizer.encode("x[MASK]y")
+        assert set(ids) | {tokenizer.pad_id, tokenizer.eos_id} <= set(tokenizer.special_ids)
+        assert tokenizer.encode("a cat") and not set(tokenizer.encode("a cat")) & set(
+            tokenizer.special_ids)
+    assert [bpe.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    with pytest.raises(ConfigError) as error:
+        TOKENIZERS.parse({"name": "byte", "special_tokens": ["[Q]", "[Q]"]}, "tokenizer")
+    assert error.value.key == "tokenizer.special_tokens"
+
+
+def test_tokenizer_trained_on_its_own_files_ignores_the_data(tmp_path):
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("the cat sat on the mat\n" * 50 + "a dog ran\n" * 50)
+    config = BPEConfig(vocab_size=300, train_files=[str(corpus)])
+    first = TOKENIZERS.build(config, iter(["something else entirely"] * 10), FAKE_SHA, tmp_path)
+    second = TOKENIZERS.build(config, iter(["other text"] * 10), "1" * 64, tmp_path)
+    assert first.sha256 == second.sha256
+    assert len(first.encode("the cat sat on the mat")) < len("the cat sat on the mat") / 2
+    with pytest.raises(ConfigError) as error:
+        TOKENIZERS.build(BPEConfig(train_files=[str(tmp_path / "missing.txt")]), iter([]),
+                         FAKE_SHA, tmp_path)
+    assert error.value.key == "tokenizer.train_files"

@@ -89,6 +89,8 @@ class AlccaConfig(HeadsConfig):
 
 @ATTENTION.register("alcca", AlccaConfig)
 class AlccaAttention(MetricAttention):
+    bidirectional = False  # its neighbour search is causal
+
     def __init__(self, config: AlccaConfig, model: ModelConfig) -> None:
         super().__init__(config.metric_attention(), model)
         self.alcca = config

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.attention.heads import HeadsConfig, QKVProjection
+from moa.attention.heads import HeadsConfig, QKVProjection, memory_keys_values
 from moa.attention.registry import ATTENTION
-from moa.kernels.masks import causal_mask, causal_mask_at
+from moa.kernels.masks import attention_mask
 
 if TYPE_CHECKING:
     from moa.config import ModelConfig
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 @ATTENTION.register("dot_product", HeadsConfig)
 class SelfAttention(nn.Module):
     computes_output_positions = True  # queries at ctx.output_positions only, when given
+    bidirectional = True  # honours ctx.causal=False and ctx.memory (encoders, memory reads)
 
     def __init__(self, config: HeadsConfig, model: ModelConfig) -> None:
         super().__init__()
@@ -33,23 +34,28 @@ class SelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
-        ctx.output_positions (B, K), only those positions query: -> (B, K, C)."""
+        """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions unless
+        ctx.causal is False, over the keys ctx.key_mask (B, S) keeps. With ctx.memory
+        (B, M, C), cross-attention: keys and values from the memory, without positions.
+        With ctx.output_positions (B, K), only those positions query: -> (B, K, C)."""
         wanted = ctx.output_positions
         at = None if wanted is None else ctx.positions[wanted]  # (B, K) absolute positions
-        q, k, v = self.heads.split(x, wanted)  # (B, Hq, T or K, D), (B, Hkv, T, D) x2
-        q, k = ctx.position.rotate(q, k, ctx.positions, at)
-        v = ctx.position.scale_values(v, ctx.positions)
-        if ctx.cache is not None:
-            k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
-        if at is None:
-            mask = causal_mask(q.size(2), k.size(2), x.device)
+        q = self.heads.queries(x, wanted)  # (B, Hq, T or K, D)
+        if ctx.memory is None:
+            k, v = self.heads.keys_values(x)  # (B, Hkv, T, D) x2
+            q, k = ctx.position.rotate(q, k, ctx.positions, at)
+            v = ctx.position.scale_values(v, ctx.positions)
+            if ctx.cache is not None:
+                k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
         else:
-            mask = causal_mask_at(at, k.size(2))  # (B, 1, K, S)
+            q = ctx.position.rotate_queries(q, ctx.positions if at is None else at)
+            k, v = memory_keys_values(ctx, self.heads.keys_values)  # (B, Hkv, M, D)
+        mask, is_causal = attention_mask(q.size(2), k.size(2), x.device,
+                                         ctx.causal and ctx.memory is None, ctx.key_mask, at)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None and q.size(2) > 1,
+            is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=q.size(1) != k.size(1),
         )

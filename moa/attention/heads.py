@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from moa.errors import ConfigError
-from moa.layers.context import select_positions
+from moa.layers.context import ForwardContext, select_positions
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from moa.config import ModelConfig
 
 
@@ -71,12 +73,30 @@ class QKVProjection(nn.Module):
     def split(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """With query_positions (B, K) the queries are those positions' only: (B, Hq, K, D)."""
-        B, T, _ = x.shape
+        return (self.queries(x, query_positions), *self.keys_values(x))
+
+    def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (B, T, C) -> q (B, Hq, T, D), or (B, Hq, K, D) at query_positions (B, K)."""
         x_q = x if query_positions is None else select_positions(x, query_positions)
-        q = self.q(x_q).view(B, x_q.size(1), self.n_q_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        B, T, _ = x_q.shape
+        return self.q(x_q).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, S, C) -> k, v (B, Hkv, S, D): the input itself, or a memory."""
+        B, S, _ = source.shape
+        k, v = self.kv(source).view(B, S, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
 
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, D = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def memory_keys_values(ctx: ForwardContext, project: Callable[[torch.Tensor], tuple]) -> tuple:
+    """project(ctx.memory): the keys and values (and whatever a scheme keeps beside them)
+    of the memory that cross-attention reads, computed once per cache: a decoding step
+    reuses what the prompt projected."""
+    if ctx.cache is None:
+        return project(ctx.memory)
+    return ctx.cache.kept("memory", lambda: project(ctx.memory))

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.attention.balls import BallPruning
-from moa.attention.heads import HeadsConfig, QKVProjection
+from moa.attention.heads import HeadsConfig, QKVProjection, memory_keys_values
 from moa.attention.registry import ATTENTION
+from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
@@ -104,6 +105,12 @@ class MetricAttentionConfig(HeadsConfig):
         check(self.ti_reg_weight >= 0, "ti_reg_weight", self.ti_reg_weight, ">= 0")
         check(self.ti_reg_samples > 0, "ti_reg_samples", self.ti_reg_samples, "a positive integer")
 
+    def check_bidirectional(self) -> None:
+        """Refuse what needs causal self-attention, for an encoder or a memory read."""
+        check(not self.use_balls, "use_balls", self.use_balls,
+              "false where attention is bidirectional or reads a memory",
+              "ball pruning keeps each query's own key, which those have not")
+
 
 Kernel = Callable[..., torch.Tensor]  # (q, k, v, k_norm, alpha, gate) -> out
 
@@ -127,6 +134,7 @@ def select_kernel(impl: str, device: torch.device) -> Kernel:
 @ATTENTION.register("metric", MetricAttentionConfig)
 class MetricAttention(nn.Module):
     computes_output_positions = True  # queries at ctx.output_positions only, when given
+    bidirectional = True  # honours ctx.causal=False and ctx.memory (encoders, memory reads)
 
     def __init__(self, config: MetricAttentionConfig, model: ModelConfig) -> None:
         super().__init__()
@@ -152,14 +160,24 @@ class MetricAttention(nn.Module):
     def to_metric_space(self, q: torch.Tensor, k: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Map q (B, Hq, T, D) and k (B, Hkv, T, D) to where the metric is Euclidean."""
+        return self.queries_to_metric_space(q), self.keys_to_metric_space(k)
+
+    def queries_to_metric_space(self, q: torch.Tensor) -> torch.Tensor:
         if self.config.metric.name == "cosine":
-            return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            return F.normalize(q, dim=-1)
         if self.log_maha is not None:
             scale = (0.5 * self.log_maha).exp().to(q.dtype)  # sqrt(w): (Hkv, D)
-            q, k = q * scale.repeat_interleave(self.group, 0)[:, None], k * scale[:, None]
+            q = q * scale.repeat_interleave(self.group, 0)[:, None]
+        return q
+
+    def keys_to_metric_space(self, k: torch.Tensor) -> torch.Tensor:
+        if self.config.metric.name == "cosine":
+            return F.normalize(k, dim=-1)
+        if self.log_maha is not None:
+            k = k * (0.5 * self.log_maha).exp().to(k.dtype)[:, None]
         if self.config.key_norm == "sphere":  # ||k||^2 = D: no key scores without a query
             k = F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
-        return q, k
+        return k
 
     def positioned_metric_space(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,14 +202,13 @@ class MetricAttention(nn.Module):
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
         ctx.output_positions (B, K), only those positions attend: -> (B, K, C). Every query
         is still projected, so the triangle-inequality penalty samples the same points."""
+        if ctx.memory is not None or not ctx.causal:
+            return self._bidirectional(x, ctx)
         q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         q, k = self.positioned_metric_space(q, k, ctx)
         v = ctx.position.scale_values(v, ctx.positions)
         self._record_scale(ctx)
-        if self.config.key_norm == "ignore":  # softmax(2 alpha q.k): dot-product attention
-            k_norm = k.new_zeros(k.shape[:-1], dtype=torch.promote_types(k.dtype, torch.float32))
-        else:
-            k_norm = k.to(torch.promote_types(k.dtype, torch.float32)).pow(2).sum(-1)  # (B, Hkv, T)
+        k_norm = self._key_norms(k)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
         if ctx.cache is not None:
@@ -213,6 +230,49 @@ class MetricAttention(nn.Module):
         else:
             y = select_kernel(self.config.impl, x.device)(q, k, v, k_norm, alpha, gate)
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
+
+    def _key_norms(self, k: torch.Tensor) -> torch.Tensor:
+        """||k||^2 (B, Hkv, S) in at least float32; zeros under key_norm=ignore, where
+        softmax(2 alpha q.k) is dot-product attention."""
+        wide = torch.promote_types(k.dtype, torch.float32)
+        if self.config.key_norm == "ignore":
+            return k.new_zeros(k.shape[:-1], dtype=wide)
+        return k.to(wide).pow(2).sum(-1)
+
+    def _memory_keys(self, memory: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A memory (B, M, C) -> metric-space keys, values (B, Hkv, M, D), key norms."""
+        k, v = self.heads.keys_values(memory)
+        k = self.keys_to_metric_space(k)
+        return k, v, self._key_norms(k)
+
+    def _bidirectional(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Every query over every key ctx.key_mask keeps: the input's own keys (an
+        encoder) or, with ctx.memory, the memory's, without positions (queries rotated
+        only). The KV cache keeps the memory's keys, projected once."""
+        q = self.queries_to_metric_space(self.heads.queries(x))  # (B, Hq, T, D)
+        if ctx.memory is None:
+            k, v = self.heads.keys_values(x)
+            q, k = ctx.position.rotate(q, self.keys_to_metric_space(k), ctx.positions)
+            v = ctx.position.scale_values(v, ctx.positions)
+            k_norm = self._key_norms(k)
+        else:
+            q = ctx.position.rotate_queries(q, ctx.positions)
+            k, v, k_norm = memory_keys_values(ctx, self._memory_keys)  # (B, Hkv, M, D) ...
+        self._record_scale(ctx)
+        if self.training and self.config.ti_reg_weight > 0 and ctx.memory is None:
+            self._triangle_penalty(q, k, ctx)
+        alpha = self.log_alpha.exp()
+        if self.config.impl == "eager" or self.config.attn_drop > 0:
+            dropout = self.config.attn_drop if self.training else 0.0
+            y = metric_attention_eager(q, k, v, k_norm, alpha, None, dropout, causal=False,
+                                       key_mask=ctx.key_mask)
+        else:
+            y = metric_attention_bidirectional(q, k, v, k_norm, alpha, ctx.key_mask)
+        y = self.heads.merge(y)  # (B, T, C)
+        if ctx.output_positions is not None:
+            y = select_positions(y, ctx.output_positions)
+        return self.proj_drop(y)
 
     def _triangle_penalty(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> None:
         B, Hkv, T, D = k.shape

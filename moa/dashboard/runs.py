@@ -7,7 +7,8 @@ of `moa/training/tasks.py`). From it the dashboard reads:
     .hydra/overrides.yaml  the command line's overrides (which keys a sweep set)
     status.json          running | finished | failed (moa.training.run_status) and the wall seconds;
                          without it, finished when metrics.json exists, else unknown
-    metrics.json         final val/test loss, perplexity, accuracy
+    metrics.json         final val/test loss, perplexity, accuracy; tables of numbers
+                         (recall_by_distance) as one number an entry
     run.json             parameters (total, active) and KV-cache bytes per token
     metrics.csv          curves (x: tokens seen = (step + 1) x batch_size x block_size x
                          accumulate_grad_batches), tokens/s and each `train/stats/...` column
@@ -122,10 +123,16 @@ def _yaml(path: Path, kind: type) -> Any:
 
 
 def _metrics(path: Path) -> dict[str, float]:
-    metrics = _json_object(path)
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UnreadableFile(path, f"{key} is {value!r}, not a number")
+    """The numbers of metrics.json; a table of numbers (`recall_by_distance: {"1": 0.9}`)
+    gives one per entry (`recall_by_distance/1`)."""
+    metrics = {}
+    for key, value in _json_object(path).items():
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        for entry, number in entries:
+            name = key if entry is None else f"{key}/{entry}"
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise UnreadableFile(path, f"{name} is {number!r}, not a number")
+            metrics[name] = number
     return metrics
 
 

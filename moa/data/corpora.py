@@ -44,6 +44,7 @@ class TextFilesConfig(DataConfig):
     format: str = "auto"  # auto: from the file extension
     text_field: str = "text"  # column holding the text, for json/jsonl/parquet/csv
     sample_by: str = "paragraph"  # text files: one document per line | paragraph | document
+    separator: str | None = None  # text files: documents end at this string (sample_by ignored)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +59,8 @@ class TextFilesConfig(DataConfig):
               "missing")
         check_choice("format", self.format, FILE_FORMATS)
         check_choice("sample_by", self.sample_by, ("document", "paragraph", "line"))
+        check(self.separator is None or bool(self.separator), "separator", self.separator,
+              "a non-empty string, or null")
 
 
 @dataclass
@@ -109,7 +112,8 @@ def load_text_files(config: TextFilesConfig, cache_dir: Path) -> Corpus:
     files = {split: _matching_files(getattr(config, field), f"data.{field}")
              for split, field in fields.items() if getattr(config, field) is not None}
     builder = _builder(config.format, [file for split in files.values() for file in split])
-    options = {"sample_by": config.sample_by} if builder == "text" else {}
+    sample_by = "document" if config.separator else config.sample_by
+    options = {"sample_by": sample_by} if builder == "text" else {}
     try:
         loaded = datasets.load_dataset(builder, data_files=files,
                                        cache_dir=_hf_cache(cache_dir), **options)
@@ -120,6 +124,10 @@ def load_text_files(config: TextFilesConfig, cache_dir: Path) -> Corpus:
                 reason = _not_utf8(path)
                 check(reason is None, f"data.{fields[split]}", path, "UTF-8 text files", reason)
         raise
+    if config.separator and builder == "text":
+        loaded = loaded.map(lambda texts: {"text": [piece.strip() for text in texts
+                                                    for piece in text.split(config.separator)]},
+                            input_columns="text", batched=True)
     splits = {split: documents(loaded[split], config.text_field, f"data.{fields[split]}",
                                getattr(config, fields[split]))
               for split in files}

@@ -1,15 +1,16 @@
 """Tokenizers: byte-level BPE trained on the corpus, raw bytes, or a saved/pretrained file.
 
 Every choice yields the same `Tokenizer` wrapper around a `tokenizers.Tokenizer`, always
-holding `SPECIAL_TOKENS` as single tokens. Byte-level models never lose information: any
-text encodes and decodes back exactly.
+holding `SPECIAL_TOKENS` as single tokens, and the config's `special_tokens` after them
+(the Reactive Transformer's `[Q]`, `[A]`, `[MASK]`: conf/tokenizer/rxt_bpe.yaml).
+Byte-level models never lose information: any text encodes and decodes back exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tokenizers
@@ -30,11 +31,13 @@ class Tokenizer:
     """Text <-> token ids, with the special tokens' ids at hand.
 
     Special tokens missing from `backend` (a hub tokenizer, say) are appended to its
-    vocabulary, so every tokenizer has them; ids of tokens it already has never change.
+    vocabulary, `SPECIAL_TOKENS` then `special_tokens`, so every tokenizer has them; ids of
+    tokens it already has never change.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
-        missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
+    def __init__(self, backend: tokenizers.Tokenizer, special_tokens: Iterable[str] = ()) -> None:
+        missing = [token for token in (*SPECIAL_TOKENS, *special_tokens)
+                   if backend.token_to_id(token) is None]
         if missing:
             backend.add_special_tokens(missing)
         self._backend = backend
@@ -46,6 +49,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special token the tokenizer holds (its own and ours), sorted."""
+        return sorted(i for i, token in self._backend.get_added_tokens_decoder().items()
+                      if token.special)
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -71,7 +80,8 @@ class Tokenizer:
             self._backend.save(str(partial))
 
     @classmethod
-    def load(cls, path: str | Path, key: str = "tokenizer.path") -> Tokenizer:
+    def load(cls, path: str | Path, key: str = "tokenizer.path",
+             special_tokens: Iterable[str] = ()) -> Tokenizer:
         """Read a tokenizer.json; a missing or unreadable file is a ConfigError on `key`."""
         allowed = "a tokenizer.json file (as written by Tokenizer.save) or a hub name"
         if not Path(path).is_file():
@@ -81,7 +91,7 @@ class Tokenizer:
         except Exception as error:  # tokenizers raises bare Exception on bad JSON
             reason = f"not a valid tokenizer file: {str(error).splitlines()[0]}"
             raise ConfigError(key, str(path), allowed, reason) from None
-        return cls(backend)
+        return cls(backend, special_tokens)
 
 
 # Each config's `max_vocab_size` bounds `Tokenizer.vocab_size` before anything is built
@@ -89,14 +99,35 @@ class Tokenizer:
 
 
 @dataclass
-class BPEConfig:
-    name: str = "bpe"
-    vocab_size: int = 8192  # including SPECIAL_TOKENS; a small corpus may yield fewer
-    min_frequency: int = 2  # a pair must occur this often to be merged
+class SpecialTokensConfig:
+    """The special tokens a tokenizer holds after `SPECIAL_TOKENS` (each one token, never
+    split nor merged), e.g. `[Q]`, `[A]`, `[MASK]`."""
+
+    special_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check(self.vocab_size >= 256 + len(SPECIAL_TOKENS), "vocab_size", self.vocab_size,
-              f">= {256 + len(SPECIAL_TOKENS)} (the 256 byte tokens and the special tokens)")
+        tokens = self.special_tokens
+        check(all(isinstance(t, str) and t for t in tokens) and len(set(tokens)) == len(tokens)
+              and not set(tokens) & set(SPECIAL_TOKENS), "special_tokens", tokens,
+              f"distinct non-empty strings other than {list(SPECIAL_TOKENS)}")
+
+    @property
+    def all_special_tokens(self) -> tuple[str, ...]:
+        return (*SPECIAL_TOKENS, *self.special_tokens)
+
+
+@dataclass
+class BPEConfig(SpecialTokensConfig):
+    name: str = "bpe"
+    vocab_size: int = 8192  # including the special tokens; a small corpus may yield fewer
+    min_frequency: int = 2  # a pair must occur this often to be merged
+    train_files: list[str] | None = None  # train on these text files, not on the data's text
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        least = 256 + len(self.all_special_tokens)
+        check(self.vocab_size >= least, "vocab_size", self.vocab_size,
+              f">= {least} (the 256 byte tokens and the special tokens)")
         check_range("min_frequency", self.min_frequency, 1)
 
     @property
@@ -105,21 +136,22 @@ class BPEConfig:
 
 
 @dataclass
-class ByteConfig:
+class ByteConfig(SpecialTokensConfig):
     name: str = "byte"
 
     @property
     def max_vocab_size(self) -> int:
-        return 256 + len(SPECIAL_TOKENS)
+        return 256 + len(self.all_special_tokens)
 
 
 @dataclass
-class PretrainedConfig:
+class PretrainedConfig(SpecialTokensConfig):
     name: str = "pretrained"
     path: str | None = None  # tokenizer.json file (e.g. RUN_DIR/tokenizer.json) or hub name
     revision: str | None = None  # hub revision; ignored for files
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(bool(self.path), "path", self.path, "a tokenizer.json path or a hub name", "missing")
 
     @property
@@ -137,9 +169,15 @@ TOKENIZERS: Registry[Tokenizer] = Registry("tokenizer")
 def build_bpe(
     config: BPEConfig, train_texts: Iterable[str], corpus_sha256: str, cache_dir: Path
 ) -> Tokenizer:
-    """Byte-level BPE trained on `train_texts` once per (corpus, vocab_size, min_frequency)."""
-    path = (Path(cache_dir) / "tokenizers"
-            / f"bpe-{corpus_sha256[:16]}-v{config.vocab_size}-f{config.min_frequency}.json")
+    """Byte-level BPE trained once per (corpus, vocab_size, min_frequency, special tokens) on
+    `train_texts`, or on the lines of `config.train_files` where given."""
+    if config.train_files:
+        train_texts, corpus_sha256 = _lines_and_sha256(config.train_files)
+    specials = ""
+    if config.special_tokens:
+        specials = "-s" + hashlib.sha256("\0".join(config.special_tokens).encode()).hexdigest()[:8]
+    path = (Path(cache_dir) / "tokenizers" / f"bpe-{corpus_sha256[:16]}-v{config.vocab_size}"
+            f"-f{config.min_frequency}{specials}.json")
     if path.is_file():
         return Tokenizer.load(path, key="tokenizer")
     backend = tokenizers.Tokenizer(models.BPE())
@@ -148,7 +186,7 @@ def build_bpe(
     trainer = trainers.BpeTrainer(
         vocab_size=config.vocab_size,
         min_frequency=config.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(config.all_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
         show_progress=False,
     )
@@ -167,7 +205,7 @@ def build_byte(config: ByteConfig, *_unused: object) -> Tokenizer:
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend)
+    return Tokenizer(backend, config.special_tokens)
 
 
 @TOKENIZERS.register("pretrained", PretrainedConfig)
@@ -178,14 +216,25 @@ def build_pretrained(config: PretrainedConfig, *_unused: object) -> Tokenizer:
         path = path / "tokenizer.json"
     names_a_file = config.path.endswith(".json") or config.path.startswith((".", "/", "~"))
     if path.exists() or names_a_file:
-        return Tokenizer.load(path)
+        return Tokenizer.load(path, special_tokens=config.special_tokens)
     try:
         backend = tokenizers.Tokenizer.from_pretrained(
             config.path, revision=config.revision or "main")
     except Exception as error:  # network, missing repo or file: one line for the user
         raise ConfigError("tokenizer.path", config.path, "a tokenizer.json path or a hub name",
                           f"hub download failed: {str(error).splitlines()[0]}") from None
-    return Tokenizer(backend)
+    return Tokenizer(backend, config.special_tokens)
+
+
+def _lines_and_sha256(files: list[str]) -> tuple[list[str], str]:
+    """The non-empty lines of `files` and the sha256 of their bytes."""
+    digest, lines = hashlib.sha256(), []
+    for file in files:
+        check(Path(file).is_file(), "tokenizer.train_files", file, "text files", "no such file")
+        data = Path(file).read_bytes()
+        digest.update(data + b"\0")
+        lines += [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    return lines, digest.hexdigest()
 
 
 def _byte_level_chars() -> list[str]:

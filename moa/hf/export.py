@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig
 
 from moa.config import ModelConfig
-from moa.data.chat_template import CHAT_TEMPLATE, ROLES
-from moa.data.tokenizer import SPECIAL_TOKENS
+from moa.data.chat_template import ROLES
 from moa.errors import ConfigError
 from moa.hf.export_dir import export_directory
+from moa.hf.export_encoder import write_encoder
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
 from moa.hf.remote_code import AUTO_MAP, write_remote_code
+from moa.hf.tokenizer import hf_tokenizer
+from moa.schema import check, check_choice
 from moa.training.checkpoint import load_checkpoint
 from moa.training.run_files import EXPORTED_RUN_CONFIG, locate_checkpoint
 from moa.training.values import check_top_level
@@ -42,16 +45,25 @@ def export(cfg: DictConfig) -> Path:
     check_top_level(cfg)
     if not cfg.get("out"):
         raise ConfigError("out", cfg.get("out"), "a directory to write the exported model to")
+    part = cfg.get("part", "model")
+    check_choice("part", part, sorted(PARTS))
     run_dir, checkpoint_path = locate_checkpoint(cfg)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
+    write, architecture = PARTS[part]
+    check(model_config.architecture == architecture, "part", part,
+          " | ".join(name for name, (_, kind) in PARTS.items()
+                     if kind == model_config.architecture),
+          f"the run's model is a {model_config.architecture}; part={part} exports a "
+          f"{architecture}'s")
     with export_directory(Path(cfg.out), run_dir, cfg.get("overwrite", False)) as out:
-        _write(out, run_dir, checkpoint_path)
+        write(out, run_dir, checkpoint_path, checkpoint, model_config)
     return Path(cfg.out)
 
 
-def _write(out: Path, run_dir: Path, checkpoint_path: Path) -> None:
-    checkpoint = load_checkpoint(checkpoint_path)
-    model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
-    tokenizer = _hf_tokenizer(run_dir / "tokenizer.json")
+def _write(out: Path, run_dir: Path, checkpoint_path: Path, checkpoint: dict[str, Any],
+           model_config: ModelConfig) -> None:
+    tokenizer = hf_tokenizer(run_dir / "tokenizer.json")
     ids = {} if tokenizer is None else {
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id}
@@ -66,18 +78,6 @@ def _write(out: Path, run_dir: Path, checkpoint_path: Path) -> None:
     run_config = OmegaConf.load(run_dir / "config.yaml")
     OmegaConf.save(run_config, out / EXPORTED_RUN_CONFIG)
     (out / "README.md").write_text(model_card(run_dir, checkpoint_path, run_config, model))
-
-
-def _hf_tokenizer(path: Path) -> PreTrainedTokenizerFast | None:
-    """Our tokenizer.json with its special tokens named and the chat template; None for a
-    run without a tokenizer (mqar's synthetic tokens)."""
-    if not path.is_file():
-        return None
-    bos, eos, pad, unk, *roles = SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(path), bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-        additional_special_tokens=roles, chat_template=CHAT_TEMPLATE, padding_side="left",
-        model_input_names=["input_ids", "attention_mask"])
 
 
 def model_card(run_dir: Path, checkpoint: Path, run_config: DictConfig,
@@ -123,3 +123,7 @@ ends with `<|assistant|>`.
 ```yaml
 {config_text}```
 """
+
+
+# part -> (its writer, the architecture it exports); encoder: an RxT run's, for fill-mask
+PARTS = {"model": (_write, "language_model"), "encoder": (write_encoder, "reactive")}

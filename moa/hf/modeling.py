@@ -137,16 +137,10 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # forward makes its own MoaCache on the first call
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        if module is not self.model.position:
+        if module is self.model.position:
+            fill_position_tables(module, self.model.config)
+        else:
             self.model._init_weights(module)
-            return
-        # Non-persistent buffers (rope's tables) are not saved: from_pretrained leaves them
-        # empty and asks this method to fill them, as our constructor computes them.
-        config = self.model.config
-        fresh = POSITION.build(config.position, config.max_seq_len, config.d_model,
-                               config.head_dim)
-        for name, buffer in fresh.named_buffers():
-            getattr(module, name).copy_(buffer)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embedding
@@ -201,6 +195,15 @@ class MoaForCausalLM(PreTrainedModel, GenerationMixin):
                 out = self.model(tokens, None if cache is None else cache.caches[row]).logits
                 logits[row, keep[row]] = out[0].float()
         return logits
+
+
+def fill_position_tables(position: torch.nn.Module, config: ModelConfig) -> None:
+    """Non-persistent buffers (rope's tables) are not saved: from_pretrained leaves them
+    empty and asks `_init_weights` to fill them, as our constructor computes them."""
+    fresh = POSITION.build(config.position, config.max_seq_len, config.d_model,
+                           config.head_dim)
+    for name, buffer in fresh.named_buffers():
+        getattr(position, name).copy_(buffer)
 
 
 def _check_left_padding(attention_mask: torch.Tensor) -> None:

@@ -1,13 +1,13 @@
 """Register `moa.hf.modeling` with transformers' Auto classes when transformers is imported.
 
-`import moa` must make `AutoModelForCausalLM.from_pretrained(exported_dir)` work, but
-importing transformers' model classes costs seconds, which every `train.py` run would pay.
-So `import moa` registers at once only if transformers is already loaded; otherwise it
-leaves a finder on `sys.meta_path` that wraps the loading of the `transformers` package
-and registers `moa.hf.modeling`'s classes right after it, then removes itself. (The
-registration is here, not in modeling.py, because the export copies modeling.py into the
-exported directory as remote code, which must not register anything in the process that
-loads it.)
+`import moa` must make `AutoModelForCausalLM.from_pretrained(exported_dir)` (and, for an
+RxT encoder's export, `AutoModelForMaskedLM`) work, but importing transformers' model
+classes costs seconds, which every `train.py` run would pay. So `import moa` registers at
+once only if transformers is already loaded; otherwise it leaves a finder on
+`sys.meta_path` that wraps the loading of the `transformers` package and registers
+`moa.hf.modeling`'s classes right after it, then removes itself. (The registration is
+here, not in modeling.py, because the export copies modeling.py into the exported
+directory as remote code, which must not register anything in the process that loads it.)
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def register_with_transformers() -> None:
 
 
 def _register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     modeling = importlib.import_module("moa.hf.modeling")
     AutoConfig.register(modeling.MODEL_TYPE, modeling.MoaConfig, exist_ok=True)
     AutoModelForCausalLM.register(modeling.MoaConfig, modeling.MoaForCausalLM, exist_ok=True)
+    masked_lm = importlib.import_module("moa.hf.masked_lm")  # an RxT encoder: fill-mask
+    AutoConfig.register(masked_lm.MODEL_TYPE, masked_lm.MoaEncoderConfig, exist_ok=True)
+    AutoModelForMaskedLM.register(masked_lm.MoaEncoderConfig, masked_lm.MoaForMaskedLM,
+                                  exist_ok=True)

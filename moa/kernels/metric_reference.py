@@ -58,21 +58,29 @@ def allowed_keys(q_len: int, k_len: int, device: torch.device,
 def metric_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
                            alpha: torch.Tensor, gate: torch.Tensor | None,
                            dropout: float = 0.0,
-                           query_positions: torch.Tensor | None = None) -> torch.Tensor:
+                           query_positions: torch.Tensor | None = None,
+                           causal: bool = True,
+                           key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: a (T x S) score matrix per head, in any dtype (float64 for tests).
     `dropout` drops attention probabilities (training with `attn_drop`; eager only);
-    `query_positions` (B, T) places the queries at those positions (eager only)."""
+    `query_positions` (B, T) places the queries at those positions (eager only).
+    `causal=False`: every query sees every key (no key is a query's own, so no gate);
+    key_mask (B, S) True where a key is real (padding, memory slots)."""
     group = q.size(1) // k.size(1)
     scores = metric_scores(q, k, k_norm, alpha)  # (B, Hq, T, S)
-    causal, own = allowed_keys(q.size(2), k.size(2), q.device, query_positions)
-    weight = causal.to(scores.dtype).expand_as(scores)  # multiplicative key weights
+    allowed, own = allowed_keys(q.size(2), k.size(2), q.device, query_positions)
+    if not causal:
+        allowed, own = torch.ones_like(allowed), torch.zeros_like(own)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    weight = allowed.to(scores.dtype).expand_as(scores)  # multiplicative key weights
     if gate is not None:
         gate = gate.to(scores.dtype).repeat_interleave(group, dim=1)[:, :, None, :]  # (B,Hq,1,S)
         weight = torch.where(own, torch.ones_like(weight), weight * gate)
     top = scores.masked_fill(weight == 0, float("-inf")).amax(-1, keepdim=True).detach()
     # A pruned key may outscore every kept one; the clamp only keeps its (zero-weighted)
     # exponential, which its gate's gradient uses, from overflowing.
-    relative = (scores - top).masked_fill(~causal, float("-inf")).clamp(max=60.0)
+    relative = (scores - top).masked_fill(~allowed, float("-inf")).clamp(max=60.0)
     unnormalised = weight * torch.exp(relative)  # (B, Hq, T, S)
     probs = F.dropout(unnormalised / unnormalised.sum(-1, keepdim=True), dropout)
     return probs.to(v.dtype) @ v.repeat_interleave(group, dim=1)

@@ -26,6 +26,14 @@ class ForwardContext:
     # where nothing after it mixes positions, so a loss on a few positions (mqar) skips most
     # of the last layer as well (`LanguageModel.forward`, `at_output_positions`).
     output_positions: torch.Tensor | None = None
+    # False: every query sees every key (a bidirectional encoder, a read of a memory).
+    causal: bool = True
+    # (B, S) True where a key is real: padding and empty memory slots are never attended.
+    key_mask: torch.Tensor | None = None
+    # (B, M, C): cross-attention takes its keys and values from here instead of the input.
+    # They carry no positions (only the queries are rotated) and, with a cache, are
+    # projected once per cache (the Reactive Transformer's STM, once per turn).
+    memory: torch.Tensor | None = None
 
     def for_layer(self, index: int, kv_cache: KVCache | None) -> ForwardContext:
         return replace(

@@ -10,6 +10,7 @@ cache for a shared FFN after the stack (`ffn`) and one for the LM head (`head`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,13 @@ class LayerCache:
         buffer.narrow(dim, start, x.size(dim)).copy_(x)
         self.lengths[name] = end
         return buffer.narrow(dim, 0, end)
+
+    def kept(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` on the first call, the same value after it: what is projected once
+        per cache, such as the keys and values of a memory that cross-attention reads."""
+        if name not in self.state:
+            self.state[name] = compute()
+        return self.state[name]
 
     def child(self, name: str) -> LayerCache:
         """The cache of the branch `name` (a mixture's path, the FFN), kept in `state`."""

@@ -34,6 +34,11 @@ class PositionEncoding(nn.Module):
     def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return v
 
+    def rotate_queries(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D) rotated to `positions` (T,) or (B, T), for keys that carry no
+        position (cross-attention into a memory): `rotate` with no keys."""
+        return self.rotate(q, q[..., :0, :], positions.new_empty(0), positions)[0]
+
 
 @dataclass
 class LearnedPositionConfig:

@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +24,9 @@ from moa.layers.kv_cache import KVCache
 from moa.layers.norm import NORM
 from moa.layers.position import POSITION
 from moa.layers.residual import DropPath, LayerScale
+from moa.models.registry import build_model, register_model
+
+__all__ = ["Block", "LanguageModel", "ModelOutput", "build_model", "shared_parameters"]
 
 
 @dataclass
@@ -83,6 +84,7 @@ class SharedFFN(nn.Module):
         return x + self.dropout(self.ffn(self.norm(x), ctx))
 
 
+@register_model("language_model")
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -106,16 +108,7 @@ class LanguageModel(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2: N(0, std); projections into the residual stream scaled by 1/sqrt(2 * layers).
-        if isinstance(module, nn.Linear):
-            std = self.config.init_std
-            if getattr(module, "residual", False):
-                std /= math.sqrt(2 * self.config.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        init_weights(module, self.config.init_std, self.config.n_layers)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 output_positions: torch.Tensor | None = None) -> ModelOutput:
@@ -160,6 +153,18 @@ class LanguageModel(nn.Module):
         return total
 
 
+def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
+    """GPT-2's: N(0, std); projections into the residual stream scaled by 1/sqrt(2 * layers)."""
+    if isinstance(module, nn.Linear):
+        if getattr(module, "residual", False):
+            std /= math.sqrt(2 * n_layers)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
 def shared_parameters(module: nn.Module) -> dict[str, str]:
     """{tied name: source name} for each parameter held under two names (the LM head's
     matrix and the embedding, wherever the head keeps it)."""
@@ -177,9 +182,3 @@ def _slot(ctx: ForwardContext, cache: KVCache | None, name: str) -> ForwardConte
     """The context of the module `name` after the stack (`ffn`, `head`): its record scope
     and its slot of the cache."""
     return replace(ctx.scoped(name), cache=None if cache is None else getattr(cache, name))
-
-
-def build_model(config: ModelConfig | Mapping[str, Any]) -> LanguageModel:
-    if not isinstance(config, ModelConfig):
-        config = ModelConfig.from_dict(dict(config))
-    return LanguageModel(config)

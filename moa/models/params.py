@@ -16,8 +16,12 @@ def parameter_table(model: nn.Module) -> list[tuple[str, int]]:
     """(component, parameters) rows: each top-level child that holds parameters, and under
     a ModuleList (`blocks`) its children's parts summed over the list (`  attention`).
     Each parameter is counted once, in the first row that reaches it; top-level rows sum
-    to the model's total."""
+    to the model's total. A model with `parameter_groups()` ((label, modules) pairs: the
+    Reactive Transformer's Encoder, MLM head, ...) gets one row per group instead."""
     seen: set[int] = set()
+    if hasattr(model, "parameter_groups"):
+        return [(label, sum(_count_new(module, seen) for module in modules))
+                for label, modules in model.parameter_groups()]
     rows = []
     for name, child in model.named_children():
         if next(child.parameters(), None) is None:

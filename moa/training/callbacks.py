@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.model_summary import (
 )
 
 from moa.config import ModelConfig
-from moa.models.language_model import build_model
+from moa.models.language_model import LanguageModel, build_model
 from moa.training.job_log import job_file_log
 
 RIGHT_ALIGNED = {"Params", "Params per Device", "In sizes", "Out sizes"}
@@ -34,9 +34,13 @@ def training_flops(config: ModelConfig, batch_shape: tuple[int, int],
     with `outputs_per_sequence` K, of the forward that wants K positions of each sequence
     (a batch's (B, K) `scored_positions`, as training runs it). None for a model whose work
     depends on the data (top-k routing picks tokens with `nonzero` and tests `.any()`,
-    which the meta device cannot run)."""
+    which the meta device cannot run), and for the Reactive Transformer, whose step is its
+    objective's (a stage runs the encoder, the decoder or both, once a turn)."""
     with torch.device("meta"):
         model = build_model(config)
+    if not isinstance(model, LanguageModel):
+        return None
+    with torch.device("meta"):
         input_ids = torch.zeros(batch_shape, dtype=torch.long)
         wanted = None if outputs_per_sequence is None else torch.zeros(
             batch_shape[0], outputs_per_sequence, dtype=torch.long)
@@ -68,8 +72,8 @@ class TokenThroughput(ThroughputMonitor):
             pl_module.model_config, shape, None if scored is None else scored.size(1))
         if pl_module.flops_per_batch is None and trainer.is_global_zero:
             job_file_log().info("FLOPs not counted: this model's work depends on its data "
-                                "(top-k routing, ball pruning); tokens/s are logged, "
-                                "FLOPs/s are not")
+                                "(top-k routing, ball pruning) or its objective (the Reactive "
+                                "Transformer); tokens/s are logged, FLOPs/s are not")
 
 
 class ModelSummary(RichModelSummary):

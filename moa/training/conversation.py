@@ -1,15 +1,16 @@
 """A conversation with a trained model: the state behind `python -m moa.chat`.
 
-`Conversation.reply(text)` adds a user turn and yields the reply's text piece by piece as
-the model writes it (moa.models.generation.stream: KV-cache decoding), rendered with the
-chat template the model was fine-tuned on (moa/data/chat_template.py). The history is
-kept within the model's context: the oldest turns are dropped (the system message stays)
-until the prompt leaves room for `max_new_tokens`, and each drop is reported through
-`notice`. A reply stopped part way (the consumer closes the generator, as on Ctrl-C) is
-kept as far as it got.
+`Conversation.stream(text)` adds a user turn and yields the reply's text piece by piece
+as the model writes it (moa.models.generation.stream: KV-cache decoding; `reply(text)`
+returns it whole), rendered with the chat template the model was fine-tuned on
+(moa/data/chat_template.py). The history is kept within the model's context: the oldest
+turns are dropped (the system message stays) until the prompt leaves room for
+`max_new_tokens`, and each drop is reported through `notice`. A reply stopped part way
+(the consumer closes the generator, as on Ctrl-C) is kept as far as it got.
 
-The chat command only calls `reply`, `reset`, `system` and `sampling`, so a model with
-another kind of state (a memory, say) fits in as another class with the same methods.
+The chat command only calls `stream`, `reset`, `system` and `set_temperature`, so a model
+with another kind of state fits in as another class with the same methods: the Reactive
+Transformer's memory is moa/training/reactive_conversation.py.
 """
 
 from __future__ import annotations
@@ -62,23 +63,35 @@ class Conversation:
             self.notice(f"[the prompt is {len(ids)} tokens: only its last {room} are read]")
         return ids
 
-    def reply(self, text: str) -> Iterator[str]:
+    def reply(self, text: str) -> str:
+        """Add the user's `text`; the reply's text."""
+        return "".join(self.stream(text))
+
+    def stream(self, text: str) -> Iterator[str]:
         """Add the user's `text`; yield the reply's text as it is written."""
         self.turns.append({"role": "user", "content": text})
         prompt = torch.tensor([self.prompt_ids()], device=self.model.embedding.weight.device)
         new: list[int] = []
-        shown = 0
         try:
-            for token in stream(self.model, prompt, self.sampling, self.generator,
-                                stop_token=self.tokenizer.eos_id):
-                if int(token) == self.tokenizer.eos_id:
-                    break
-                new.append(int(token))
-                text_so_far = self.tokenizer.decode(new)
-                if not text_so_far.endswith("\ufffd"):  # wait for a character's last byte
-                    yield text_so_far[shown:]
-                    shown = len(text_so_far)
-            if self.tokenizer.decode(new)[shown:]:
-                yield self.tokenizer.decode(new)[shown:]
+            yield from text_pieces(stream(self.model, prompt, self.sampling, self.generator,
+                                          stop_token=self.tokenizer.eos_id),
+                                   self.tokenizer, new)
         finally:  # a reply stopped part way stays in the history as far as it got
             self.turns.append({"role": "assistant", "content": self.tokenizer.decode(new)})
+
+
+def text_pieces(tokens: Iterator[torch.Tensor], tokenizer: Tokenizer, new: list[int]
+                ) -> Iterator[str]:
+    """The text of `tokens` ((1, 1) each) up to the tokenizer's end, piece by piece as whole
+    characters complete; each token is appended to `new` as it comes."""
+    shown = 0
+    for token in tokens:
+        if int(token) == tokenizer.eos_id:
+            break
+        new.append(int(token))
+        text_so_far = tokenizer.decode(new)
+        if not text_so_far.endswith("\ufffd"):  # wait for a character's last byte
+            yield text_so_far[shown:]
+            shown = len(text_so_far)
+    if tokenizer.decode(new)[shown:]:
+        yield tokenizer.decode(new)[shown:]

@@ -41,8 +41,11 @@ def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
                    trainer_config: dict[str, Any], sampling: SamplingConfig,
                    metrics_path: Path | None) -> dict[str, float]:
     """Val and test metrics over the whole splits (or limit_test_batches), written to
-    `metrics_path` (unless None), then samples. On one device: a distributed sampler would
-    pad the splits with repeated blocks (after DDP training, rank 0 evaluates alone)."""
+    `metrics_path` (unless None), then samples. On conversations (data=dialogue_recall)
+    metrics.json also holds the test split's `recall_by_distance` {d: accuracy},
+    `answers_by_distance`, `loss_by_turn`, `acc_by_turn` and `answer_acc_by_turn`.
+    On one device: a distributed sampler would pad the splits with repeated blocks (after
+    DDP training, rank 0 evaluates alone)."""
     check_trainer(trainer_config)
     limit = trainer_config.get("limit_test_batches")
     evaluator = instantiate(
@@ -52,13 +55,27 @@ def run_evaluation(module: LanguageModelModule, datamodule: LMDataModule,
     )
     results = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     results |= evaluator.test(module, datamodule=datamodule, verbose=False)[0]
-    metrics = {key: float(results[key.replace("_", "/", 1)]) for key in METRIC_KEYS}
+    metrics: dict[str, Any] = {key: float(results[key.replace("_", "/", 1)])
+                               for key in metric_keys(module)}
+    for key, value in results.items():  # test/<table>/<key>: the conversation scores
+        stage, *table = key.split("/")
+        if stage == "test" and len(table) == 2:
+            metrics.setdefault(table[0], {})[table[1]] = float(value)
     if metrics_path is not None:
         metrics_path.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
-    if datamodule.tokenizer is not None and sampling.prompts:
+    if datamodule.tokenizer is not None and sampling.prompts and module.objective.prints_samples:
         print_samples(module, datamodule, sampling)
     return metrics
+
+
+def metric_keys(module: LanguageModelModule) -> list[str]:
+    """`{val,test}_{name}` of the module's objective: loss, ppl (of a cross-entropy), acc and
+    the objective's own."""
+    objective = module.objective
+    names = ["loss", *(["ppl"] if objective.perplexity else []),
+             *(name for name in objective.metric_names if name != "loss")]
+    return [f"{split}_{name}" for split in ("val", "test") for name in names]
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -71,7 +88,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # evaluation and sampling run eagerly: compiling would cost more than it saves
     model_config = ModelConfig.from_dict({**checkpoint["model_config"], "compile": False})
     module = LanguageModelModule(model=model_config.to_dict(),
-                                 optim=OmegaConf.to_container(run_cfg.optim))
+                                 optim=OmegaConf.to_container(run_cfg.optim),
+                                 objective=checkpoint.get("hyper_parameters", {}).get("objective"))
     module.load_state_dict(checkpoint["state_dict"])
     pl.seed_everything(cfg.seed, workers=True)
 

@@ -36,18 +36,24 @@ def check_freeze(patterns: Any) -> list[str]:
     return list(patterns)
 
 
+def check_patterns(model: torch.nn.Module, patterns: list[str], key: str = KEY) -> None:
+    """A ConfigError on `key` naming the first pattern that matches no parameter of `model`."""
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(key, pattern, f"a glob matching parameter names (they start with "
+                              f"{', '.join(shown)}; python -m moa.params lists them)",
+                              "matches no parameter")
+
+
 def freeze(model: torch.nn.Module, patterns: list[str]) -> dict[str, int]:
     """Freeze the parameters whose names match any pattern; return the counts.
 
     A pattern that matches no parameter is a ConfigError naming it (a typo would otherwise
     train what the user meant to keep)."""
     named = list(model.named_parameters(remove_duplicate=False))
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
-            shown = sorted({name.split(".")[0] for name, _ in named})
-            raise ConfigError(KEY, pattern, f"a glob matching parameter names (they start with "
-                              f"{', '.join(shown)}; python -m moa.params lists them)",
-                              "matches no parameter")
+    check_patterns(model, patterns)
     for name, parameter in named:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
             parameter.requires_grad_(False)

@@ -1,6 +1,7 @@
-"""The LightningModule: wires the model, the loss, the optimiser and the logging.
+"""The LightningModule: wires the model, the objective, the optimiser and the logging.
 
-It takes plain config dicts (not built modules) and builds the model itself, so
+It takes plain config dicts (not built modules) and builds the model and the objective
+(moa/training/objectives/: the loss of each training stage) itself, so
 `save_hyperparameters` records everything needed to rebuild it from a checkpoint.
 """
 
@@ -10,41 +11,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from moa.config import ModelConfig, OptimConfig
 from moa.errors import TrainingStopped
-from moa.models.language_model import ModelOutput, build_model
+from moa.models.language_model import build_model
 from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.schema import parse
+from moa.training.objectives import OBJECTIVES, ConversationScores
 from moa.training.optim import build_optimizer
-
-IGNORE_INDEX = -100  # labels that carry no loss (mqar's non-answer positions)
-
-
-def scored_forward(model: torch.nn.Module,
-                   batch: dict[str, torch.Tensor]) -> tuple[ModelOutput, torch.Tensor]:
-    """The model's output and the labels it is scored on. With `scored_positions` (B, K) in
-    the batch (mqar), logits and labels are those positions' only: (B, K, V), (B, K)."""
-    positions = batch.get("scored_positions")
-    output = model(batch["input_ids"], output_positions=positions)
-    labels = batch["labels"] if positions is None else batch["labels"].gather(1, positions)
-    return output, labels
-
-
-def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Mean cross-entropy, accuracy and number of labelled tokens. (B, T, V), (B, T)."""
-    mask = labels != IGNORE_INDEX
-    count = mask.sum()
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=IGNORE_INDEX)
-    correct = ((logits.argmax(-1) == labels) & mask).sum()
-    return loss, correct.float() / count.clamp(min=1), count
 
 
 class LanguageModelModule(pl.LightningModule):
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any],
+                 objective: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(model)
@@ -52,10 +32,14 @@ class LanguageModelModule(pl.LightningModule):
         self.model = build_model(self.model_config)
         if self.model_config.compile:
             self.model.compile()  # in place: the state dict keeps its keys (no `_orig_mod.`)
+        objective_config = OBJECTIVES.parse(objective or {"name": "lm"}, "objective")
+        self.objective = OBJECTIVES.build(objective_config)
+        self.objective.check_model(self.model)
         self.eval_metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": MeanMetric()
-            for stage in ("val", "test") for name in ("loss", "acc")
+            for stage in ("val", "test") for name in self.objective.metric_names
         })
+        self.conversation_scores = {"val": ConversationScores(), "test": ConversationScores()}
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self._nonfinite_in_a_row = 0
         self._loss_finite = torch.tensor(True)
@@ -63,21 +47,19 @@ class LanguageModelModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.objective.on_train_step_start(self.model, self.global_step / total)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        output, labels = scored_forward(self.model, batch)
-        loss, acc, _ = token_metrics(output.logits, labels)
-        total = loss if output.aux_loss is None else loss + output.aux_loss
-        self.log_dict({"train/loss": loss, "train/acc": acc, "train/ppl": loss.exp()},
-                      prog_bar=True)
-        for name, (value, _weight) in output.aux_losses.items():
-            self.log(f"train/aux/{name}", value)
-        for name, value in output.stats.items():
-            self.log(f"train/stats/{name}", value)
-        if output.aux_loss is not None:
-            self.log("train/total_loss", total)
+        output = self.objective.training_step(self.model, batch, self.global_step)
+        self.log_dict({f"train/{name}": value for name, value in output.logs.items()
+                       if name in output.progress_bar}, prog_bar=True)
+        self.log_dict({f"train/{name}": value for name, value in output.logs.items()
+                       if name not in output.progress_bar})
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
-        self._loss_finite = total.detach().isfinite()
-        return total
+        self._loss_finite = output.loss.detach().isfinite()
+        return output.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip a step whose loss or gradient is not finite: its gradients are dropped, so the
@@ -99,29 +81,38 @@ class LanguageModelModule(pl.LightningModule):
                 f"{self.trainer.global_step}; last good checkpoint: "
                 f"{saved[0] if saved else 'none saved yet'}")
 
-    def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        output, labels = scored_forward(self.model, batch)
-        loss, acc, count = token_metrics(output.logits, labels)
-        # token-weighted means, so the epoch value is the per-token loss of the whole split
-        self.eval_metrics[f"{stage}_loss"].update(loss, count)
-        self.eval_metrics[f"{stage}_acc"].update(acc, count)
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
+                         stage: str) -> None:
+        values = self.objective.evaluation_step(self.model, batch, batch_idx,
+                                                self.conversation_scores[stage])
+        # weighted means (tokens, mostly), so the epoch value is that of the whole split
+        for name, (value, weight) in values.items():
+            self.eval_metrics[f"{stage}_{name}"].update(value, weight)
 
     def _log_evaluation(self, stage: str) -> None:
-        loss = self.eval_metrics[f"{stage}_loss"].compute()
-        acc = self.eval_metrics[f"{stage}_acc"].compute()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/acc": acc},
-                      prog_bar=stage == "val", sync_dist=True)
-        self.eval_metrics[f"{stage}_loss"].reset()
-        self.eval_metrics[f"{stage}_acc"].reset()
+        values = {}
+        for name in self.objective.metric_names:
+            values[f"{stage}/{name}"] = self.eval_metrics[f"{stage}_{name}"].compute()
+            self.eval_metrics[f"{stage}_{name}"].reset()
+        if self.objective.perplexity:
+            values[f"{stage}/ppl"] = values[f"{stage}/loss"].exp()
+        scores = self.conversation_scores[stage]
+        for table, by_key in scores.results().items():
+            values |= {f"{stage}/{table}/{key}": value for key, value in by_key.items()}
+        scores.reset()
+        shown = {f"{stage}/{name}" for name in ("loss", "ppl", "acc")} if stage == "val" else set()
+        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True,
+                      sync_dist=True)
+        self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+        self._evaluation_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+        self._evaluation_step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")

@@ -16,13 +16,14 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from moa.config import COMPONENTS, ModelConfig, OptimConfig
+from moa.config import COMPONENTS, ModelConfig, OptimConfig, model_config_class
 from moa.data import CORPORA, TOKENIZERS
 from moa.errors import ConfigError
 from moa.models.generation import SamplingConfig
 from moa.schema import check_choice, parse
 from moa.training.card import apply_card_config
 from moa.training.freeze import check_freeze
+from moa.training.objectives import OBJECTIVES
 from moa.training.values import check_sizes, check_targets, check_top_level
 
 TOP_LEVEL_KEYS = {
@@ -30,7 +31,7 @@ TOP_LEVEL_KEYS = {
     "model", "attention", "ffn", "position", "norm", "optim", "data", "tokenizer", "trainer",
     "logger", "callbacks", "sampling", "paths", "task_name", "seed", "ckpt_path", "resume",
     "evaluate", "keep_host_memory", "init_from", "freeze",
-    "metric", "regularizer", "router", "head",
+    "metric", "regularizer", "router", "head", "objective",
 }
 
 
@@ -42,6 +43,7 @@ class RunSpec:
     tokenizer: Any  # None where the data brings its own vocabulary (mqar)
     sampling: SamplingConfig
     keep_host_memory: bool  # moa/training/host_memory.py
+    objective: Any  # a parsed objective config (moa/training/objectives)
 
 
 def check_model_size(model: DictConfig) -> None:
@@ -85,7 +87,8 @@ def parse_run(cfg: DictConfig) -> RunSpec:
     check_freeze(cfg.get("freeze"))
     apply_card_config(cfg)
     model_section = resolved(cfg, "model")
-    parse(ModelConfig, model_section, "model")  # first: the components interpolate its values
+    # First the model section alone: the components interpolate its values.
+    parse(model_config_class(model_section), model_section, "model")
     model = ModelConfig.from_sections(
         model_section, **{key: resolved(cfg, key) for key in COMPONENTS if key in cfg})
     optim = parse(OptimConfig, resolved(cfg, "optim"), "optim")
@@ -104,4 +107,6 @@ def parse_run(cfg: DictConfig) -> RunSpec:
                           "a training block longer than the model's context")
     check_trainer(resolved(cfg, "trainer"))
     sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
-    return RunSpec(model, optim, data, tokenizer, sampling, keep_host_memory)
+    objective = OBJECTIVES.parse(resolved(cfg, "objective") if "objective" in cfg
+                                 else {"name": "lm"}, "objective")
+    return RunSpec(model, optim, data, tokenizer, sampling, keep_host_memory, objective)

@@ -9,7 +9,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 import moa.training.loggers  # noqa: F401  (the resolvers of conf/logger/wandb.yaml)
 from moa.data import LMDataModule
+from moa.models.language_model import LanguageModel
 from moa.models.params import active_parameters, kv_cache_bytes_per_token
 from moa.training.checkpoint import (
     check_same_model,
@@ -34,6 +35,7 @@ from moa.training.host_memory import keep_freed
 from moa.training.init_from import check_init_from, load_init_weights
 from moa.training.job_log import log_lightning_to_the_job_file
 from moa.training.lit import LanguageModelModule
+from moa.training.objectives import SpecialTokens
 from moa.training.resume import Resume, resume_mode, run_records
 from moa.training.run_config import RunSpec, parse_run, resolved
 from moa.training.run_files import write_run_files
@@ -118,7 +120,10 @@ def _prepare(cfg: DictConfig, run_dir: Path, resuming: bool) -> _Prepared:
     checkpoint = load_checkpoint(Path(ckpt_path), key) if ckpt_path else None
     if checkpoint is not None:
         check_same_model(model_config, checkpoint, Path(ckpt_path), key)
-    module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim))
+    objective = replace(spec.objective, seed=int(cfg.seed),
+                        tokens=SpecialTokens.of(datamodule.tokenizer))
+    module = LanguageModelModule(model=model_config.to_dict(), optim=asdict(spec.optim),
+                                 objective=asdict(objective))
     return _Prepared(spec, datamodule, module, checkpoint, ckpt_path)
 
 
@@ -126,13 +131,15 @@ def _train(cfg: DictConfig, prepared: _Prepared, run_dir: Path, resuming: bool,
            status_seconds: StatusSeconds) -> tuple[dict[str, float], dict[str, Any]]:
     spec, datamodule, module = prepared.spec, prepared.datamodule, prepared.module
     checkpoint, ckpt_path = prepared.checkpoint, prepared.ckpt_path
+    model = module.model
     record = {
         "data": datamodule.fingerprint,
-        "parameters": module.model.num_parameters(),
-        "parameters_without_embedding": module.model.num_parameters(exclude_embedding=True),
-        "active_parameters": active_parameters(module.model),
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(module.model),
+        "parameters": model.num_parameters(),
+        "parameters_without_embedding": model.num_parameters() - model.embedding.weight.numel(),
+        "active_parameters": active_parameters(model),
     }
+    if isinstance(model, LanguageModel):  # the Reactive Transformer's cache is per message
+        record["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
     if cfg.get("init_from"):  # weights only: optimiser, step and data position start afresh
         record["init_from"] = load_init_weights(module.model, Path(cfg.init_from))
     record["parameters_frozen"] = freeze(module.model, check_freeze(cfg.get("freeze")))["frozen"]
