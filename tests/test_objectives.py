@@ -206,6 +206,16 @@ def test_an_objective_the_model_lacks_is_an_error_before_training(compose_config
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+def test_each_model_preset_selects_an_objective_it_has(compose_config):
+    """model=rxt_alpha_micro alone trains stage 1 (its preset selects rxt_joint, with its data
+    and tokenizer); decoder-only presets keep lm; the command line still chooses."""
+    assert compose_config("model=rxt_alpha_micro").objective.name == "rxt_joint"
+    assert compose_config("model=rxt_alpha_micro").tokenizer.special_tokens
+    assert compose_config("model=rxt_alpha_micro", "objective=mlm").objective.name == "mlm"
+    assert compose_config("model=gpt").objective.name == "lm"
+    assert compose_config().objective.name == "lm"
+
+
 def test_eval_on_an_rxt_run_reproduces_its_metrics_and_scores(compose_config, stage_runs):
     from moa.training import evaluate
 

@@ -9,7 +9,8 @@ import torch
 
 from moa.attention import metric as metric_module
 from moa.layers.regularizers import triangle_inequality_penalty
-from moa.training.lit import LanguageModelModule, token_metrics
+from moa.training.lit import LanguageModelModule
+from moa.training.objectives import token_metrics
 from tests.conftest import tiny_model_config
 
 WEIGHTS = {"mse_uniform": 0.3, "switch": 0.2, "z_loss": 0.1, "ti_penalty": 0.5}
@@ -27,7 +28,7 @@ def _module() -> LanguageModelModule:
     module = LanguageModelModule(config.to_dict(), {})
     module.log = module.log_dict = lambda *args, **kwargs: None
     optimiser = SimpleNamespace(param_groups=[{"lr": 1e-3}])
-    module._trainer = SimpleNamespace(optimizers=[optimiser])
+    module._trainer = SimpleNamespace(optimizers=[optimiser], global_step=0)
     return module
 
 
