@@ -206,6 +206,27 @@ def examples(encoded: list[tuple[np.ndarray, np.ndarray]], block_size: int, pad_
     return inputs[:kept], labels[:kept], counts
 
 
+def blocked_splits(encoded: dict[str, list], config: ChatConfig,
+                   pad_id: int, fingerprint: dict[str, Any], unit: str) -> dict[str, ChatDataset]:
+    """Each split's encoded conversations cut into blocks (`examples`) -> a ChatDataset per
+    split; `fingerprint` gains, per split, its tokens, blocks, labelled tokens and the counts
+    of `examples` (truncated, dropped). A split with no block is refused, naming
+    data.block_size (`unit`: what a block must hold, for the message)."""
+    splits = {}
+    for split, items in encoded.items():
+        inputs, labels, counts = examples(items, config.block_size, pad_id, config.too_long)
+        check(len(inputs) > 0, "data.block_size", config.block_size,
+              f"a block that holds at least one {unit}", f"the {split} split has none")
+        splits[split] = ChatDataset(inputs, labels)
+        sizes = {"tokens": int((inputs != pad_id).sum()), "blocks": len(inputs),
+                 "labelled_tokens": int((labels != IGNORE_INDEX).sum()), **counts}
+        for name, value in sizes.items():
+            fingerprint.setdefault(name, {})[split] = value
+        log.info("%s %s: %s", fingerprint["corpus"], split,
+                 ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in sizes.items()))
+    return splits
+
+
 @CORPORA.register("chat", ChatConfig)
 def build_chat(config: ChatConfig, tokenizer_config: TokenizerConfig | None,
                cache_dir: Path) -> LMSplits:
@@ -234,24 +255,10 @@ def build_chat(config: ChatConfig, tokenizer_config: TokenizerConfig | None,
     tokenizer = TOKENIZERS.build(tokenizer_config, (render(m) for m in
                                                     split_conversations["train"]),
                                  corpus_sha256, cache_dir)
-    splits, fingerprint = {}, {
-        "corpus": "chat", "corpus_sha256": corpus_sha256, "tokenizer_sha256": tokenizer.sha256,
-        "skipped_no_assistant_turn": skipped, "tokens": {}, "blocks": {}, "labelled_tokens": {},
-        "truncated": {}, "dropped_too_long": {}, "dropped_no_reply_in_block": {}}
-    for split in SPLITS:
-        encoded = [encode_conversation(tokenizer, m) for m in split_conversations[split]]
-        inputs, labels, counts = examples(encoded, config.block_size, tokenizer.pad_id,
-                                          config.too_long)
-        check(len(inputs) > 0, "data.block_size", config.block_size,
-              "a block that holds at least one reply", f"the {split} split has none")
-        splits[split] = ChatDataset(inputs, labels)
-        fingerprint["tokens"][split] = int((inputs != tokenizer.pad_id).sum())
-        fingerprint["blocks"][split] = len(inputs)
-        fingerprint["labelled_tokens"][split] = int((labels != IGNORE_INDEX).sum())
-        for name, count in counts.items():
-            fingerprint[name][split] = count
-        log.info("chat %s: %d conversations; %d truncated, %d dropped too long, %d dropped "
-                 "with no reply in the block", split, len(inputs), counts["truncated"],
-                 counts["dropped_too_long"], counts["dropped_no_reply_in_block"])
+    fingerprint = {"corpus": "chat", "corpus_sha256": corpus_sha256,
+                   "tokenizer_sha256": tokenizer.sha256, "skipped_no_assistant_turn": skipped}
+    encoded = {split: [encode_conversation(tokenizer, m) for m in split_conversations[split]]
+               for split in SPLITS}
+    splits = blocked_splits(encoded, config, tokenizer.pad_id, fingerprint, "reply")
     log.info("chat: %d conversations without an assistant turn skipped", skipped)
     return LMSplits(splits, tokenizer, tokenizer.vocab_size, fingerprint)

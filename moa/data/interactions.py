@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from moa.data.chat import ChatConfig, ChatDataset, conversation, examples, read_records
+from moa.data.chat import ChatConfig, blocked_splits, conversation, read_records
 from moa.data.corpus import carve
 from moa.data.source import CORPORA, SPLITS, LMSplits
 from moa.data.tokenizer import TOKENIZERS, Tokenizer, TokenizerConfig
@@ -82,20 +82,9 @@ def build_interactions(config: InteractionsConfig, tokenizer_config: TokenizerCo
     texts = (f"{QUERY} {query} {ANSWER} {answer}" for query, answer in split_pairs["train"])
     tokenizer = TOKENIZERS.build(tokenizer_config, texts, digest.hexdigest(), cache_dir)
     encode = InteractionEncoder(tokenizer)
-    splits, fingerprint = {}, {"corpus": "interactions", "corpus_sha256": digest.hexdigest(),
-                               "tokenizer_sha256": tokenizer.sha256, "tokens": {}, "blocks": {},
-                               "truncated": {}, "dropped_too_long": {}}
-    for split in SPLITS:
-        encoded = [encode(query, answer) for query, answer in split_pairs[split]]
-        inputs, labels, counts = examples(encoded, config.block_size, tokenizer.pad_id,
-                                          config.too_long)
-        check(len(inputs) > 0, "data.block_size", config.block_size,
-              "a block that holds at least one answer", f"the {split} split has none")
-        splits[split] = ChatDataset(inputs, labels)
-        fingerprint["tokens"][split] = int((inputs != tokenizer.pad_id).sum())
-        fingerprint["blocks"][split] = len(inputs)
-        fingerprint["truncated"][split] = counts["truncated"]
-        fingerprint["dropped_too_long"][split] = counts["dropped_too_long"]
-        log.info("interactions %s: %d; %d truncated, %d dropped too long", split, len(inputs),
-                 counts["truncated"], counts["dropped_too_long"])
+    fingerprint = {"corpus": "interactions", "corpus_sha256": digest.hexdigest(),
+                   "tokenizer_sha256": tokenizer.sha256}
+    encoded = {split: [encode(query, answer) for query, answer in split_pairs[split]]
+               for split in SPLITS}
+    splits = blocked_splits(encoded, config, tokenizer.pad_id, fingerprint, "answer")
     return LMSplits(splits, tokenizer, tokenizer.vocab_size, fingerprint)
