@@ -8,6 +8,7 @@ lives in its own module here.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -72,7 +73,7 @@ class StepOutput:
     progress_bar: tuple[str, ...] = ("loss",)
 
 
-class Objective:
+class Objective(ABC):
     """One training stage's loss. `metric_names` are the token-weighted means the
     evaluation reports per split (the first is `loss`); `perplexity`: whether `loss` is a
     cross-entropy whose exponential means something."""
@@ -84,22 +85,23 @@ class Objective:
     def __init__(self, config: ObjectiveConfig) -> None:
         self.config = config
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module) -> None:  # noqa: B027 (a hook)
         """A ConfigError (before training) where `model` lacks what this objective calls."""
 
-    def on_train_step_start(self, model: torch.nn.Module, progress: float) -> None:
+    def on_train_step_start(self, model: torch.nn.Module, progress: float) -> None:  # noqa: B027
         """Called before every training step, `progress` the fraction of training done."""
 
+    @abstractmethod
     def training_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                       step: int) -> StepOutput:
-        raise NotImplementedError
+        """The loss of one training batch and what to log beside it."""
 
+    @abstractmethod
     def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                         index: int, scores: ConversationScores
                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """metric name -> (value, weight) for one evaluation batch; conversations' answers
         go to `scores` (their turn and distance)."""
-        raise NotImplementedError
 
 
 def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
