@@ -9,6 +9,7 @@ import torch
 
 from moa.attention import ATTENTION
 from moa.attention.balls import BallPruning
+from moa.attention.metric import dot_product_form
 from moa.config import ModelConfig
 from moa.errors import ConfigError
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
@@ -128,7 +129,8 @@ def test_metric_attention_is_causal(metric, impl, balls):
 
 @pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
 @pytest.mark.parametrize("position", ["rope", "learned"])
-@pytest.mark.parametrize("balls, key_norm", [(False, "free"), (True, "free"), (True, "sphere")])
+@pytest.mark.parametrize("balls, key_norm",
+                         [(False, "free"), (True, "free"), (True, "sphere"), (False, "ignore")])
 def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
     """A prefix, then one token at a time, equals one full forward. With balls, each layer's
     radii prune a share of the keys strictly between 0 and 1 (asserted), so a cache that
@@ -303,6 +305,25 @@ def test_ignoring_the_key_norm_is_dot_product_attention(impl, metric):
         scale=1.0))
     with torch.no_grad():
         torch.testing.assert_close(attention(x, ctx), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, S", [(1, 1), (17, 17), (5, 13), (1, 9)])
+def test_dot_product_form_equals_the_reference_without_key_scores(T, S):
+    """key_norm=ignore without balls runs `dot_product_form` on CPU: the reference with zero
+    key norms, in float64, forward and every gradient; GQA, queries the last T of S keys."""
+    torch.manual_seed(10)
+    wide = dict(dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 4, T, 8, **wide)
+    k, v = torch.randn(2, 2, S, 8, **wide), torch.randn(2, 2, S, 8, **wide)
+    alpha = (torch.rand(4, dtype=torch.float64) + 0.2).requires_grad_()
+    k_norm = torch.zeros(2, 2, S, dtype=torch.float64)
+    got = dot_product_form(q, k, v, k_norm, alpha, None)
+    want = metric_attention_eager(q, k, v, k_norm, alpha, None)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for mine, reference in zip(torch.autograd.grad(got, (q, k, v, alpha), grad),
+                               torch.autograd.grad(want, (q, k, v, alpha), grad), strict=True):
+        torch.testing.assert_close(mine, reference)
 
 
 @pytest.mark.parametrize("head_dim", [8, 16, 64, 128])

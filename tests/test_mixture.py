@@ -195,6 +195,32 @@ def test_metric_paths_plug_in_by_config():
     assert_cached_matches_full(model, torch.randint(0, 50, (2, 12)))
 
 
+def test_a_decoding_step_extends_the_cache_of_a_path_no_token_chose():
+    """Batch 1, top-2 of 4: each decoding step leaves two paths unchosen. An unchosen metric
+    path only extends its cache (no output projection), and the logits equal the full
+    forward's, so the keys it cached are the ones later steps need."""
+    torch.manual_seed(7)
+    paths = [MOA_PATHS[0], {"name": "metric", "metric": {"name": "maha_diag"}},
+             MOA_PATHS[2], {"name": "metric", "n_kv_heads": 1}]
+    model = build_model(mixture_config({"name": "topk"}, paths=paths)).eval()
+    projected = []
+    for block in model.blocks:
+        for i in (1, 3):
+            block.attention.paths[i].heads.out.register_forward_hook(
+                lambda m, inp, out: projected.append(inp[0].size(1)))
+    ids = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        assert_cached_matches_full(model, ids)
+    decoded = [n for n in projected if n == 1]  # the steps' projections, one token each
+    assert len(decoded) < 2 * len(model.blocks) * (12 - 3)  # some step skipped a path
+    cache = model.new_cache()
+    with torch.no_grad():
+        for t in range(12):
+            model(ids[:, t:t + 1], cache)
+    assert all(layer.state[f"paths.{i}"].lengths["k"] == 12
+               for layer in cache.layers for i in (1, 3))
+
+
 def test_top_k_routed_preset_trains_with_the_throughput_callback(compose_config, tmp_path):
     """Top-k routing is data-dependent (no FLOP count on the meta device): tokens/s is
     still logged and training runs."""

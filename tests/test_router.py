@@ -17,8 +17,9 @@ D, N = 16, 4
 
 
 def build(**fields):
+    """A router in training mode, the mode that records its losses and stats."""
     config = parse(RouterConfig, fields, "router")
-    return ROUTER.build(config, D, N).eval()
+    return ROUTER.build(config, D, N)
 
 
 def route(router, x):
@@ -96,6 +97,18 @@ def test_balance_losses_are_recorded_with_their_weights():
     torch.testing.assert_close(values["switch"], balance.switch(routing.probs, routing.chosen))
     torch.testing.assert_close(values["z_loss"], balance.z_loss(routing.logits))
     assert not route(build(name="topk"), torch.randn(2, 6, D))[1].losses
+
+
+@pytest.mark.parametrize("kind", ["static", "softmax", "topk"])
+def test_eval_mode_routes_the_same_and_records_nothing(kind):
+    """Only training logs a router's losses and stats; a decoding step pays for none."""
+    torch.manual_seed(7)
+    router = build(name=kind, mse_uniform_weight=0.1 * (kind != "static"))
+    x = torch.randn(2, 6, D)
+    trained, training_record = route(router, x)
+    evaluated, record = route(router.eval(), x)
+    assert training_record.stats and not record.stats and not record.losses
+    torch.testing.assert_close(evaluated.weights, trained.weights, rtol=0, atol=0)
 
 
 def test_dense_routers_dispatch_to_their_argmax():

@@ -55,6 +55,9 @@ class CausalDepthwiseConv(nn.Conv1d):
         window = torch.cat((past, x), dim=2)  # (B, C, history + T)
         if cache is not None:
             cache.state["conv"] = window[:, :, window.size(2) - self.history:]
+        if x.size(2) == 1:  # a decoding step: one dot product per channel, without conv1d's
+            y = (window * self.weight.squeeze(1)).sum(-1, keepdim=True)  # per-call setup
+            return (y if self.bias is None else y + self.bias[:, None]).transpose(1, 2)
         return super().forward(window).transpose(1, 2)
 
 

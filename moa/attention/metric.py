@@ -36,6 +36,7 @@ from torch import nn
 from moa.attention.balls import BallPruning
 from moa.attention.heads import HeadsConfig, QKVProjection, memory_keys_values
 from moa.attention.registry import ATTENTION
+from moa.kernels.masks import attention_mask
 from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
@@ -131,6 +132,18 @@ def select_kernel(impl: str, device: torch.device) -> Kernel:
     return metric_attention_cpu if impl == "cpu_fused" else metric_attention_eager
 
 
+def dot_product_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
+                     alpha: torch.Tensor, gate: None) -> torch.Tensor:
+    """Metric attention with no key score (key_norm=ignore: k_norm is zero) and no balls:
+    softmax(2 alpha q.k), PyTorch's dot-product attention at scale 1 over 2 alpha q. On CPU
+    it skips `metric_attention_cpu`'s augmented heads (their copy of every cached key, and
+    a head width of D + 4 rounded up to 8)."""
+    mask, is_causal = attention_mask(q.size(2), k.size(2), q.device)
+    q = (2 * alpha.view(1, -1, 1, 1) * q).to(q.dtype)  # (B, Hq, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          scale=1.0, enable_gqa=q.size(1) != k.size(1))
+
+
 @ATTENTION.register("metric", MetricAttentionConfig)
 class MetricAttention(nn.Module):
     computes_output_positions = True  # queries at ctx.output_positions only, when given
@@ -221,6 +234,8 @@ class MetricAttention(nn.Module):
         alpha = self.log_alpha.exp()
         dropout = self.config.attn_drop if self.training else 0.0
         wanted = ctx.output_positions
+        if wanted is not None and wanted.size(1) == 0:  # no query: only the cache grows
+            return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
         if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
             y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout,
@@ -228,7 +243,10 @@ class MetricAttention(nn.Module):
         elif dropout > 0:
             y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout)
         else:
-            y = select_kernel(self.config.impl, x.device)(q, k, v, k_norm, alpha, gate)
+            kernel = select_kernel(self.config.impl, x.device)
+            if kernel is metric_attention_cpu and gate is None and self.config.key_norm == "ignore":
+                kernel = dot_product_form
+            y = kernel(q, k, v, k_norm, alpha, gate)
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:

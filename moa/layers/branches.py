@@ -7,11 +7,17 @@ share cache names (two dot-product paths both append "k"/"v").
 `routed_sum` computes `sum_i w_i(x) * gate_i(branch_i(x))` per token. When the router
 chooses (top-k), a branch that splits into a `sequence_part(x, ctx)` over all tokens and
 a `token_part(h)` acting on each row alone runs its `token_part` on the routed tokens
-only, gathered into one (N, C) batch and scattered back. Other branches (attention) are
-computed for every token, since later tokens and the cache need every key and value, and
-their output is weighted by 0 where unrouted; such a branch that no token of the batch
-chose is skipped entirely when no cache is kept. The result equals the dense computation
-with the unrouted weights zeroed, forward and gradients.
+only, gathered into one (N, C) batch and scattered back (no gather when every row chose
+it). Other branches (attention) are computed for every token, since later tokens and the
+cache need every key and value, and their output is weighted by 0 where unrouted. Such a
+branch that no token of the batch chose is skipped entirely when no cache is kept; with a
+cache (a decoding step) it runs with no output position wanted, so it only extends its
+cache (a scheme that `computes_output_positions` then skips its queries, attention and
+output projection). The result equals the dense computation with the unrouted weights
+zeroed, forward and gradients.
+
+What to run is read from the routing with one host sync per call (each branch's number
+of routed rows), not one per branch: the rows are then found by `nonzero_static`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
 def branch_context(ctx: ForwardContext, name: str) -> ForwardContext:
     """`ctx` scoped to the branch `name`, with the branch's child cache."""
     cache = None if ctx.cache is None else ctx.cache.child(name)
-    return replace(ctx.scoped(name), cache=cache)
+    return replace(ctx, record=ctx.record.scoped(name), cache=cache)
 
 
 def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
@@ -51,24 +57,30 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
     weights = routing.weights.flatten(0, 1)  # (B*T, n)
     rows_x = produced.flatten(0, 1)  # (B*T, C)
     out = torch.zeros_like(rows_x)
+    chosen = None if routing.chosen is None else routing.chosen.flatten(0, 1)  # (B*T, n)
+    if chosen is not None:  # the one sync: rows (wanted) and tokens (batch) per branch
+        routed, used = torch.stack((chosen.sum(0), batch_routing.chosen.flatten(0, 1).sum(0))
+                                   ).tolist()
 
     def gate(index: int, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if feature_gates is None else feature_gates(index, inputs, y)
 
     for i, branch in enumerate(branches):
         branch_ctx = branch_context(ctx, f"{scope}.{i}")
-        chosen = None if routing.chosen is None else routing.chosen[..., i].flatten()  # (B*T,)
         if hasattr(branch, "token_part"):
             h = branch.sequence_part(x, branch_ctx)  # (B, T, C'), every token
             h = (h if wanted is None else select_positions(h, wanted)).flatten(0, 1)
-            rows = None if chosen is None else chosen.nonzero().squeeze(1)  # (N,)
-            if rows is None:
+            if chosen is None or routed[i] == rows_x.size(0):
                 y = gate(i, rows_x, branch.token_part(h))  # (B*T, C)
                 out = out + weights[:, i, None].to(y.dtype) * y
-            elif rows.numel():
+            elif routed[i]:
+                rows = torch.nonzero_static(chosen[:, i], size=routed[i]).squeeze(1)  # (N,)
                 y = gate(i, rows_x[rows], branch.token_part(h[rows]))  # (N, C)
                 out = out.index_add(0, rows, (weights[rows, i, None] * y).to(out.dtype))
-        elif chosen is None or ctx.cache is not None or batch_routing.chosen[..., i].any():
+        elif chosen is None or used[i]:
             y = gate(i, rows_x, at_output_positions(branch, x, branch_ctx).flatten(0, 1))
             out = out + weights[:, i, None].to(y.dtype) * y  # (B*T, C)
+        elif ctx.cache is not None:  # no token chose it, but later tokens read its cache
+            nothing = ctx.positions.new_zeros(x.size(0), 0)  # (B, 0) output positions
+            at_output_positions(branch, x, replace(branch_ctx, output_positions=nothing))
     return out.view(produced.shape)

@@ -18,10 +18,11 @@ zero-initialised so that switching one on starts from the same function:
 - feature gates (`enable_feature_gates`, `FeatureGates`): FiLM per path, each path's
   output scaled and shifted by functions of the token (applied by the mixture).
 
-A router returns a `Routing` and records, under its scope, the balance losses of
-`moa/layers/balance.py` whose weight is non-zero and, per path, its usage (mean weight; the
-usages sum to one), the fraction of tokens that run it (topk: these sum to k) and the
-mean entropy of the router's probabilities.
+A router returns a `Routing` and, in training, records under its scope the balance losses
+of `moa/layers/balance.py` whose weight is non-zero and, per path, its usage (mean weight;
+the usages sum to one), the fraction of tokens that run it (topk: these sum to k) and the
+mean entropy of the router's probabilities. In eval mode it records nothing: only training
+steps log them, and a decoding step would pay a dozen small ops a layer for them.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class StaticRouter(nn.Module):
         weights = x.new_full((*x.shape[:-1], self.n_paths), 1.0 / self.n_paths,
                              dtype=torch.float32)
         routing = Routing(weights, weights)
-        record_usage(routing, record)
+        if self.training:
+            record_usage(routing, record)
         return routing
 
 
@@ -159,6 +161,8 @@ class TokenRouter(nn.Module):
         probs = logits.softmax(-1)
         weights, chosen = self.select(probs)
         routing = Routing(weights, probs, logits, chosen)
+        if not self.training:
+            return routing
         losses = {"mse_uniform": lambda: balance.mse_uniform(probs),
                   "switch": lambda: balance.switch(probs, routing.dispatch()),
                   "z_loss": lambda: balance.z_loss(logits)}
