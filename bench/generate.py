@@ -2,8 +2,10 @@
 
     python bench/generate.py --json generate.json
     python bench/generate.py --presets moa_metric --prompt 128 --new-tokens 32 --repeats 1
+    python bench/generate.py --presets moa_metric gpt --d-model 128 --n-layers 4 --n-heads 4
 
-Every preset of `conf/model/` at `--size` (the context stretched to prompt + new tokens,
+Every preset of `conf/model/` at `--size` (`--d-model`, `--n-layers` and `--n-heads` over
+it compare presets at equal width and depth; the context stretched to prompt + new tokens,
 the vocabulary `--vocab-size`), random weights, wrapped in `moa.hf.modeling.MoaForCausalLM`:
 greedy generation of `--new-tokens` after a random `--prompt`-token prompt, batch 1,
 `use_cache=True` (prefill once, then one token per step through `MoaCache`) against
@@ -42,7 +44,11 @@ def presets() -> list[str]:
 
 
 def build(overrides: list[str], args: argparse.Namespace) -> MoaForCausalLM:
-    config = model_config([*overrides, f"model.size={args.size}",
+    """The model at `--size`, with any of `--d-model`, `--n-layers`, `--n-heads` over it."""
+    shape = [f"model.{key}={value}" for key, value in
+             (("d_model", args.d_model), ("n_layers", args.n_layers), ("n_heads", args.n_heads))
+             if value is not None]
+    config = model_config([*overrides, f"model.size={args.size}", *shape,
                            f"model.max_seq_len={args.prompt + args.new_tokens}",
                            f"model.vocab_size={args.vocab_size}"])
     torch.manual_seed(0)
@@ -118,6 +124,10 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=None, help="default: all of conf/model")
     parser.add_argument("--schemes", nargs="*", default=SCHEMES)
     parser.add_argument("--size", default="small")
+    parser.add_argument("--d-model", type=int, default=None, help="over the size's (presets "
+                        "differ at one size: gpt small is 256 wide, moa_metric small 128)")
+    parser.add_argument("--n-layers", type=int, default=None)
+    parser.add_argument("--n-heads", type=int, default=None)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -133,8 +143,10 @@ def main() -> None:
 
     records: dict[str, Any] = {"settings": {**vars(args), "threads": torch.get_num_threads()},
                                "presets": [], "schemes": []}
-    print(f"size={args.size} prompt={args.prompt} new={args.new_tokens} vocab={args.vocab_size}"
-          f" batch=1 threads={torch.get_num_threads()}; median of {args.repeats}")
+    print(f"size={args.size} d_model={args.d_model} n_layers={args.n_layers} "
+          f"n_heads={args.n_heads} prompt={args.prompt} new={args.new_tokens} "
+          f"vocab={args.vocab_size} batch=1 threads={torch.get_num_threads()}; "
+          f"median of {args.repeats}")
     print(f"{'preset':<12} {'params':>10} {'cached tok/s':>13} {'recompute tok/s':>16} "
           f"{'speedup':>8} {'KV B/token':>11}  cached | recompute ms/step at {args.contexts}")
     for name in args.presets or presets():
