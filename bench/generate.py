@@ -13,7 +13,8 @@ greedy generation of `--new-tokens` after a random `--prompt`-token prompt, batc
 tokens/s is new tokens over the median wall time of `--repeats` runs, prefill included;
 `speedup` is cached over recomputed tokens/s in the same run. Latency: one decode step at
 each of `--contexts` context lengths, cached (one token after a prefill of the context)
-and recomputed (a forward over the whole context), median of `--steps` steps.
+and recomputed (a forward over the whole context), median of `--steps` steps, the presets
+taking turns step by step (so their ratio holds on a loaded machine).
 
 KV-cache bytes per token: after the prompt, every tensor the cache holds for the
 sequence, per position (our buffers are preallocated to the capacity, so bytes over
@@ -82,22 +83,33 @@ def generation_speed(model: MoaForCausalLM, args: argparse.Namespace) -> dict[st
 
 
 @torch.no_grad()
-def step_latency(model: MoaForCausalLM, args: argparse.Namespace) -> dict[str, dict[int, float]]:
-    """ms of one decode step at each context length, cached and recomputed."""
-    cached, recompute = {}, {}
-    lm = model.model
+def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
+                 ) -> dict[str, dict[str, dict[int, float]]]:
+    """ms of one decode step at each context length, cached and recomputed, per preset. The
+    presets take turns step by step, so a slowdown of a shared machine hits them alike and
+    the ratio of two presets' steps holds within one run."""
+    latency = {name: {"cached_step_ms": {}, "recompute_step_ms": {}} for name in models}
     for context in args.contexts:
         ids = torch.randint(0, args.vocab_size, (1, context))
-        cache = lm.new_cache()
-        lm(ids[:, :-args.steps], cache)
-        times = []
+        caches = {name: model.model.new_cache() for name, model in models.items()}
+        for name, model in models.items():
+            model.model(ids[:, :-args.steps], caches[name])
+        cached = {name: [] for name in models}
         for t in range(context - args.steps, context):
-            start = time.perf_counter()
-            lm(ids[:, t:t + 1], cache)
-            times.append(time.perf_counter() - start)
-        cached[context] = 1e3 * statistics.median(times)
-        recompute[context] = 1e3 * timed(lambda i=ids: lm(i), max(1, args.steps // 4))
-    return {"cached_step_ms": cached, "recompute_step_ms": recompute}
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.model(ids[:, t:t + 1], caches[name])
+                cached[name].append(time.perf_counter() - start)
+        recompute = {name: [] for name in models}
+        for _ in range(max(1, args.steps // 4)):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.model(ids)
+                recompute[name].append(time.perf_counter() - start)
+        for name in models:
+            latency[name]["cached_step_ms"][context] = 1e3 * statistics.median(cached[name])
+            latency[name]["recompute_step_ms"][context] = 1e3 * statistics.median(recompute[name])
+    return latency
 
 
 def cache_bytes(model: MoaForCausalLM, prompt: int, vocab_size: int) -> dict[str, float]:
@@ -153,10 +165,11 @@ def main() -> None:
           f"median of {args.repeats}")
     print(f"{'preset':<12} {'params':>10} {'cached tok/s':>13} {'recompute tok/s':>16} "
           f"{'speedup':>8} {'KV B/token':>11}  cached | recompute ms/step at {args.contexts}")
-    for name in args.presets or presets():
-        model = build([f"model={name}"], args)
+    models = {name: build([f"model={name}"], args) for name in args.presets or presets()}
+    latency = step_latency(models, args)
+    for name, model in models.items():
         record = {"preset": name, "parameters": model.model.num_parameters(),
-                  **generation_speed(model, args), **step_latency(model, args),
+                  **generation_speed(model, args), **latency[name],
                   **cache_bytes(model, args.prompt, args.vocab_size)}
         records["presets"].append(record)
         cached = " ".join(f"{v:.1f}" for v in record["cached_step_ms"].values())
