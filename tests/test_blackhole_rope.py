@@ -57,6 +57,32 @@ def test_rotation_matches_the_reference_formula():
                                atol=1e-4, rtol=1e-4)
 
 
+def test_tables_kept_without_autograd_follow_the_positions_and_the_parameters():
+    """Without autograd the angles and the value gate are computed once per positions
+    tensor (every layer of a forward shares it), and recomputed for new positions or after
+    the parameters change in place (an optimizer step)."""
+    rope = perturbed()
+    q, k, v = torch.randn(1, 2, 10, D), torch.randn(1, 2, 10, D), torch.randn(1, 2, 10, D)
+    positions = torch.arange(50, 60)
+
+    def encoded(at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (*rope.rotate(q, k, at), rope.scale_values(v, at))
+
+    later = torch.arange(60, 70)
+    want_later = encoded(later)  # with autograd: never kept
+    with torch.no_grad():
+        first = encoded(positions)
+        assert all(torch.equal(a, b) for a, b in zip(encoded(positions), first, strict=True))
+        for got, want in zip(encoded(later), want_later, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        rope.phase_coefficients.add_(0.5)
+        rope.energy_coefficients.mul_(-1.0)
+        moved = encoded(positions)
+    for got, want in zip(moved, encoded(positions), strict=True):  # with autograd: uncached
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not any(torch.allclose(a, b) for a, b in zip(moved, first, strict=True))
+
+
 def test_starts_as_rope_with_theta_base():
     rope = BlackHoleRoPE(BlackHoleRoPEConfig(theta_base=500.0), L, 4 * D, D)
     plain = RotaryPosition(RotaryConfig(theta=500.0), L, 4 * D, D)

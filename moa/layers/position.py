@@ -10,7 +10,9 @@ positions only (`ForwardContext.output_positions`) has queries at those.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,28 +148,45 @@ class BlackHoleRoPE(PositionEncoding):
         self.r_basis = config.r_basis
         self.max_seq_len = max_seq_len
         self.energy_amplification = config.energy_amplification
+        self._tables: dict[str, tuple] = {}  # name -> (positions, their versions, value)
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         query_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_angles = self._kept("angles", positions, self.angles)
+        q_angles = k_angles if query_positions is None else self.angles(query_positions)
+        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
+                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
+
+    def angles(self, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of phi(p, i) at positions (T,) -> (T, D/2) x2, or (B, T) -> (B, 1, T,
+        D/2) x2."""
         # Elementwise products, not matmuls: autocast would round the angles to bfloat16.
         shift = torch.tanh((self.pair_features * self.phase_coefficients).sum(-1))  # (D/2,)
         frequencies = self.frequencies * torch.exp2(shift)
-
-        def angles(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            turns = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)
-            return turns.cos(), turns.sin()
-
-        k_angles = angles(positions)
-        q_angles = k_angles if query_positions is None else angles(query_positions)
-        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
-                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
+        turns = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)
+        return turns.cos(), turns.sin()
 
     def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.energy_coefficients is None:
             return v
-        return v * self.energy_gate(positions).to(v.dtype)  # (B, H, T, D) * (T, D)
+        gate = self._kept("energy_gate", positions, self.energy_gate)  # (T, D)
+        return v * gate.to(v.dtype)  # (B, H, T, D) * (T, D)
+
+    def _kept(self, name: str, positions: torch.Tensor, compute: Callable) -> Any:
+        """compute(positions), kept while the same `positions` tensor comes back: every layer
+        and every path of one forward encodes the same positions (a MoA decoding step
+        computed these tables eight times). Only without autograd (decoding, evaluation),
+        so that no kept table carries one forward's graph into another; a change of the
+        parameters (an optimizer step, a load, a move) recomputes."""
+        if torch.is_grad_enabled():
+            return compute(positions)
+        state = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        kept = self._tables.get(name)
+        if kept is None or kept[0] is not positions or kept[1] != (positions._version, state):
+            kept = self._tables[name] = (positions, (positions._version, state), compute(positions))
+        return kept[2]
 
     def energy_gate(self, positions: torch.Tensor) -> torch.Tensor:
         """e(p, c) in [1/2, 2] for positions (T,) -> (T, D)."""
