@@ -78,7 +78,11 @@ def test_tables_kept_without_autograd_follow_the_positions_and_the_parameters():
         rope.phase_coefficients.add_(0.5)
         rope.energy_coefficients.mul_(-1.0)
         moved = encoded(positions)
+    with torch.inference_mode():  # its tensors keep no version counter
+        inferred = encoded(torch.arange(50, 60))
     for got, want in zip(moved, encoded(positions), strict=True):  # with autograd: uncached
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(inferred, moved, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not any(torch.allclose(a, b) for a, b in zip(moved, first, strict=True))
 

@@ -179,13 +179,15 @@ class BlackHoleRoPE(PositionEncoding):
         and every path of one forward encodes the same positions (a MoA decoding step
         computed these tables eight times). Only without autograd (decoding, evaluation),
         so that no kept table carries one forward's graph into another; a change of the
-        parameters (an optimizer step, a load, a move) recomputes."""
+        parameters (an optimizer step, a load, a move) recomputes. The model makes a new
+        positions tensor for each forward and never writes into it."""
         if torch.is_grad_enabled():
             return compute(positions)
-        state = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        state = tuple((p.data_ptr(), 0 if p.is_inference() else p._version)
+                      for p in self.parameters())  # inference tensors keep no version
         kept = self._tables.get(name)
-        if kept is None or kept[0] is not positions or kept[1] != (positions._version, state):
-            kept = self._tables[name] = (positions, (positions._version, state), compute(positions))
+        if kept is None or kept[0] is not positions or kept[1] != state:
+            kept = self._tables[name] = (positions, state, compute(positions))
         return kept[2]
 
     def energy_gate(self, positions: torch.Tensor) -> torch.Tensor:
