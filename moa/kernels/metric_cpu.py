@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from moa.kernels.key_compaction import Part, block_parts
 from moa.kernels.masks import causal_mask
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -80,42 +81,41 @@ class _OwnKey:
 
 
 class _FusedMetricAttention(torch.autograd.Function):
-    """(q', k', v', gate) -> out' (B, Hq, T, E): fused attention over the augmented heads,
-    own keys kept; the gate (B, Hkv, S) gets the multiplicative-weight gradient."""
+    """(q', k', v', gate, band) -> out' (B, Hq, T, E): fused attention over the augmented
+    heads, own keys kept; the gate (B, Hkv, S) gets the multiplicative-weight gradient at
+    its kept keys and at the pruned keys that `band` marks (None: at every key)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, bias_column: int):
-        T, S = q.size(2), k.size(2)
-        mask = causal_mask(T, S, q.device)
-        if mask is not None:  # the kernel takes an additive mask of q's dtype
-            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
-        is_causal = mask is None and T > 1
-        k_pruned = k
-        if gate is not None:
-            k_pruned = k.clone()
-            k_pruned[..., bias_column] = (gate == 0).to(k.dtype) * -(torch.finfo(k.dtype).max / 8)
-        out, lse = FLASH(q, k_pruned, v, 0.0, is_causal, attn_mask=mask, scale=1.0)
-        rescued = None
+    def forward(ctx, q, k, v, gate, band, bias_column: int):
+        T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
+        if gate is None:
+            blocks = [[_dense_part(T, S, q.dtype, q.device)]]
+            k_closed, kept, rescued = k, None, None
+        else:
+            kept = gate.detach() != 0  # (B, Hkv, S)
+            k_closed = k.clone()
+            k_closed[..., bias_column] = (~kept).to(k.dtype) * -(torch.finfo(k.dtype).max / 8)
+            blocks = block_parts(kept, T, group, q.dtype)
+        out, lse = _attend(q, k_closed, v, blocks)
         if gate is not None:  # add back the own keys that the gate pruned
             own = _OwnKey(q, k, v)
-            rescued = gate[:, :, own.slice].repeat_interleave(own.group, dim=1) == 0  # (B,Hq,T)
+            rescued = ~kept[:, :, own.slice].repeat_interleave(own.group, dim=1)  # (B,Hq,T)
             merged = torch.where(rescued, torch.logaddexp(lse, own.score), lse)
             w_kept = torch.exp(lse - merged)[..., None]
             w_own = torch.where(rescued, torch.exp(own.score - merged), 0.0)[..., None]
-            # In place: the backward kernel expects the layouts its forward returned.
-            out.copy_(w_kept * _wide(out) + w_own * own.v)
-            lse.copy_(merged)
-        ctx.save_for_backward(q, k, k_pruned, v, out, lse, rescued)
-        ctx.mask, ctx.is_causal, ctx.bias_column = mask, is_causal, bias_column
+            out = (w_kept * _wide(out) + w_own * own.v).to(q.dtype)
+            lse = merged
+        ctx.save_for_backward(q, k, k_closed, v, out, lse, kept, rescued, band)
+        ctx.blocks, ctx.bias_column = blocks, bias_column
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, k_pruned, v, out, lse, rescued = ctx.saved_tensors
-        flash = dict(dropout_p=0.0, is_causal=ctx.is_causal, attn_mask=ctx.mask, scale=1.0)
-        dq, dk, dv = FLASH_BACKWARD(d_out, q, k_pruned, v, out, lse, **flash)
+        q, k, k_closed, v, out, lse, kept, rescued, band = ctx.saved_tensors
+        dq, dk, dv = _attend_backward(d_out, q, k_closed, v, out, lse, ctx.blocks)
         if rescued is None:
-            return dq, dk, dv, None, None
+            return dq, dk, dv, None, None, None
+        d_kept = dk[..., ctx.bias_column]  # (B, Hkv, S): a kept key's gate gradient + own term
         own = _OwnKey(q, k, v)
         p_own = torch.exp(own.score - lse)  # (B, Hq, T): own key's final probability
         d_out, row = _wide(d_out), (_wide(d_out) * _wide(out)).sum(-1)
@@ -126,15 +126,76 @@ class _FusedMetricAttention(torch.autograd.Function):
         dv = dv + own.to_keys(torch.where(rescued[..., None], p_own[..., None] * d_out, 0.0), dv)
         d_gate = None
         if ctx.needs_input_grad[3]:
-            _, dk_open, _ = FLASH_BACKWARD(d_out.to(q.dtype), q, k, v, out, lse, **flash)
-            own_term = own.to_keys(d_score[..., None], dk_open[..., :1])[..., 0]
-            d_gate = dk_open[..., ctx.bias_column] - own_term
-        return dq, dk, dv, d_gate, None
+            open_keys = ~kept if band is None else band & ~kept  # (B, Hkv, S)
+            d_open = torch.zeros_like(d_kept)
+            if open_keys.any():  # the open pass: pruned keys let in, their gate's gradient
+                blocks = block_parts(open_keys, q.size(2), own.group, q.dtype)
+                d_open = _attend_backward(d_out.to(q.dtype), q, k, v, out, lse, blocks)[1]
+                d_open = d_open[..., ctx.bias_column]
+            own_term = own.to_keys(d_score[..., None], d_kept[..., None])[..., 0]
+            d_gate = torch.where(kept, d_kept, d_open) - own_term
+            d_gate = d_gate.masked_fill(~(kept | open_keys), 0.0)
+        return dq, dk, dv, d_gate, None, None
+
+
+def _dense_part(n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.device) -> Part:
+    """Every query over every key, causal: one call (no gate, nothing to compact)."""
+    mask = causal_mask(n_queries, n_keys, device)
+    if mask is not None:  # the kernel takes an additive mask of q's dtype
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return Part(slice(0, n_queries), slice(0, n_keys), mask, mask is None and n_queries > 1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[list[Part]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, T, E) and its row log-sum-exp (B, Hq, T): each block's calls merged."""
+    if len(blocks) == 1 and len(blocks[0]) == 1:
+        part = blocks[0][0]
+        return FLASH(q[:, :, part.rows], part.select(k), part.select(v), 0.0, part.is_causal,
+                     attn_mask=part.mask, scale=1.0)
+    out = _wide(q.new_empty(q.shape))
+    lse = out.new_empty(q.shape[:3])
+    for parts in blocks:
+        rows = parts[0].rows
+        outs, lses = zip(*(FLASH(q[:, :, rows], part.select(k), part.select(v), 0.0,
+                                 part.is_causal, attn_mask=part.mask, scale=1.0)
+                           for part in parts), strict=True)
+        merged = torch.logsumexp(torch.stack(lses), dim=0)  # (B, Hq, rows)
+        lse[:, :, rows] = merged
+        out[:, :, rows] = sum(torch.exp(part_lse - merged)[..., None] * _wide(part_out)
+                              for part_out, part_lse in zip(outs, lses, strict=True))
+    return out, lse
+
+
+def _attend_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, blocks: list[list[Part]]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of `_attend`'s calls, given the final (merged) out and lse: each call's
+    probabilities are then the final ones, so its gradients are its share of the total."""
+    if len(blocks) == 1 and len(blocks[0]) == 1:
+        part = blocks[0][0]
+        return FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, part.is_causal,
+                              attn_mask=part.mask, scale=1.0)
+    dq, dk, dv = _wide(torch.zeros_like(q)), _wide(torch.zeros_like(k)), _wide(torch.zeros_like(v))
+    for parts in blocks:
+        rows = parts[0].rows
+        for part in parts:
+            dq_part, dk_part, dv_part = FLASH_BACKWARD(
+                d_out[:, :, rows], q[:, :, rows], part.select(k), part.select(v),
+                out[:, :, rows], lse[:, :, rows], 0.0, part.is_causal, attn_mask=part.mask,
+                scale=1.0)
+            dq[:, :, rows] += dq_part
+            part.scatter_add(dk, dk_part)
+            part.scatter_add(dv, dv_part)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
-                         alpha: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """Metric attention through the fused CPU kernel; shapes as `metric_attention_eager`."""
+                         alpha: torch.Tensor, gate: torch.Tensor | None,
+                         gate_band: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric attention through the fused CPU kernel; shapes as `metric_attention_eager`.
+    With a gate, attention runs over the kept keys only (`key_compaction.py`)."""
     D = q.size(-1)
     q_aug, k_aug, v_aug = augment(q, k, v, k_norm, alpha)
-    return _FusedMetricAttention.apply(q_aug, k_aug, v_aug, gate, D + 3)[..., :D]
+    band = None if gate_band is None else gate_band.detach().bool()
+    return _FusedMetricAttention.apply(q_aug, k_aug, v_aug, gate, band, D + 3)[..., :D]
