@@ -1,18 +1,21 @@
-"""Causal attention over a subset of the keys, as flash-kernel calls over query blocks.
+"""Causal attention over a subset of the keys: which flash-kernel calls, over which keys.
 
-A ball prunes a key for every query (its test reads the key alone), so the pruned keys can
-be dropped before attention instead of masked inside it. Per (batch, key head) the kept
-keys are gathered in position order and padded to the largest count over (batch, head).
-Causal order then holds block by block: for the queries [t0, t1) of a block (positions
-offset + t0 onwards, offset = S - T), every kept key before offset + t0 is visible to every
-query of the block, so it is one unmasked call over a prefix of the gathered keys (the
-padding, and the kept keys at or after the block, are masked by a per-key additive mask);
-the keys at the block's own positions, [offset + t0, offset + t1), are a square causal
-call over the original keys. The calls of a block are merged by log-sum-exp.
+A ball prunes a key for every query (its test reads the key alone), so pruned keys can be
+dropped before attention instead of masked inside it. Per (batch, key head) the kept keys
+are gathered in position order (`Compaction`), padded to the largest count over (batch,
+head). Causal order then holds by blocks: every kept key before a query block's first
+position is visible to every query of the block, so it is one unmasked call over a window
+of the gathered keys (`window_parts`). A per-key additive mask hides the window's keys
+that belong to another (batch, head): padding, or keys at or past the block.
 
-Work: sum over blocks of (block x kept keys before it) + (block^2 / 2), about
-`p L^2 / 2 + L block / 2` against `L^2 / 2` unpruned: a ratio of `p + block / L`.
-Heads with very different kept fractions pay for the fullest head of the batch.
+Two block sizes: calls of OUTER_BLOCK queries read the kept keys before their block
+(the flash kernel's backward is slow for short query blocks), then calls of DIAGONAL_BLOCK
+queries read the kept keys between the outer block's start and their own. What is left is
+each query's diagonal block, [start, start + DIAGONAL_BLOCK) of the positions: a causal
+call over the original keys whose mask keeps the kept keys and each query's own key
+(`diagonal_parts`). Work: about `p L^2 / 2 + L * DIAGONAL_BLOCK` score pairs against
+`L^2 / 2` unpruned. (The diagonal blocks as one batched eager product were slower: on CPU
+the flash kernel's score pairs cost less than eager elementwise passes.)
 """
 
 from __future__ import annotations
@@ -22,61 +25,99 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-QUERY_BLOCK = 128
+WINDOW_BLOCKS = (1024, 256, 64)  # each divides the one before; the last: diagonal blocks
 
 
 @dataclass
 class Part:
-    """One flash-kernel call: the query rows, their keys, and how they are masked.
-
-    keys is a (B, Hkv, P) index into the S positions (a prefix of the gathered keys) or a
-    slice of the positions (the diagonal block, causal); mask (B, Hq, 1, P) is additive."""
+    """One flash-kernel call: query rows over a slice of the gathered keys (`gathered`) or
+    of the positions. mask is additive and broadcasts to (B, Hq, rows, keys).
+    `gate_gradient`: the call's bias-column gradient counts towards the gate's (not where
+    the call holds a query's own key, whose weight is 1)."""
 
     rows: slice
-    keys: torch.Tensor | slice
+    keys: slice
+    gathered: bool
     mask: torch.Tensor | None
     is_causal: bool
-
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """The part's keys (or values) of x (B, Hkv, S, E): (B, Hkv, P, E)."""
-        if isinstance(self.keys, slice):
-            return x[:, :, self.keys]
-        return torch.gather(x, 2, self.keys[..., None].expand(-1, -1, -1, x.size(-1)))
-
-    def scatter_add(self, total: torch.Tensor, grad: torch.Tensor) -> None:
-        """Add the part's key gradients grad (B, Hkv, P, E) into total (B, Hkv, S, E)."""
-        if isinstance(self.keys, slice):
-            total[:, :, self.keys] += grad
-        else:
-            index = self.keys[..., None].expand(-1, -1, -1, total.size(-1))
-            total.scatter_add_(2, index, grad.to(total.dtype))
+    gate_gradient: bool
 
 
-def block_parts(keep: torch.Tensor, n_queries: int, group: int, dtype: torch.dtype
-                ) -> list[list[Part]]:
-    """For each query block, its calls: the keys that `keep` (B, Hkv, S) marks before the
-    block, gathered, then the block's diagonal. The queries are the last n_queries of S."""
-    S = keep.size(-1)
-    offset = S - n_queries
-    block = QUERY_BLOCK
-    starts = list(range(0, n_queries, block))
-    # Kept keys first, each group in position order: (B, Hkv, S).
-    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)
-    before = F.pad(keep.cumsum(-1), (1, 0))[..., [offset + t0 for t0 in starts]]  # (B,Hkv,n)
-    widths = before.amax((0, 1)).tolist()
-    huge = -torch.finfo(dtype).max / 8  # finite: a row with nothing before it stays finite
-    blocks = []
-    for number, t0 in enumerate(starts):
-        t1 = min(t0 + block, n_queries)
-        parts = []
-        width = widths[number]
-        if width > 0:
-            visible = torch.arange(width, device=keep.device) < before[..., number, None]
-            mask = None
-            if not visible.all():
-                mask = torch.zeros(visible.shape, dtype=dtype, device=keep.device)
-                mask = mask.masked_fill(~visible, huge).repeat_interleave(group, 1)[:, :, None]
-            parts.append(Part(slice(t0, t1), order[..., :width], mask, False))
-        parts.append(Part(slice(t0, t1), slice(offset + t0, offset + t1), None, t1 - t0 > 1))
-        blocks.append(parts)
-    return blocks
+class Compaction:
+    """The keys `keep` (B, Hkv, S) marks, gathered per (batch, key head) in position order."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self.before = F.pad(keep.cumsum(-1), (1, 0))  # (B, Hkv, S + 1): marked keys before
+        width = int(self.before[..., -1].max())
+        # Marked keys first, in position order; the padding is the first unmarked keys.
+        self.index = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :width]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, S, E) -> (B, Hkv, width, E)."""
+        return torch.gather(x, 2, self.index[..., None].expand(-1, -1, -1, x.size(-1)))
+
+    def scatter_add_(self, total: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Add grad (B, Hkv, width, ...) into total (B, Hkv, S, ...) at the gathered keys."""
+        index = self.index.view(*self.index.shape, *[1] * (grad.dim() - 3)).expand_as(grad)
+        return total.scatter_add_(2, index, grad.to(total.dtype))
+
+    def window(self, rows: slice, start: int, stop: int, group: int, dtype: torch.dtype
+               ) -> Part | None:
+        """The queries `rows` over the marked keys at positions [start, stop), or None."""
+        low, high = self.before[..., start], self.before[..., stop]  # (B, Hkv)
+        first, last = int(low.min()), int(high.max())
+        if last <= first:
+            return None
+        gathered = torch.arange(first, last, device=low.device)
+        hidden = (gathered < low[..., None]) | (gathered >= high[..., None])  # (B, Hkv, n)
+        mask = None
+        if hidden.any():
+            mask = _additive(hidden.repeat_interleave(group, 1)[:, :, None], dtype)  # (B,Hq,1,n)
+        return Part(rows, slice(first, last), True, mask, False, True)
+
+
+def window_parts(compaction: Compaction, n_keys: int, n_queries: int, group: int,
+                 dtype: torch.dtype) -> list[Part]:
+    """The calls that give the last n_queries of n_keys positions every marked key before
+    their diagonal block: at each level of WINDOW_BLOCKS, a block reads the marked keys
+    between the start of its parent block (or position 0) and its own start."""
+    offset, parts = n_keys - n_queries, []
+    for level, size in enumerate(WINDOW_BLOCKS):
+        parent = WINDOW_BLOCKS[level - 1] if level else None
+        for s0 in range(0, n_queries, size):
+            start = 0 if parent is None else offset + s0 // parent * parent
+            if offset + s0 > start:
+                rows = slice(s0, min(s0 + size, n_queries))
+                parts.append(compaction.window(rows, start, offset + s0, group, dtype))
+    return [part for part in parts if part is not None]
+
+
+def diagonal_parts(keep: torch.Tensor | None, n_keys: int, n_queries: int, group: int,
+                   dtype: torch.dtype, device: torch.device) -> list[Part]:
+    """The calls over each query's diagonal block: keeping what `keep` (B, Hkv, S) marks
+    and each query's own key (attention), or, with keep None, every key but the query's
+    own (the gate's gradient)."""
+    offset, n = n_keys - n_queries, WINDOW_BLOCKS[-1]
+    blocks = -(-n_queries // n)
+    own = torch.eye(n, dtype=torch.bool, device=device)  # (n, n)
+    if keep is None:
+        masks = _additive(own, dtype)
+    else:  # (B, Hq, blocks, n, n): all blocks' masks at once
+        kept = F.pad(keep[:, :, offset:], (0, blocks * n - n_queries)).view(*keep.shape[:2],
+                                                                           blocks, 1, n)
+        kept = kept if group == 1 else kept.repeat_interleave(group, 1)
+        masks = _additive(~(kept | own), dtype)
+    parts = []
+    for block, s0 in enumerate(range(0, n_queries, n)):
+        size = min(n, n_queries - s0)
+        mask = masks if keep is None else masks[:, :, block]
+        parts.append(Part(slice(s0, s0 + size), slice(offset + s0, offset + s0 + size), False,
+                          mask[..., :size, :size], size > 1, keep is None))
+    return parts
+
+
+def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask, a huge negative number where hidden. Finite: a row with nothing
+    visible stays finite (its call's weight is then zero)."""
+    huge = torch.tensor(-torch.finfo(dtype).max / 8, dtype=dtype, device=hidden.device)
+    return torch.where(hidden, huge, torch.zeros((), dtype=dtype, device=hidden.device))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from moa.kernels.key_compaction import Part, block_parts
+from moa.kernels.key_compaction import Compaction, Part, diagonal_parts, window_parts
 from moa.kernels.masks import causal_mask
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -61,25 +61,6 @@ def augment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Ten
     return q_aug, k_aug, v_aug
 
 
-class _OwnKey:
-    """Each query's own key (the last T of S), repeated over the GQA group: (B, Hq, T, E)."""
-
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.group, self.T, S = q.size(1) // k.size(1), q.size(2), k.size(2)
-        self.slice = slice(S - self.T, S)
-        self.k = _wide(k[:, :, self.slice].repeat_interleave(self.group, dim=1))
-        self.v = _wide(v[:, :, self.slice].repeat_interleave(self.group, dim=1))
-        self.score = (_wide(q) * self.k).sum(-1)  # (B, Hq, T)
-
-    def to_keys(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Sum (B, Hq, T, ...) over each GQA group into the own keys' rows of `like`."""
-        B, Hq = x.shape[:2]
-        summed = x.view(B, Hq // self.group, self.group, *x.shape[2:]).sum(2)
-        result = torch.zeros_like(like)
-        result[:, :, self.slice] = summed.to(like.dtype)
-        return result
-
-
 class _FusedMetricAttention(torch.autograd.Function):
     """(q', k', v', gate, band) -> out' (B, Hq, T, E): fused attention over the augmented
     heads, own keys kept; the gate (B, Hkv, S) gets the multiplicative-weight gradient at
@@ -88,54 +69,35 @@ class _FusedMetricAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, band, bias_column: int):
         T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
+        ctx.bias_column = bias_column
         if gate is None:
-            blocks = [[_dense_part(T, S, q.dtype, q.device)]]
-            k_closed, kept, rescued = k, None, None
+            ctx.compaction, ctx.parts = None, [_dense_part(T, S, q.dtype, q.device)]
+            kept = None
         else:
             kept = gate.detach() != 0  # (B, Hkv, S)
-            k_closed = k.clone()
-            k_closed[..., bias_column] = (~kept).to(k.dtype) * -(torch.finfo(k.dtype).max / 8)
-            blocks = block_parts(kept, T, group, q.dtype)
-        out, lse = _attend(q, k_closed, v, blocks)
-        if gate is not None:  # add back the own keys that the gate pruned
-            own = _OwnKey(q, k, v)
-            rescued = ~kept[:, :, own.slice].repeat_interleave(own.group, dim=1)  # (B,Hq,T)
-            merged = torch.where(rescued, torch.logaddexp(lse, own.score), lse)
-            w_kept = torch.exp(lse - merged)[..., None]
-            w_own = torch.where(rescued, torch.exp(own.score - merged), 0.0)[..., None]
-            out = (w_kept * _wide(out) + w_own * own.v).to(q.dtype)
-            lse = merged
-        ctx.save_for_backward(q, k, k_closed, v, out, lse, kept, rescued, band)
-        ctx.blocks, ctx.bias_column = blocks, bias_column
+            ctx.compaction = Compaction(kept)
+            ctx.parts = (diagonal_parts(kept, S, T, group, q.dtype, q.device)
+                         + window_parts(ctx.compaction, S, T, group, q.dtype))
+        out, lse = _attend(q, k, v, ctx.compaction, ctx.parts)
+        ctx.save_for_backward(q, k, v, out, lse, kept, band)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, k_closed, v, out, lse, kept, rescued, band = ctx.saved_tensors
-        dq, dk, dv = _attend_backward(d_out, q, k_closed, v, out, lse, ctx.blocks)
-        if rescued is None:
+        q, k, v, out, lse, kept, band = ctx.saved_tensors
+        args = (d_out, q, k, v, out, lse, ctx.bias_column)
+        dq, dk, dv, d_gate = _attend_backward(*args, ctx.compaction, ctx.parts)
+        if not ctx.needs_input_grad[3]:
             return dq, dk, dv, None, None, None
-        d_kept = dk[..., ctx.bias_column]  # (B, Hkv, S): a kept key's gate gradient + own term
-        own = _OwnKey(q, k, v)
-        p_own = torch.exp(own.score - lse)  # (B, Hq, T): own key's final probability
-        d_out, row = _wide(d_out), (_wide(d_out) * _wide(out)).sum(-1)
-        d_score = p_own * ((d_out * own.v).sum(-1) - row)  # (B, Hq, T)
-        d_rescued = torch.where(rescued, d_score, 0.0)[..., None]
-        dq = dq + (d_rescued * own.k).to(dq.dtype)
-        dk = dk + own.to_keys(d_rescued * _wide(q), dk)
-        dv = dv + own.to_keys(torch.where(rescued[..., None], p_own[..., None] * d_out, 0.0), dv)
-        d_gate = None
-        if ctx.needs_input_grad[3]:
-            open_keys = ~kept if band is None else band & ~kept  # (B, Hkv, S)
-            d_open = torch.zeros_like(d_kept)
-            if open_keys.any():  # the open pass: pruned keys let in, their gate's gradient
-                blocks = block_parts(open_keys, q.size(2), own.group, q.dtype)
-                d_open = _attend_backward(d_out.to(q.dtype), q, k, v, out, lse, blocks)[1]
-                d_open = d_open[..., ctx.bias_column]
-            own_term = own.to_keys(d_score[..., None], d_kept[..., None])[..., 0]
-            d_gate = torch.where(kept, d_kept, d_open) - own_term
-            d_gate = d_gate.masked_fill(~(kept | open_keys), 0.0)
-        return dq, dk, dv, d_gate, None, None
+        # The open pass, for the gate's gradient at the keys the gate prunes (those of the
+        # band): let them in, and leave each query's own key out.
+        T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
+        open_keys = ~kept if band is None else band & ~kept  # (B, Hkv, S)
+        opened = Compaction(open_keys)
+        parts = (diagonal_parts(None, S, T, group, q.dtype, q.device)
+                 + window_parts(opened, S, T, group, q.dtype))
+        d_gate = d_gate + _attend_backward(*args, opened, parts, gate_only=True)[3]
+        return dq, dk, dv, d_gate.masked_fill(~(kept | open_keys), 0.0), None, None
 
 
 def _dense_part(n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.device) -> Part:
@@ -143,51 +105,84 @@ def _dense_part(n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.d
     mask = causal_mask(n_queries, n_keys, device)
     if mask is not None:  # the kernel takes an additive mask of q's dtype
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
-    return Part(slice(0, n_queries), slice(0, n_keys), mask, mask is None and n_queries > 1)
+    return Part(slice(0, n_queries), slice(0, n_keys), False, mask,
+                mask is None and n_queries > 1, False)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[list[Part]]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, T, E) and its row log-sum-exp (B, Hq, T): each block's calls merged."""
-    if len(blocks) == 1 and len(blocks[0]) == 1:
-        part = blocks[0][0]
-        return FLASH(q[:, :, part.rows], part.select(k), part.select(v), 0.0, part.is_causal,
+def _sources(k: torch.Tensor, v: torch.Tensor, compaction: Compaction | None
+             ) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values a part reads: gathered (True) or at their positions (False)."""
+    if compaction is None:
+        return {False: (k, v)}
+    return {False: (k, v), True: (compaction.gather(k), compaction.gather(v))}
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compaction: Compaction | None,
+            parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, T, E) and its row log-sum-exp (B, Hq, T): the calls merged."""
+    sources = _sources(k, v, compaction)
+
+    def call(part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = (x[:, :, part.keys] for x in sources[part.gathered])
+        return FLASH(q[:, :, part.rows], keys, values, 0.0, part.is_causal,
                      attn_mask=part.mask, scale=1.0)
+
+    if len(parts) == 1:
+        return call(parts[0])
     out = _wide(q.new_empty(q.shape))
-    lse = out.new_empty(q.shape[:3])
-    for parts in blocks:
-        rows = parts[0].rows
-        outs, lses = zip(*(FLASH(q[:, :, rows], part.select(k), part.select(v), 0.0,
-                                 part.is_causal, attn_mask=part.mask, scale=1.0)
-                           for part in parts), strict=True)
-        merged = torch.logsumexp(torch.stack(lses), dim=0)  # (B, Hq, rows)
+    lse = q.new_empty(q.shape[:3], dtype=out.dtype)
+    written = torch.zeros(q.size(2), dtype=torch.bool)  # rows that hold a call's result
+    for part in parts:
+        rows = part.rows
+        part_out, part_lse = call(part)
+        if not written[rows].any():  # each row's first call (its diagonal block's)
+            out[:, :, rows], lse[:, :, rows] = part_out, part_lse
+            written[rows] = True
+            continue
+        merged = torch.logaddexp(lse[:, :, rows], part_lse)
+        out[:, :, rows].lerp_(_wide(part_out), torch.exp(part_lse - merged)[..., None])
         lse[:, :, rows] = merged
-        out[:, :, rows] = sum(torch.exp(part_lse - merged)[..., None] * _wide(part_out)
-                              for part_out, part_lse in zip(outs, lses, strict=True))
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def _attend_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     out: torch.Tensor, lse: torch.Tensor, blocks: list[list[Part]]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of `_attend`'s calls, given the final (merged) out and lse: each call's
-    probabilities are then the final ones, so its gradients are its share of the total."""
-    if len(blocks) == 1 and len(blocks[0]) == 1:
-        part = blocks[0][0]
-        return FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, part.is_causal,
-                              attn_mask=part.mask, scale=1.0)
-    dq, dk, dv = _wide(torch.zeros_like(q)), _wide(torch.zeros_like(k)), _wide(torch.zeros_like(v))
-    for parts in blocks:
-        rows = parts[0].rows
-        for part in parts:
-            dq_part, dk_part, dv_part = FLASH_BACKWARD(
-                d_out[:, :, rows], q[:, :, rows], part.select(k), part.select(v),
-                out[:, :, rows], lse[:, :, rows], 0.0, part.is_causal, attn_mask=part.mask,
-                scale=1.0)
+                     out: torch.Tensor, lse: torch.Tensor, bias_column: int,
+                     compaction: Compaction | None, parts: list[Part], gate_only: bool = False
+                     ) -> tuple[torch.Tensor | None, ...]:
+    """dq, dk, dv of `_attend`'s calls given the final (merged) out and lse: each call's
+    probabilities are then the final ones, so its gradients are its share of the total.
+    Also the gate gradient (B, Hkv, S): the bias column of the calls marked for it.
+    `gate_only`: that alone (dq, dk, dv None)."""
+    if len(parts) == 1 and compaction is None:
+        part = parts[0]
+        dq, dk, dv = FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, part.is_causal,
+                                    attn_mask=part.mask, scale=1.0)
+        return dq, dk, dv, None
+    sources = _sources(k, v, compaction)
+    dq = None if gate_only else torch.zeros_like(_wide(q))
+    dk, dv, d_gate = {}, {}, {}
+    for gathered, (keys, values) in sources.items():
+        d_gate[gathered] = _wide(keys.new_zeros(keys.shape[:3]))
+        if not gate_only:
+            dk[gathered] = torch.zeros_like(_wide(keys))
+            dv[gathered] = torch.zeros_like(_wide(values))
+    for part in parts:
+        keys, values = (x[:, :, part.keys] for x in sources[part.gathered])
+        rows = part.rows
+        dq_part, dk_part, dv_part = FLASH_BACKWARD(
+            d_out[:, :, rows], q[:, :, rows], keys, values, out[:, :, rows],
+            lse[:, :, rows], 0.0, part.is_causal, attn_mask=part.mask, scale=1.0)
+        if part.gate_gradient:
+            d_gate[part.gathered][:, :, part.keys] += dk_part[..., bias_column]
+        if not gate_only:
             dq[:, :, rows] += dq_part
-            part.scatter_add(dk, dk_part)
-            part.scatter_add(dv, dv_part)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            dk[part.gathered][:, :, part.keys] += dk_part
+            dv[part.gathered][:, :, part.keys] += dv_part
+    d_gate = compaction.scatter_add_(d_gate[False], d_gate[True])
+    if gate_only:
+        return None, None, None, d_gate
+    dk, dv = (compaction.scatter_add_(x[False], x[True]) for x in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate
 
 
 def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
