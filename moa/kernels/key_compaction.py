@@ -8,14 +8,15 @@ position is visible to every query of the block, so it is one unmasked call over
 of the gathered keys (`window_parts`). A per-key additive mask hides the window's keys
 that belong to another (batch, head): padding, or keys at or past the block.
 
-Two block sizes: calls of OUTER_BLOCK queries read the kept keys before their block
-(the flash kernel's backward is slow for short query blocks), then calls of DIAGONAL_BLOCK
-queries read the kept keys between the outer block's start and their own. What is left is
-each query's diagonal block, [start, start + DIAGONAL_BLOCK) of the positions: a causal
-call over the original keys whose mask keeps the kept keys and each query's own key
-(`diagonal_parts`). Work: about `p L^2 / 2 + L * DIAGONAL_BLOCK` score pairs against
-`L^2 / 2` unpruned. (The diagonal blocks as one batched eager product were slower: on CPU
-the flash kernel's score pairs cost less than eager elementwise passes.)
+Block levels (WINDOW_BLOCKS, e.g. 1024, 256, 64): a block of each level reads the kept
+keys between the start of its parent block (position 0 for the top level) and its own
+start, so most score pairs fall in calls of many queries (the flash kernel's backward is
+slow for short query blocks) and each query is in one call per level. What is left is each
+query's diagonal block, the last level's block at its own positions: a causal call over the
+original keys whose mask keeps the kept keys and each query's own key (`diagonal_parts`).
+Work: about `p L^2 / 2 + L n` score pairs (n the last level) against `L^2 / 2` unpruned,
+plus a log-sum-exp merge per level. (The diagonal blocks as one batched eager product were
+slower: on CPU the flash kernel's score pairs cost less than eager elementwise passes.)
 """
 
 from __future__ import annotations

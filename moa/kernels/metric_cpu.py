@@ -10,18 +10,28 @@ a softmax row, metric attention is dot-product attention (scale 1) over augmente
 
 with n = ||k||^2. The hi/lo split writes a and n as the sum of two numbers of the input
 dtype, so in bfloat16 the key-norm bias keeps about 16 bits instead of 8 (in float32 and
-float64 the lo parts are zero). `bias_j` is 0 for a kept key and a huge negative number for
-a key pruned by its ball. E rounds D + 4 up to a multiple of 8, and v is padded to E too:
-the fused kernel needs equal head dims, and an extra column costs nothing there.
+float64 the lo parts are zero). `bias_j` is 0: its column's gradient, the sum of key j's
+score gradients, is the gradient of key j's gate. E rounds D + 4 up to a multiple of 8, and
+v is padded to E too: the fused kernel needs equal head dims, and an extra column costs
+nothing there.
 
 The kernel is called through `aten::_scaled_dot_product_flash_attention_for_cpu` and its
-backward, which also hand over the row log-sum-exp: O(L) memory, no L x L tensor.
-A query keeps its own key even where its ball prunes it: those rows are merged with the
-own key's term by log-sum-exp arithmetic after the kernel. The backward kernel is then
-given the merged output and log-sum-exp, so its probabilities are the final ones; the own
-key's term is added in closed form. The gradient for a key's gate (its multiplicative
-weight, as in the reference) is the bias column's gradient from a second backward pass in
-which no key is pruned, less the own-key term.
+backward, which also hand over the row log-sum-exp: O(L) memory, no L x L tensor. Without
+a gate, that is one causal call. With a gate (ball pruning), the keys the gate prunes are
+dropped before the kernel, not masked inside it: the ball's test reads the key alone, so
+a pruned key is pruned for every query. The kept keys are gathered and attention runs as
+several calls, over windows of the gathered keys and over each query's diagonal block
+(which keeps each query's own key), merged by log-sum-exp (`key_compaction.py`). Each
+call's backward is given the merged output and log-sum-exp, so its probabilities are the
+final ones and its gradients are its share of the total.
+
+The gate's gradient (its multiplicative weight, as in the reference; a query's own key
+excluded) is needed only where the ball's surrogate has a slope (`BallGate.band`). It is
+the bias column's gradient: from the window calls above for the kept keys (no window holds
+a query's own key), and from one more backward pass for the rest: the band's pruned keys
+gathered into windows of their own, and the diagonal blocks with every key let in but each
+query's own. Far keys outside the diagonal blocks are never read, and no far key gets a
+gate gradient (`gate_band=None`: every pruned key gets one).
 """
 
 from __future__ import annotations
