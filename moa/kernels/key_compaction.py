@@ -62,18 +62,23 @@ class Compaction:
         index = self.index.view(*self.index.shape, *[1] * (grad.dim() - 3)).expand_as(grad)
         return total.scatter_add_(2, index, grad.to(total.dtype))
 
-    def window(self, rows: slice, start: int, stop: int, group: int, dtype: torch.dtype
-               ) -> Part | None:
-        """The queries `rows` over the marked keys at positions [start, stop), or None."""
+    def window(self, rows: slice, start: int, stop: int, group: int, dtype: torch.dtype,
+               row_positions: torch.Tensor | None = None) -> Part | None:
+        """The queries `rows` over the marked keys at positions [start, stop), or None.
+        With row_positions (rows,), each query sees only the keys before its position."""
         low, high = self.before[..., start], self.before[..., stop]  # (B, Hkv)
         first, last = int(low.min()), int(high.max())
         if last <= first:
             return None
         gathered = torch.arange(first, last, device=low.device)
         hidden = (gathered < low[..., None]) | (gathered >= high[..., None])  # (B, Hkv, n)
+        hidden = hidden[:, :, None]  # (B, Hkv, 1, n)
+        if row_positions is not None:  # (B, Hkv, rows, n)
+            later = self.index[:, :, None, first:last] >= row_positions[:, None]
+            hidden = hidden | later
         mask = None
         if hidden.any():
-            mask = _additive(hidden.repeat_interleave(group, 1)[:, :, None], dtype)  # (B,Hq,1,n)
+            mask = _additive(hidden.repeat_interleave(group, 1), dtype)  # (B, Hq, 1 or rows, n)
         return Part(rows, slice(first, last), True, mask, False, True)
 
 
@@ -93,28 +98,37 @@ def window_parts(compaction: Compaction, n_keys: int, n_queries: int, group: int
     return [part for part in parts if part is not None]
 
 
-def diagonal_parts(keep: torch.Tensor | None, n_keys: int, n_queries: int, group: int,
-                   dtype: torch.dtype, device: torch.device) -> list[Part]:
-    """The calls over each query's diagonal block: keeping what `keep` (B, Hkv, S) marks
-    and each query's own key (attention), or, with keep None, every key but the query's
-    own (the gate's gradient)."""
+def diagonal_parts(keep: torch.Tensor, n_keys: int, n_queries: int, group: int,
+                   dtype: torch.dtype) -> list[Part]:
+    """The calls over each query's diagonal block, keeping what `keep` (B, Hkv, S) marks
+    and each query's own key."""
     offset, n = n_keys - n_queries, WINDOW_BLOCKS[-1]
     blocks = -(-n_queries // n)
-    own = torch.eye(n, dtype=torch.bool, device=device)  # (n, n)
-    if keep is None:
-        masks = _additive(own, dtype)
-    else:  # (B, Hq, blocks, n, n): all blocks' masks at once
-        kept = F.pad(keep[:, :, offset:], (0, blocks * n - n_queries)).view(*keep.shape[:2],
-                                                                           blocks, 1, n)
-        kept = kept if group == 1 else kept.repeat_interleave(group, 1)
-        masks = _additive(~(kept | own), dtype)
+    own = torch.eye(n, dtype=torch.bool, device=keep.device)  # (n, n)
+    kept = F.pad(keep[:, :, offset:], (0, blocks * n - n_queries)).view(*keep.shape[:2],
+                                                                       blocks, 1, n)
+    kept = kept if group == 1 else kept.repeat_interleave(group, 1)
+    masks = _additive(~(kept | own), dtype)  # (B, Hq, blocks, n, n): all blocks at once
     parts = []
     for block, s0 in enumerate(range(0, n_queries, n)):
         size = min(n, n_queries - s0)
-        mask = masks if keep is None else masks[:, :, block]
         parts.append(Part(slice(s0, s0 + size), slice(offset + s0, offset + s0 + size), False,
-                          mask[..., :size, :size], size > 1, keep is None))
+                          masks[:, :, block, :size, :size], size > 1, False))
     return parts
+
+
+def diagonal_windows(compaction: Compaction, n_keys: int, n_queries: int, group: int,
+                     dtype: torch.dtype) -> list[Part]:
+    """The calls over the marked keys of each query's diagonal block that come before the
+    query (its own key left out): the gate's gradient within the diagonal blocks."""
+    offset, n = n_keys - n_queries, WINDOW_BLOCKS[-1]
+    parts = []
+    for s0 in range(0, n_queries, n):
+        rows = slice(s0, min(s0 + n, n_queries))
+        positions = offset + torch.arange(rows.start, rows.stop, device=compaction.index.device)
+        parts.append(compaction.window(rows, offset + rows.start, offset + rows.stop, group,
+                                       dtype, positions))
+    return [part for part in parts if part is not None]
 
 
 def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

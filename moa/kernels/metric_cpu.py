@@ -38,7 +38,13 @@ from __future__ import annotations
 
 import torch
 
-from moa.kernels.key_compaction import Compaction, Part, diagonal_parts, window_parts
+from moa.kernels.key_compaction import (
+    Compaction,
+    Part,
+    diagonal_parts,
+    diagonal_windows,
+    window_parts,
+)
 from moa.kernels.masks import causal_mask
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -86,7 +92,7 @@ class _FusedMetricAttention(torch.autograd.Function):
         else:
             kept = gate.detach() != 0  # (B, Hkv, S)
             ctx.compaction = Compaction(kept)
-            ctx.parts = (diagonal_parts(kept, S, T, group, q.dtype, q.device)
+            ctx.parts = (diagonal_parts(kept, S, T, group, q.dtype)
                          + window_parts(ctx.compaction, S, T, group, q.dtype))
         out, lse = _attend(q, k, v, ctx.compaction, ctx.parts)
         ctx.save_for_backward(q, k, v, out, lse, kept, band)
@@ -99,15 +105,19 @@ class _FusedMetricAttention(torch.autograd.Function):
         dq, dk, dv, d_gate = _attend_backward(*args, ctx.compaction, ctx.parts)
         if not ctx.needs_input_grad[3]:
             return dq, dk, dv, None, None, None
-        # The open pass, for the gate's gradient at the keys the gate prunes (those of the
-        # band): let them in, and leave each query's own key out.
+        # The open pass, for the rest of the gate's gradient at the band's keys: the pruned
+        # ones let in over the windows, and every one over its diagonal block.
         T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
-        open_keys = ~kept if band is None else band & ~kept  # (B, Hkv, S)
-        opened = Compaction(open_keys)
-        parts = (diagonal_parts(None, S, T, group, q.dtype, q.device)
-                 + window_parts(opened, S, T, group, q.dtype))
-        d_gate = d_gate + _attend_backward(*args, opened, parts, gate_only=True)[3]
-        return dq, dk, dv, d_gate.masked_fill(~(kept | open_keys), 0.0), None, None
+        band = torch.ones_like(kept) if band is None else band  # (B, Hkv, S)
+        opened = Compaction(band & ~kept)
+        d_gate = d_gate + _attend_backward(*args, opened,
+                                           window_parts(opened, S, T, group, q.dtype),
+                                           gate_only=True)[3]
+        banded = Compaction(band)
+        d_gate = d_gate + _attend_backward(*args, banded,
+                                           diagonal_windows(banded, S, T, group, q.dtype),
+                                           gate_only=True)[3]
+        return dq, dk, dv, d_gate.masked_fill(~band, 0.0), None, None
 
 
 def _dense_part(n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.device) -> Part:

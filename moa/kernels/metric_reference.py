@@ -11,10 +11,11 @@ Every implementation (`metric_attention_eager` here, `metric_attention_cpu` in
     k_norm  (B, Hkv, S)     ||k_j||^2, passed in so that a KV cache can keep it
     alpha   (Hq,)           positive sharpness per query head
     gate    (B, Hkv, S) | None   1 keeps key j, 0 prunes it (ball pruning); None keeps all
-    gate_band (B, Hkv, S) bool | None   the pruned keys whose gate gradient is wanted (the
-                            ball's band, `BallGate.band`); a fused kernel leaves the other
-                            pruned keys' gate gradient at zero and skips them. None: every
-                            key. The reference computes every key's gradient and ignores it.
+    gate_band (B, Hkv, S) bool | None   the keys whose gate gradient is wanted (the ball's
+                            band, `BallGate.band`, where its surrogate has a slope); a fused
+                            kernel may leave any other key's gate gradient at zero and skip
+                            the pruned ones. None: every key. The reference computes every
+                            key's gradient and ignores it.
     out     (B, Hq, T, D)
 
 The score of query i for key j is `s_ij = -alpha * ||q_i - k_j||^2`. The queries are the
