@@ -21,8 +21,10 @@ forward+backward's GPU kernel times and its host and device totals, from torch's
 fused kernel of the device unpruned (gate None), then with a ball (`BallPruning`, origin 0,
 radius 1, band 0.5, the radius learned so the backward computes the gate's gradient) that
 keeps a fraction p of the keys: key directions are random and their norms uniform on
-(0, 1/p), so a fraction p lies inside. Each row carries the measured `kept_fraction` and
-`ratio_to_unpruned`, its time over the unpruned kernel's in the same run.
+(0, 1/p), so a fraction p lies inside. On CPU the unpruned and pruned calls take turns in
+each repeat (a loaded machine slows them alike). Each row carries the measured
+`kept_fraction` and `ratio_to_unpruned`, its time over the unpruned kernel's in the same
+run.
 """
 
 from __future__ import annotations
@@ -105,28 +107,48 @@ def _pruned(fn, balls: BallPruning) -> Callable[..., torch.Tensor]:
     return call
 
 
+def _interleaved_ms(setups: list[tuple], device: str, repeats: int) -> list[tuple[float, float]]:
+    """(forward, forward+backward) ms of each (call, inputs). On CPU the setups take turns
+    within each repeat, so a load that comes and goes weighs on all of them alike."""
+    if device == "cuda":
+        return [(_time_ms(call, inputs, False, device, repeats),
+                 _time_ms(call, inputs, True, device, repeats)) for call, inputs in setups]
+    times = [([], []) for _ in setups]
+    for call, inputs in setups:  # warm-up
+        _step(call, inputs, True)
+    for _ in range(repeats):
+        for (call, inputs), (fwd, fwd_bwd) in zip(setups, times, strict=True):
+            for backward, record in ((False, fwd), (True, fwd_bwd)):
+                start = time.perf_counter()
+                _step(call, inputs, backward)
+                record.append(time.perf_counter() - start)
+    return [(1e3 * statistics.median(fwd), 1e3 * statistics.median(fwd_bwd))
+            for fwd, fwd_bwd in times]
+
+
 def _ball_rows(args, device: str, dtype: torch.dtype) -> list[dict]:
     """The fused kernel unpruned and at each kept fraction of --balls, per length."""
     impl = FUSED[device]
     fn, records = _kernel(impl), []
     print(f"{'impl':>10} {'L':>6} {'kept':>6} {'fwd_ms':>9} {'fwd_bwd_ms':>11} {'ratio':>11}")
     for L in args.lengths or [2048, 4096]:
-        unpruned = None
+        setups, kept = [], []
         for target in [1.0, *args.balls]:
             torch.manual_seed(0)
             inputs, balls = _ball_inputs(args.batch, L, target, device, dtype)
-            call, kept = _call(impl), 1.0
-            if unpruned is not None:
-                call = _pruned(fn, balls)
-                kept = balls(inputs[1].detach()).gate.mean().item()
-            fwd = _time_ms(call, inputs, False, device, args.repeats)
-            fwd_bwd = _time_ms(call, inputs, True, device, args.repeats)
-            unpruned = unpruned or (fwd, fwd_bwd)
-            ratio = {"fwd": fwd / unpruned[0], "fwd_bwd": fwd_bwd / unpruned[1]}
+            if setups:
+                setups.append((_pruned(fn, balls), inputs))
+                kept.append(balls(inputs[1].detach()).gate.mean().item())
+            else:  # the same kernel with no gate
+                setups.append((_call(impl), inputs))
+                kept.append(1.0)
+        times = _interleaved_ms(setups, device, args.repeats)
+        for fraction, (fwd, fwd_bwd) in zip(kept, times, strict=True):
+            ratio = {"fwd": fwd / times[0][0], "fwd_bwd": fwd_bwd / times[0][1]}
             records.append(dict(impl=impl, L=L, device=device, dtype=str(dtype).split(".")[-1],
-                                batch=args.batch, H=H, D=D, kept_fraction=kept,
+                                batch=args.batch, H=H, D=D, kept_fraction=fraction,
                                 fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, ratio_to_unpruned=ratio))
-            print(f"{impl:>10} {L:>6} {kept:6.3f} {fwd:9.2f} {fwd_bwd:11.2f} "
+            print(f"{impl:>10} {L:>6} {fraction:6.3f} {fwd:9.2f} {fwd_bwd:11.2f} "
                   f"{ratio['fwd']:5.2f}/{ratio['fwd_bwd']:4.2f}", flush=True)
     return records
 
