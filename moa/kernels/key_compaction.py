@@ -31,17 +31,15 @@ WINDOW_BLOCKS = (1024, 256, 64)  # each divides the one before; the last: diagon
 
 @dataclass
 class Part:
-    """One flash-kernel call: query rows over a slice of the gathered keys (`gathered`) or
-    of the positions. mask is additive and broadcasts to (B, Hq, rows, keys).
-    `gate_gradient`: the call's bias-column gradient counts towards the gate's (not where
-    the call holds a query's own key, whose weight is 1)."""
+    """One flash-kernel call: query rows over a slice of the gathered keys (`gathered`: a
+    window) or of the positions (a diagonal block, or every key). mask is additive and
+    broadcasts to (B, Hq, rows, keys)."""
 
     rows: slice
     keys: slice
     gathered: bool
     mask: torch.Tensor | None
     is_causal: bool
-    gate_gradient: bool
 
 
 class Compaction:
@@ -79,7 +77,7 @@ class Compaction:
         mask = None
         if hidden.any():
             mask = _additive(hidden.repeat_interleave(group, 1), dtype)  # (B, Hq, 1 or rows, n)
-        return Part(rows, slice(first, last), True, mask, False, True)
+        return Part(rows, slice(first, last), True, mask, False)
 
 
 def window_parts(compaction: Compaction, n_keys: int, n_queries: int, group: int,
@@ -113,7 +111,7 @@ def diagonal_parts(keep: torch.Tensor, n_keys: int, n_queries: int, group: int,
     for block, s0 in enumerate(range(0, n_queries, n)):
         size = min(n, n_queries - s0)
         parts.append(Part(slice(s0, s0 + size), slice(offset + s0, offset + s0 + size), False,
-                          masks[:, :, block, :size, :size], size > 1, False))
+                          masks[:, :, block, :size, :size], size > 1))
     return parts
 
 

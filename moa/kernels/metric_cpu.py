@@ -80,7 +80,7 @@ def augment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Ten
 class _FusedMetricAttention(torch.autograd.Function):
     """(q', k', v', gate, band) -> out' (B, Hq, T, E): fused attention over the augmented
     heads, own keys kept; the gate (B, Hkv, S) gets the multiplicative-weight gradient at
-    its kept keys and at the pruned keys that `band` marks (None: at every key)."""
+    the keys `band` marks (None: at every key), zero elsewhere."""
 
     @staticmethod
     def forward(ctx, q, k, v, gate, band, bias_column: int):
@@ -126,7 +126,7 @@ def _dense_part(n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.d
     if mask is not None:  # the kernel takes an additive mask of q's dtype
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     return Part(slice(0, n_queries), slice(0, n_keys), False, mask,
-                mask is None and n_queries > 1, False)
+                mask is None and n_queries > 1)
 
 
 def _sources(k: torch.Tensor, v: torch.Tensor, compaction: Compaction | None
@@ -151,13 +151,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compaction: Compa
         return call(parts[0])
     out = _wide(q.new_empty(q.shape))
     lse = q.new_empty(q.shape[:3], dtype=out.dtype)
-    written = torch.zeros(q.size(2), dtype=torch.bool)  # rows that hold a call's result
-    for part in parts:
+    for part in parts:  # the diagonal blocks first: they cover every row
         rows = part.rows
         part_out, part_lse = call(part)
-        if not written[rows].any():  # each row's first call (its diagonal block's)
+        if not part.gathered:
             out[:, :, rows], lse[:, :, rows] = part_out, part_lse
-            written[rows] = True
             continue
         merged = torch.logaddexp(lse[:, :, rows], part_lse)
         out[:, :, rows].lerp_(_wide(part_out), torch.exp(part_lse - merged)[..., None])
@@ -171,34 +169,33 @@ def _attend_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                      ) -> tuple[torch.Tensor | None, ...]:
     """dq, dk, dv of `_attend`'s calls given the final (merged) out and lse: each call's
     probabilities are then the final ones, so its gradients are its share of the total.
-    Also the gate gradient (B, Hkv, S): the bias column of the calls marked for it.
-    `gate_only`: that alone (dq, dk, dv None)."""
-    if len(parts) == 1 and compaction is None:
+    Also the gate gradient (B, Hkv, S): the bias column's gradient of the window calls (no
+    window holds a query's own key, whose weight is 1). `gate_only`: that alone."""
+    if compaction is None:  # one dense call
         part = parts[0]
         dq, dk, dv = FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, part.is_causal,
                                     attn_mask=part.mask, scale=1.0)
         return dq, dk, dv, None
     sources = _sources(k, v, compaction)
-    dq = None if gate_only else torch.zeros_like(_wide(q))
-    dk, dv, d_gate = {}, {}, {}
-    for gathered, (keys, values) in sources.items():
-        d_gate[gathered] = _wide(keys.new_zeros(keys.shape[:3]))
-        if not gate_only:
-            dk[gathered] = torch.zeros_like(_wide(keys))
-            dv[gathered] = torch.zeros_like(_wide(values))
+    d_gate = _wide(sources[True][0].new_zeros(sources[True][0].shape[:3]))  # (B, Hkv, width)
+    if not gate_only:
+        dq = torch.zeros_like(_wide(q))
+        dk = {gathered: torch.zeros_like(_wide(keys)) for gathered, (keys, _) in sources.items()}
+        dv = {gathered: torch.zeros_like(_wide(values))
+              for gathered, (_, values) in sources.items()}
     for part in parts:
         keys, values = (x[:, :, part.keys] for x in sources[part.gathered])
         rows = part.rows
         dq_part, dk_part, dv_part = FLASH_BACKWARD(
             d_out[:, :, rows], q[:, :, rows], keys, values, out[:, :, rows],
             lse[:, :, rows], 0.0, part.is_causal, attn_mask=part.mask, scale=1.0)
-        if part.gate_gradient:
-            d_gate[part.gathered][:, :, part.keys] += dk_part[..., bias_column]
+        if part.gathered:
+            d_gate[:, :, part.keys] += dk_part[..., bias_column]
         if not gate_only:
             dq[:, :, rows] += dq_part
             dk[part.gathered][:, :, part.keys] += dk_part
             dv[part.gathered][:, :, part.keys] += dv_part
-    d_gate = compaction.scatter_add_(d_gate[False], d_gate[True])
+    d_gate = compaction.scatter_add_(torch.zeros_like(_wide(k[..., 0])), d_gate)
     if gate_only:
         return None, None, None, d_gate
     dk, dv = (compaction.scatter_add_(x[False], x[True]) for x in (dk, dv))
