@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -215,16 +215,16 @@ def test_bidirectional_matches_reference(case, masked):
 
 
 # Ball pruning: the fused kernels drop pruned keys (`moa/kernels/key_compaction.py`) and
-# compute the gate's gradient at the kept and band keys only. Small blocks, so that short
-# sequences cross many of them.
+# compute the gate's gradient at the band's keys only. Small blocks and no short-sequence
+# path, so that short sequences cross many blocks.
 @contextmanager
 def small_blocks(sizes: tuple[int, ...] = (16, 8, 4)):
-    saved = key_compaction.WINDOW_BLOCKS
-    key_compaction.WINDOW_BLOCKS = sizes
+    saved = key_compaction.WINDOW_BLOCKS, key_compaction.SHORT
+    key_compaction.WINDOW_BLOCKS, key_compaction.SHORT = sizes, 0
     try:
         yield
     finally:
-        key_compaction.WINDOW_BLOCKS = saved
+        key_compaction.WINDOW_BLOCKS, key_compaction.SHORT = saved
 
 
 def _ball_inputs(B, Hq, Hkv, T, S, D, kept, device="cpu"):
@@ -277,14 +277,16 @@ def ball_shapes(draw) -> tuple[int, ...]:
 
 
 @settings(max_examples=30)
-@given(case=ball_shapes(), kept=st.sampled_from(KEPT_FRACTIONS))
-@example(case=(2, 4, 2, 33, 33, 16), kept=0.1)
-@example(case=(2, 4, 1, 17, 40, 8), kept=0.25)
-@example(case=(1, 4, 4, 1, 23, 8), kept=0.5)
-def test_cpu_fused_ball_pruning_matches_reference(case, kept):
+@given(case=ball_shapes(), kept=st.sampled_from(KEPT_FRACTIONS), compacted=st.booleans())
+@example(case=(2, 4, 2, 33, 33, 16), kept=0.1, compacted=True)
+@example(case=(2, 4, 1, 17, 40, 8), kept=0.25, compacted=True)
+@example(case=(1, 4, 4, 1, 23, 8), kept=0.5, compacted=True)
+@example(case=(2, 4, 2, 33, 33, 16), kept=0.25, compacted=False)
+def test_cpu_fused_ball_pruning_matches_reference(case, kept, compacted):
     """Outputs and every gradient, through the ball (radius, origin), equal the gated
-    reference in float64 at kept fractions 0.1 to 1, self-attention and T < S."""
-    with small_blocks():
+    reference in float64 at kept fractions 0.1 to 1, self-attention and T < S: the
+    compacted calls, and the one masked call of short sequences."""
+    with small_blocks() if compacted else nullcontext():
         _check_balls(metric_attention_cpu, case, kept)
 
 

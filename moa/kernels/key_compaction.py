@@ -17,6 +17,8 @@ original keys whose mask keeps the kept keys and each query's own key (`diagonal
 Work: about `p L^2 / 2 + L n` score pairs (n the last level) against `L^2 / 2` unpruned,
 plus a log-sum-exp merge per level. (The diagonal blocks as one batched eager product were
 slower: on CPU the flash kernel's score pairs cost less than eager elementwise passes.)
+Up to SHORT keys, where the calls and passes cost more than they save, attention is one
+call over every key with a (T, S) mask (`masked_part`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 WINDOW_BLOCKS = (1024, 256, 64)  # each divides the one before; the last: diagonal blocks
+SHORT = 256  # up to this many keys, one call with a (T, S) mask costs less than compaction
 
 
 @dataclass
@@ -127,6 +130,20 @@ def diagonal_windows(compaction: Compaction, n_keys: int, n_queries: int, group:
         parts.append(compaction.window(rows, offset + rows.start, offset + rows.stop, group,
                                        dtype, positions))
     return [part for part in parts if part is not None]
+
+
+def masked_part(keep: torch.Tensor, n_queries: int, group: int, dtype: torch.dtype,
+                own_key: bool) -> Part:
+    """One call over every key, for short sequences: the causal keys that `keep` (B, Hkv, S)
+    marks, and each query's own key (own_key=True: attention) or not (False: the gate's
+    gradient, where the own key's weight is 1). Mask (B, Hq, T, S)."""
+    S = keep.size(-1)
+    positions = torch.arange(S - n_queries, S, device=keep.device)[:, None]  # (T, 1)
+    keys = torch.arange(S, device=keep.device)
+    causal, own = keys <= positions, keys == positions  # (T, S)
+    keep = keep if group == 1 else keep.repeat_interleave(group, 1)
+    visible = causal & (keep[:, :, None] | own) if own_key else causal & ~own & keep[:, :, None]
+    return Part(slice(0, n_queries), slice(0, S), False, _additive(~visible, dtype), False)
 
 
 def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

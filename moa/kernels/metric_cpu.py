@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import torch
 
+from moa.kernels import key_compaction
 from moa.kernels.key_compaction import (
     Compaction,
     Part,
     diagonal_parts,
     diagonal_windows,
+    masked_part,
     window_parts,
 )
 from moa.kernels.masks import causal_mask
@@ -86,11 +88,13 @@ class _FusedMetricAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, gate, band, bias_column: int):
         T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
         ctx.bias_column = bias_column
+        kept = None if gate is None else gate.detach() != 0  # (B, Hkv, S)
+        ctx.compaction = None
         if gate is None:
-            ctx.compaction, ctx.parts = None, [_dense_part(T, S, q.dtype, q.device)]
-            kept = None
+            ctx.parts = [_dense_part(T, S, q.dtype, q.device)]
+        elif S <= key_compaction.SHORT:
+            ctx.parts = [masked_part(kept, T, group, q.dtype, own_key=True)]
         else:
-            kept = gate.detach() != 0  # (B, Hkv, S)
             ctx.compaction = Compaction(kept)
             ctx.parts = (diagonal_parts(kept, S, T, group, q.dtype)
                          + window_parts(ctx.compaction, S, T, group, q.dtype))
@@ -109,6 +113,11 @@ class _FusedMetricAttention(torch.autograd.Function):
         # ones let in over the windows, and every one over its diagonal block.
         T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
         band = torch.ones_like(kept) if band is None else band  # (B, Hkv, S)
+        if ctx.compaction is None:  # short: one call, the band's keys let in
+            part = masked_part(band, T, group, q.dtype, own_key=False)
+            d_gate = FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, False, attn_mask=part.mask,
+                                    scale=1.0)[1][..., ctx.bias_column]
+            return dq, dk, dv, d_gate.masked_fill(~band, 0.0), None, None
         opened = Compaction(band & ~kept)
         d_gate = d_gate + _attend_backward(*args, opened,
                                            window_parts(opened, S, T, group, q.dtype),
