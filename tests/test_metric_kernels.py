@@ -2,13 +2,16 @@
 
 Fresh random inputs per case; forward and every gradient (q, k, v, key norms, alpha, ball
 gate); odd lengths, several head dims, GQA groupings, batch > 1, with and without the
-ball gate, self-attention and cached-decoding shapes (T < S). The Triton kernels run
-under `TRITON_INTERPRET=1` on CPU.
+ball gate, self-attention and cached-decoding shapes (T < S). With balls (radius set to
+keep a chosen fraction of the keys) the gradients reach the radius and the origin. The
+Triton kernels run under `TRITON_INTERPRET=1` on CPU.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from hypothesis import strategies as st
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+from moa.attention.balls import BallPruning  # noqa: E402
+from moa.kernels import key_compaction, metric_cpu  # noqa: E402
 from moa.kernels.metric_cpu import metric_attention_cpu  # noqa: E402
 from moa.kernels.metric_reference import metric_attention_eager  # noqa: E402
 
@@ -207,3 +212,120 @@ def test_bidirectional_matches_reference(case, masked):
                                 torch.autograd.grad(out, leaves, d_out),
                                 torch.autograd.grad(expected, leaves, d_out), strict=True):
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=f"d{name} differs")
+
+
+# Ball pruning: the fused kernels drop pruned keys (`moa/kernels/key_compaction.py`) and
+# compute the gate's gradient at the band's keys only. Small blocks and no short-sequence
+# path, so that short sequences cross many blocks.
+@contextmanager
+def small_blocks(sizes: tuple[int, ...] = (16, 8, 4)):
+    saved = key_compaction.WINDOW_BLOCKS, key_compaction.SHORT
+    key_compaction.WINDOW_BLOCKS, key_compaction.SHORT = sizes, 0
+    try:
+        yield
+    finally:
+        key_compaction.WINDOW_BLOCKS, key_compaction.SHORT = saved
+
+
+def _ball_inputs(B, Hq, Hkv, T, S, D, kept, device="cpu"):
+    """Random q, k, v, alpha and a ball per key head (random origin) whose radius keeps a
+    fraction `kept` of that head's keys: the ceil(kept * B * S)-th smallest distance."""
+    q, k, v, _, alpha, _ = _inputs(B, Hq, Hkv, T, S, D, gated=False, device=device)
+    balls = BallPruning(Hkv, D, radius_init=1.0, learn_radius=True, origin_init_scale=0.3,
+                        band=0.5).to(device, torch.float64)
+    with torch.no_grad():
+        distance = (k - balls.origin[None, :, None]).norm(dim=-1)  # (B, Hkv, S)
+        ranked = distance.transpose(0, 1).reshape(Hkv, -1).sort(dim=1).values
+        balls.log_radius.copy_(ranked[:, math.ceil(kept * B * S) - 1].log())
+    return [q, k, v, alpha], balls
+
+
+def _ball_run(fn, inputs, balls, d_out):
+    """out and the gradients of q, k, v, alpha, the radius and the origin, with the gate
+    (and, for a fused kernel, its band) from the ball."""
+    q, k, v, alpha = inputs
+    gate, band, _ = balls(k)
+    extra = () if fn is metric_attention_eager else (band,)
+    out = fn(q, k, v, k.pow(2).sum(-1), alpha, gate, *extra)
+    leaves = [q, k, v, alpha, balls.log_radius, balls.origin]
+    return out, torch.autograd.grad(out, leaves, d_out), gate
+
+
+def _check_balls(fn, case, kept, device="cpu"):
+    inputs, balls = _ball_inputs(*case, kept, device=device)
+    d_out = torch.randn_like(inputs[0])
+    expected, expected_grads, gate = _ball_run(metric_attention_eager, inputs, balls, d_out)
+    B, S = case[0], case[4]
+    assert abs(gate.mean().item() - kept) <= 1 / (B * S) + 1e-9  # the ball keeps `kept`
+    out, grads, _ = _ball_run(fn, inputs, balls, d_out)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    for name, grad, want in zip(["q", "k", "v", "alpha", "radius", "origin"], grads,
+                                expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=f"d{name} differs")
+
+
+KEPT_FRACTIONS = [0.1, 0.25, 0.5, 0.75, 1.0]
+
+
+@st.composite
+def ball_shapes(draw) -> tuple[int, ...]:
+    """(B, Hq, Hkv, T, S, D): Hq = 4 over Hkv 4, 2 or 1; odd lengths; T <= S."""
+    n_kv = draw(st.sampled_from([1, 2, 4]))
+    T = draw(st.integers(1, 15)) * 2 + 1
+    S = draw(st.one_of(st.just(T), st.integers(T, T + 30)))
+    return draw(st.integers(1, 2)), 4, n_kv, T, S, draw(st.sampled_from([8, 16]))
+
+
+@settings(max_examples=30)
+@given(case=ball_shapes(), kept=st.sampled_from(KEPT_FRACTIONS), compacted=st.booleans())
+@example(case=(2, 4, 2, 33, 33, 16), kept=0.1, compacted=True)
+@example(case=(2, 4, 1, 17, 40, 8), kept=0.25, compacted=True)
+@example(case=(1, 4, 4, 1, 23, 8), kept=0.5, compacted=True)
+@example(case=(2, 4, 2, 33, 33, 16), kept=0.25, compacted=False)
+def test_cpu_fused_ball_pruning_matches_reference(case, kept, compacted):
+    """Outputs and every gradient, through the ball (radius, origin), equal the gated
+    reference in float64 at kept fractions 0.1 to 1, self-attention and T < S: the
+    compacted calls, and the one masked call of short sequences."""
+    with small_blocks() if compacted else nullcontext():
+        _check_balls(metric_attention_cpu, case, kept)
+
+
+@needs_triton
+@pytest.mark.parametrize(("case", "kept"), [((2, 4, 2, 33, 33, 16), 0.1),
+                                           ((1, 4, 1, 9, 29, 16), 0.5)])
+def test_triton_ball_pruning_matches_reference(case, kept):
+    """The Triton backward visits key blocks with a kept, own or band key only."""
+    _check_balls(metric_triton.metric_attention_triton, case, kept, DEVICE)
+
+
+def test_pruned_keys_cost_nothing(monkeypatch):
+    """The forward calls read the kept keys (plus each query's diagonal block), and the
+    backward's extra pass for the gate gradient gathers the band's keys only (its pruned
+    keys for the windows, all of them for the diagonal blocks): far keys are never read
+    there, and no key outside the band gets a gate gradient."""
+    B, Hq, Hkv, T, D = 1, 4, 2, 96, 8
+    inputs, balls = _ball_inputs(B, Hq, Hkv, T, T, D, kept=0.25)
+    q, k, v, alpha = inputs
+    gate, band, _ = balls(k)
+    kept = gate.detach() > 0
+    far = ~kept & ~band
+    assert far.any() and (band & ~kept).any()
+    pairs, gathered = [], []
+    flash = metric_cpu.FLASH
+    monkeypatch.setattr(metric_cpu, "FLASH", lambda q, k, *args, **kwargs: pairs.append(
+        q.size(2) * k.size(2)) or flash(q, k, *args, **kwargs))
+    compaction = metric_cpu.Compaction
+    monkeypatch.setattr(metric_cpu, "Compaction",
+                        lambda keep: gathered.append(keep.clone()) or compaction(keep))
+    with small_blocks((32, 8)):
+        out = metric_attention_cpu(q, k, v, k.pow(2).sum(-1), alpha, gate, band)
+        d_gate, = torch.autograd.grad(out, gate, torch.randn_like(out))
+    # Each query reads at most the kept keys before its outer block, those between that
+    # and its diagonal block, and the diagonal block (8): about 0.25 T^2 / 2 + 8 T.
+    kept_before = kept.sum(-1).max().item()
+    assert sum(pairs) <= T * kept_before + 2 * 8 * T
+    assert sum(pairs) < 0.5 * T * T / 2  # far below the unpruned causal T^2 / 2
+    assert [keep.sum().item() for keep in gathered] == [
+        kept.sum().item(), (band & ~kept).sum().item(), band.sum().item()]
+    assert torch.equal(gathered[1], band & ~kept) and torch.equal(gathered[2], band)
+    assert (d_gate[~band] == 0).all() and (d_gate[band] != 0).any()

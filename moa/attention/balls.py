@@ -16,15 +16,26 @@ keys receive `dL/dgate_j * d soft_j`, where `dL/dgate_j` is the exact derivative
 attention output with respect to key j's multiplicative weight (defined for pruned keys
 too: how much the loss would change if key j were let back in). Only keys within
 `band * r / 2` of the sphere carry gradient, so a key far outside the ball costs nothing
-in the backward pass either. `learn_radius: false` keeps the radius fixed.
+in the backward pass either: the gate says which keys those are (`BallGate.band`), and the
+fused kernels compute the gate's gradient at the kept and band keys only, skipping the far
+ones (`moa/kernels/key_compaction.py`). `learn_radius: false` keeps the radius fixed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+class BallGate(NamedTuple):
+    """A ball's verdict on each key of each key head."""
+
+    gate: torch.Tensor  # (B, H, S): exactly 0 or 1 forward, straight-through gradient
+    band: torch.Tensor  # (B, H, S) bool: keys whose gate has a gradient (near the sphere)
+    pruned_fraction: torch.Tensor  # detached scalar
 
 
 class BallPruning(nn.Module):
@@ -43,11 +54,12 @@ class BallPruning(nn.Module):
     def radius(self) -> torch.Tensor:
         return self.log_radius.exp()  # (H,), positive
 
-    def forward(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k: (B, H, S, D) keys in metric space -> gate (B, H, S) with hard values and
-        straight-through gradients, and the fraction of keys pruned (a detached scalar)."""
+    def forward(self, k: torch.Tensor) -> BallGate:
+        """k: (B, H, S, D) keys in metric space -> the gate (B, H, S) with hard values and
+        straight-through gradients, its band, and the fraction of keys pruned."""
         radius = self.radius.view(1, -1, 1).to(k.dtype)
         distance = (k - self.origin[None, :, None, :].to(k.dtype)).norm(dim=-1)  # (B, H, S)
         hard = (distance <= radius).to(k.dtype)
         soft = (0.5 + (radius - distance) / (self.band * radius)).clamp(0.0, 1.0)
-        return hard + (soft - soft.detach()), 1.0 - hard.mean()  # exactly hard, forward
+        band = (soft > 0) & (soft < 1)  # where soft has a slope: |d - r| < band * r / 2
+        return BallGate(hard + (soft - soft.detach()), band.detach(), 1.0 - hard.mean())

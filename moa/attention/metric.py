@@ -113,7 +113,7 @@ class MetricAttentionConfig(HeadsConfig):
               "ball pruning keeps each query's own key, which those have not")
 
 
-Kernel = Callable[..., torch.Tensor]  # (q, k, v, k_norm, alpha, gate) -> out
+Kernel = Callable[..., torch.Tensor]  # (q, k, v, k_norm, alpha, gate, gate_band) -> out
 
 
 def select_kernel(impl: str, device: torch.device) -> Kernel:
@@ -133,7 +133,7 @@ def select_kernel(impl: str, device: torch.device) -> Kernel:
 
 
 def dot_product_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
-                     alpha: torch.Tensor, gate: None) -> torch.Tensor:
+                     alpha: torch.Tensor, gate: None, gate_band: None = None) -> torch.Tensor:
     """Metric attention with no key score (key_norm=ignore: k_norm is zero) and no balls:
     softmax(2 alpha q.k), PyTorch's dot-product attention at scale 1 over 2 alpha q. On CPU
     it skips `metric_attention_cpu`'s augmented heads (their copy of every cached key, and
@@ -227,9 +227,9 @@ class MetricAttention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
             k_norm = ctx.cache.append("k_norm", k_norm)  # (B, Hkv, S)
-        gate = None
+        gate = band = None
         if self.balls is not None:
-            gate, pruned = self.balls(k)  # (B, Hkv, S)
+            gate, band, pruned = self.balls(k)  # (B, Hkv, S) x2, scalar
             ctx.record.stat("pruned_fraction", pruned)
         alpha = self.log_alpha.exp()
         dropout = self.config.attn_drop if self.training else 0.0
@@ -238,15 +238,15 @@ class MetricAttention(nn.Module):
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
         if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
-            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout,
+            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout,
                                        query_positions=ctx.positions[wanted])
         elif dropout > 0:
-            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout)
+            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout)
         else:
             kernel = select_kernel(self.config.impl, x.device)
             if kernel is metric_attention_cpu and gate is None and self.config.key_norm == "ignore":
                 kernel = dot_product_form
-            y = kernel(q, k, v, k_norm, alpha, gate)
+            y = kernel(q, k, v, k_norm, alpha, gate, band)
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:
@@ -283,8 +283,8 @@ class MetricAttention(nn.Module):
         alpha = self.log_alpha.exp()
         if self.config.impl == "eager" or self.config.attn_drop > 0:
             dropout = self.config.attn_drop if self.training else 0.0
-            y = metric_attention_eager(q, k, v, k_norm, alpha, None, dropout, causal=False,
-                                       key_mask=ctx.key_mask)
+            y = metric_attention_eager(q, k, v, k_norm, alpha, None, dropout=dropout,
+                                       causal=False, key_mask=ctx.key_mask)
         else:
             y = metric_attention_bidirectional(q, k, v, k_norm, alpha, ctx.key_mask)
         y = self.heads.merge(y)  # (B, T, C)

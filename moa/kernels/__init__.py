@@ -2,5 +2,6 @@
 
 `metric_reference` (eager), `metric_cpu` (PyTorch's fused CPU flash kernel) and
 `metric_triton` (Triton; imported only where used, as triton is an optional extra) share
-one signature: see `metric_reference.py`.
+one signature: see `metric_reference.py`. `key_compaction` plans the CPU kernel's calls
+over the keys a ball keeps.
 """

@@ -10,24 +10,43 @@ a softmax row, metric attention is dot-product attention (scale 1) over augmente
 
 with n = ||k||^2. The hi/lo split writes a and n as the sum of two numbers of the input
 dtype, so in bfloat16 the key-norm bias keeps about 16 bits instead of 8 (in float32 and
-float64 the lo parts are zero). `bias_j` is 0 for a kept key and a huge negative number for
-a key pruned by its ball. E rounds D + 4 up to a multiple of 8, and v is padded to E too:
-the fused kernel needs equal head dims, and an extra column costs nothing there.
+float64 the lo parts are zero). `bias_j` is 0: its column's gradient, the sum of key j's
+score gradients, is the gradient of key j's gate. E rounds D + 4 up to a multiple of 8, and
+v is padded to E too: the fused kernel needs equal head dims, and an extra column costs
+nothing there.
 
 The kernel is called through `aten::_scaled_dot_product_flash_attention_for_cpu` and its
-backward, which also hand over the row log-sum-exp: O(L) memory, no L x L tensor.
-A query keeps its own key even where its ball prunes it: those rows are merged with the
-own key's term by log-sum-exp arithmetic after the kernel. The backward kernel is then
-given the merged output and log-sum-exp, so its probabilities are the final ones; the own
-key's term is added in closed form. The gradient for a key's gate (its multiplicative
-weight, as in the reference) is the bias column's gradient from a second backward pass in
-which no key is pruned, less the own-key term.
+backward, which also hand over the row log-sum-exp: O(L) memory, no L x L tensor. Without
+a gate, that is one causal call. With a gate (ball pruning), the keys the gate prunes are
+dropped before the kernel, not masked inside it: the ball's test reads the key alone, so
+a pruned key is pruned for every query. The kept keys are gathered and attention runs as
+several calls, over windows of the gathered keys and over each query's diagonal block
+(which keeps each query's own key), merged by log-sum-exp (`key_compaction.py`). Each
+call's backward is given the merged output and log-sum-exp, so its probabilities are the
+final ones and its gradients are its share of the total.
+
+The gate's gradient (its multiplicative weight, as in the reference; a query's own key
+excluded) is needed only where the ball's surrogate has a slope (`BallGate.band`). It is
+the bias column's gradient: from the window calls above for the kept keys (no window holds
+a query's own key), and from one more backward pass for the rest: the band's pruned keys
+gathered into windows of their own, and the diagonal blocks with every key let in but each
+query's own. Far keys outside the diagonal blocks are never read, and no far key gets a
+gate gradient (`gate_band=None`: every pruned key gets one).
 """
 
 from __future__ import annotations
 
 import torch
 
+from moa.kernels import key_compaction
+from moa.kernels.key_compaction import (
+    Compaction,
+    Part,
+    diagonal_parts,
+    diagonal_windows,
+    masked_part,
+    window_parts,
+)
 from moa.kernels.masks import causal_mask
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -60,81 +79,144 @@ def augment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Ten
     return q_aug, k_aug, v_aug
 
 
-class _OwnKey:
-    """Each query's own key (the last T of S), repeated over the GQA group: (B, Hq, T, E)."""
-
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.group, self.T, S = q.size(1) // k.size(1), q.size(2), k.size(2)
-        self.slice = slice(S - self.T, S)
-        self.k = _wide(k[:, :, self.slice].repeat_interleave(self.group, dim=1))
-        self.v = _wide(v[:, :, self.slice].repeat_interleave(self.group, dim=1))
-        self.score = (_wide(q) * self.k).sum(-1)  # (B, Hq, T)
-
-    def to_keys(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Sum (B, Hq, T, ...) over each GQA group into the own keys' rows of `like`."""
-        B, Hq = x.shape[:2]
-        summed = x.view(B, Hq // self.group, self.group, *x.shape[2:]).sum(2)
-        result = torch.zeros_like(like)
-        result[:, :, self.slice] = summed.to(like.dtype)
-        return result
-
-
 class _FusedMetricAttention(torch.autograd.Function):
-    """(q', k', v', gate) -> out' (B, Hq, T, E): fused attention over the augmented heads,
-    own keys kept; the gate (B, Hkv, S) gets the multiplicative-weight gradient."""
+    """(q', k', v', gate, band) -> out' (B, Hq, T, E): fused attention over the augmented
+    heads, own keys kept; the gate (B, Hkv, S) gets the multiplicative-weight gradient at
+    the keys `band` marks (None: at every key), zero elsewhere."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, bias_column: int):
-        T, S = q.size(2), k.size(2)
-        mask = causal_mask(T, S, q.device)
-        if mask is not None:  # the kernel takes an additive mask of q's dtype
-            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
-        is_causal = mask is None and T > 1
-        k_pruned = k
-        if gate is not None:
-            k_pruned = k.clone()
-            k_pruned[..., bias_column] = (gate == 0).to(k.dtype) * -(torch.finfo(k.dtype).max / 8)
-        out, lse = FLASH(q, k_pruned, v, 0.0, is_causal, attn_mask=mask, scale=1.0)
-        rescued = None
-        if gate is not None:  # add back the own keys that the gate pruned
-            own = _OwnKey(q, k, v)
-            rescued = gate[:, :, own.slice].repeat_interleave(own.group, dim=1) == 0  # (B,Hq,T)
-            merged = torch.where(rescued, torch.logaddexp(lse, own.score), lse)
-            w_kept = torch.exp(lse - merged)[..., None]
-            w_own = torch.where(rescued, torch.exp(own.score - merged), 0.0)[..., None]
-            # In place: the backward kernel expects the layouts its forward returned.
-            out.copy_(w_kept * _wide(out) + w_own * own.v)
-            lse.copy_(merged)
-        ctx.save_for_backward(q, k, k_pruned, v, out, lse, rescued)
-        ctx.mask, ctx.is_causal, ctx.bias_column = mask, is_causal, bias_column
+    def forward(ctx, q, k, v, gate, band, bias_column: int):
+        T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
+        ctx.bias_column = bias_column
+        kept = None if gate is None else gate.detach() != 0  # (B, Hkv, S)
+        ctx.compaction = None
+        if gate is None:
+            ctx.parts = [_dense_part(T, S, q.dtype, q.device)]
+        elif S <= key_compaction.SHORT:
+            ctx.parts = [masked_part(kept, T, group, q.dtype, own_key=True)]
+        else:
+            ctx.compaction = Compaction(kept)
+            ctx.parts = (diagonal_parts(kept, S, T, group, q.dtype)
+                         + window_parts(ctx.compaction, S, T, group, q.dtype))
+        out, lse = _attend(q, k, v, ctx.compaction, ctx.parts)
+        ctx.save_for_backward(q, k, v, out, lse, kept, band)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, k_pruned, v, out, lse, rescued = ctx.saved_tensors
-        flash = dict(dropout_p=0.0, is_causal=ctx.is_causal, attn_mask=ctx.mask, scale=1.0)
-        dq, dk, dv = FLASH_BACKWARD(d_out, q, k_pruned, v, out, lse, **flash)
-        if rescued is None:
-            return dq, dk, dv, None, None
-        own = _OwnKey(q, k, v)
-        p_own = torch.exp(own.score - lse)  # (B, Hq, T): own key's final probability
-        d_out, row = _wide(d_out), (_wide(d_out) * _wide(out)).sum(-1)
-        d_score = p_own * ((d_out * own.v).sum(-1) - row)  # (B, Hq, T)
-        d_rescued = torch.where(rescued, d_score, 0.0)[..., None]
-        dq = dq + (d_rescued * own.k).to(dq.dtype)
-        dk = dk + own.to_keys(d_rescued * _wide(q), dk)
-        dv = dv + own.to_keys(torch.where(rescued[..., None], p_own[..., None] * d_out, 0.0), dv)
-        d_gate = None
-        if ctx.needs_input_grad[3]:
-            _, dk_open, _ = FLASH_BACKWARD(d_out.to(q.dtype), q, k, v, out, lse, **flash)
-            own_term = own.to_keys(d_score[..., None], dk_open[..., :1])[..., 0]
-            d_gate = dk_open[..., ctx.bias_column] - own_term
-        return dq, dk, dv, d_gate, None
+        q, k, v, out, lse, kept, band = ctx.saved_tensors
+        args = (d_out, q, k, v, out, lse, ctx.bias_column)
+        dq, dk, dv, d_gate = _attend_backward(*args, ctx.compaction, ctx.parts)
+        if not ctx.needs_input_grad[3]:
+            return dq, dk, dv, None, None, None
+        # The open pass, for the rest of the gate's gradient at the band's keys: the pruned
+        # ones let in over the windows, and every one over its diagonal block.
+        T, S, group = q.size(2), k.size(2), q.size(1) // k.size(1)
+        band = torch.ones_like(kept) if band is None else band  # (B, Hkv, S)
+        if ctx.compaction is None:  # short: one call, the band's keys let in
+            part = masked_part(band, T, group, q.dtype, own_key=False)
+            d_gate = FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, False, attn_mask=part.mask,
+                                    scale=1.0)[1][..., ctx.bias_column]
+            return dq, dk, dv, d_gate.masked_fill(~band, 0.0), None, None
+        opened = Compaction(band & ~kept)
+        d_gate = d_gate + _attend_backward(*args, opened,
+                                           window_parts(opened, S, T, group, q.dtype),
+                                           gate_only=True)[3]
+        banded = Compaction(band)
+        d_gate = d_gate + _attend_backward(*args, banded,
+                                           diagonal_windows(banded, S, T, group, q.dtype),
+                                           gate_only=True)[3]
+        return dq, dk, dv, d_gate.masked_fill(~band, 0.0), None, None
+
+
+def _dense_part(n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.device) -> Part:
+    """Every query over every key, causal: one call (no gate, nothing to compact)."""
+    mask = causal_mask(n_queries, n_keys, device)
+    if mask is not None:  # the kernel takes an additive mask of q's dtype
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return Part(slice(0, n_queries), slice(0, n_keys), False, mask,
+                mask is None and n_queries > 1)
+
+
+def _sources(k: torch.Tensor, v: torch.Tensor, compaction: Compaction | None
+             ) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values a part reads: gathered (True) or at their positions (False)."""
+    if compaction is None:
+        return {False: (k, v)}
+    return {False: (k, v), True: (compaction.gather(k), compaction.gather(v))}
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compaction: Compaction | None,
+            parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, T, E) and its row log-sum-exp (B, Hq, T): the calls merged."""
+    sources = _sources(k, v, compaction)
+
+    def call(part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = (x[:, :, part.keys] for x in sources[part.gathered])
+        return FLASH(q[:, :, part.rows], keys, values, 0.0, part.is_causal,
+                     attn_mask=part.mask, scale=1.0)
+
+    if len(parts) == 1:
+        return call(parts[0])
+    out = _wide(q.new_empty(q.shape))
+    lse = q.new_empty(q.shape[:3], dtype=out.dtype)
+    for part in parts:  # the diagonal blocks first: they cover every row
+        rows = part.rows
+        part_out, part_lse = call(part)
+        if not part.gathered:
+            out[:, :, rows], lse[:, :, rows] = part_out, part_lse
+            continue
+        merged = torch.logaddexp(lse[:, :, rows], part_lse)
+        out[:, :, rows].lerp_(_wide(part_out), torch.exp(part_lse - merged)[..., None])
+        lse[:, :, rows] = merged
+    return out.to(q.dtype), lse
+
+
+def _attend_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, bias_column: int,
+                     compaction: Compaction | None, parts: list[Part], gate_only: bool = False
+                     ) -> tuple[torch.Tensor | None, ...]:
+    """dq, dk, dv of `_attend`'s calls given the final (merged) out and lse: each call's
+    probabilities are then the final ones, so its gradients are its share of the total.
+    Also the gate gradient (B, Hkv, S): the bias column's gradient of the window calls (no
+    window holds a query's own key, whose weight is 1). `gate_only`: that alone."""
+    if compaction is None:  # one dense call
+        part = parts[0]
+        dq, dk, dv = FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, part.is_causal,
+                                    attn_mask=part.mask, scale=1.0)
+        return dq, dk, dv, None
+    sources = _sources(k, v, compaction)
+    d_gate = _wide(sources[True][0].new_zeros(sources[True][0].shape[:3]))  # (B, Hkv, width)
+    if not gate_only:
+        dq = torch.zeros_like(_wide(q))
+        dk = {gathered: torch.zeros_like(_wide(keys)) for gathered, (keys, _) in sources.items()}
+        dv = {gathered: torch.zeros_like(_wide(values))
+              for gathered, (_, values) in sources.items()}
+    for part in parts:
+        keys, values = (x[:, :, part.keys] for x in sources[part.gathered])
+        rows = part.rows
+        dq_part, dk_part, dv_part = FLASH_BACKWARD(
+            d_out[:, :, rows], q[:, :, rows], keys, values, out[:, :, rows],
+            lse[:, :, rows], 0.0, part.is_causal, attn_mask=part.mask, scale=1.0)
+        if part.gathered:
+            d_gate[:, :, part.keys] += dk_part[..., bias_column]
+        if not gate_only:
+            dq[:, :, rows] += dq_part
+            dk[part.gathered][:, :, part.keys] += dk_part
+            dv[part.gathered][:, :, part.keys] += dv_part
+    d_gate = compaction.scatter_add_(torch.zeros_like(_wide(k[..., 0])), d_gate)
+    if gate_only:
+        return None, None, None, d_gate
+    dk, dv = (compaction.scatter_add_(x[False], x[True]) for x in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gate
 
 
 def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
-                         alpha: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """Metric attention through the fused CPU kernel; shapes as `metric_attention_eager`."""
+                         alpha: torch.Tensor, gate: torch.Tensor | None,
+                         gate_band: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric attention through the fused CPU kernel; shapes as `metric_attention_eager`.
+    With a gate, attention runs over the kept keys only (`key_compaction.py`)."""
     D = q.size(-1)
     q_aug, k_aug, v_aug = augment(q, k, v, k_norm, alpha)
-    return _FusedMetricAttention.apply(q_aug, k_aug, v_aug, gate, D + 3)[..., :D]
+    band = None if gate_band is None else gate_band.detach().bool()
+    return _FusedMetricAttention.apply(q_aug, k_aug, v_aug, gate, band, D + 3)[..., :D]

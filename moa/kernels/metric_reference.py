@@ -3,7 +3,7 @@
 Every implementation (`metric_attention_eager` here, `metric_attention_cpu` in
 `metric_cpu.py`, `metric_attention_triton` in `metric_triton.py`) has this signature:
 
-    out = fn(q, k, v, k_norm, alpha, gate)
+    out = fn(q, k, v, k_norm, alpha, gate, gate_band=None)
 
     q       (B, Hq, T, D)   queries, already in the head's metric space (cosine-normalised,
                             scaled by sqrt of the Mahalanobis weights: see `MetricSpace`)
@@ -11,6 +11,11 @@ Every implementation (`metric_attention_eager` here, `metric_attention_cpu` in
     k_norm  (B, Hkv, S)     ||k_j||^2, passed in so that a KV cache can keep it
     alpha   (Hq,)           positive sharpness per query head
     gate    (B, Hkv, S) | None   1 keeps key j, 0 prunes it (ball pruning); None keeps all
+    gate_band (B, Hkv, S) bool | None   the keys whose gate gradient is wanted (the ball's
+                            band, `BallGate.band`, where its surrogate has a slope); a fused
+                            kernel may leave any other key's gate gradient at zero and skip
+                            the pruned ones. None: every key. The reference computes every
+                            key's gradient and ignores it.
     out     (B, Hq, T, D)
 
 The score of query i for key j is `s_ij = -alpha * ||q_i - k_j||^2`. The queries are the
@@ -57,6 +62,7 @@ def allowed_keys(q_len: int, k_len: int, device: torch.device,
 
 def metric_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
                            alpha: torch.Tensor, gate: torch.Tensor | None,
+                           gate_band: torch.Tensor | None = None,
                            dropout: float = 0.0,
                            query_positions: torch.Tensor | None = None,
                            causal: bool = True,

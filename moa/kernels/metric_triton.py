@@ -5,9 +5,10 @@ score `-alpha ||q_i - k_j||^2` is computed in-kernel as `alpha (2 q_i.k_j - ||k_
 (the `||q_i||^2` term is constant along a row and cancels in the softmax) with an online
 softmax, so memory is O(L). The causal mask, the ball gate (a query always keeps its own
 key) and odd lengths are applied with masks in-kernel; key blocks that are fully masked
-are skipped: by causality always, by the ball gate in the forward pass and, when the gate
-needs no gradient, in the backward pass too (with a gate gradient, a pruned key's gate
-gradient needs its scores, so pruned blocks are visited).
+are skipped: by causality always, by the ball gate in the forward pass and in the
+backward pass too, where a block is visited only if it holds a kept key, a query's own key
+or, when the gate needs a gradient, a key of the gate's band (`gate_band`: a pruned key's
+gate gradient needs its scores; None: every key's).
 
 Supported: q (B, Hq, T, D), k and v (B, Hkv, S, D) with Hq % Hkv == 0 and T <= S (the
 queries are the last T positions), any T, S and D (D is padded to a power of two >= 16 by
@@ -159,12 +160,13 @@ def _backward_delta(OUT, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.con
 
 @triton.heuristics(_EVEN)
 @triton.jit
-def _backward_keys(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DK, DV, DKN, DGATE, DALPHA,
+def _backward_keys(Q, K, V, KN, ALPHA, GATE, NEED, DO, LSE, DELTA, DK, DV, DKN, DGATE, DALPHA,
                    N_PARTIAL, T, S, Hq, Hkv, D, HAS_GATE: tl.constexpr, GATE_GRAD: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_T: tl.constexpr, EVEN_S: tl.constexpr):
     # One key block of one query head: dk, dv, d|k|^2 and the gate gradient, per query head,
-    # and this block's sum |k|^2 d|k|^2, a part of alpha's gradient.
+    # and this block's sum |k|^2 d|k|^2, a part of alpha's gradient. NEED (B, Hkv, S): 1 at
+    # the keys whose gate gradient is wanted (kept or in the band), read with GATE_GRAD.
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b, h = bh // Hq, bh % Hq
@@ -181,16 +183,16 @@ def _backward_keys(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DK, DV, DKN, DGATE,
     gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_GATE:
         gate = tl.load(GATE + kv * S + keys, mask=key_ok, other=0.0)
+    need = gate  # keys whose scores this block needs: kept ones, and the band's
+    if GATE_GRAD:
+        need = tl.load(NEED + kv * S + keys, mask=key_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=alpha.dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=alpha.dtype)
     dkn = tl.zeros([BLOCK_N], dtype=alpha.dtype)
     dgate = tl.zeros([BLOCK_N], dtype=alpha.dtype)
     first = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M  # earlier queries: causal
     for start_m in range(first, T, BLOCK_M):
-        live = True
-        if not GATE_GRAD:
-            live = _tile_live(start_m, start_n, offset, gate, BLOCK_M, BLOCK_N, HAS_GATE)
-        if live:
+        if _tile_live(start_m, start_n, offset, need, BLOCK_M, BLOCK_N, HAS_GATE):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < T
             q_mask = row_ok[:, None] & (dims[None, :] < D)
@@ -225,7 +227,7 @@ def _backward_keys(Q, K, V, KN, ALPHA, GATE, DO, LSE, DELTA, DK, DV, DKN, DGATE,
     tl.store(DKN + bh * S + keys, dkn, mask=key_ok)
     tl.store(DALPHA + bh * N_PARTIAL + tl.program_id(0), tl.sum(kn * dkn))
     if GATE_GRAD:
-        tl.store(DGATE + bh * S + keys, dgate, mask=key_ok)
+        tl.store(DGATE + bh * S + keys, tl.where(need > 0, dgate, 0.0), mask=key_ok)
 
 
 @triton.heuristics(_EVEN)
@@ -303,7 +305,7 @@ def _config(q: torch.Tensor, kernel: str) -> dict:
 
 class _MetricAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_norm, alpha, gate):
+    def forward(ctx, q, k, v, k_norm, alpha, gate, gate_band):
         B, Hq, T, D = q.shape
         Hkv, S = k.size(1), k.size(2)
         acc = torch.promote_types(q.dtype, torch.float32)  # accumulator dtype
@@ -311,19 +313,23 @@ class _MetricAttention(torch.autograd.Function):
         k_norm_dtype, alpha_dtype = k_norm.dtype, alpha.dtype
         k_norm, alpha = k_norm.to(acc).contiguous(), alpha.to(acc).contiguous()
         gate_f = None if gate is None else gate.detach().float().contiguous()
+        need = None  # (B, Hkv, S): 1 where the gate's gradient is wanted
+        if gate is not None and ctx.needs_input_grad[5]:
+            need = torch.ones_like(gate_f) if gate_band is None else (
+                (gate_f > 0) | gate_band.detach().bool()).float()
         out = _buffer((B, Hq, T, D), q, q.dtype)
         lse = _buffer((B, Hq, T), q, acc)
         config = _config(q, "forward")
         grid = (triton.cdiv(T, config["BLOCK_M"]), B * Hq)
         _forward[grid](q, k, v, k_norm, alpha, gate_f, out, lse, T, S, Hq, Hkv, D,
                        HAS_GATE=gate is not None, **config)
-        ctx.save_for_backward(q, k, v, k_norm, alpha, gate_f, out, lse)
+        ctx.save_for_backward(q, k, v, k_norm, alpha, gate_f, need, out, lse)
         ctx.dtypes = (k_norm_dtype, alpha_dtype, None if gate is None else gate.dtype)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, k_norm, alpha, gate, out, lse = ctx.saved_tensors
+        q, k, v, k_norm, alpha, gate, need, out, lse = ctx.saved_tensors
         B, Hq, T, D = q.shape
         Hkv, S = k.size(1), k.size(2)
         group = Hq // Hkv
@@ -347,7 +353,7 @@ class _MetricAttention(torch.autograd.Function):
         partial = _buffer((B * Hq, query_blocks + key_blocks), q, acc)
         common = (T, S, Hq, Hkv, D)
         _backward_keys[(key_blocks, B * Hq)](
-            q, k, v, k_norm, alpha, gate, d_out, lse, delta, dk, dv, dkn, dgate,
+            q, k, v, k_norm, alpha, gate, need, d_out, lse, delta, dk, dv, dkn, dgate,
             partial[:, query_blocks:], partial.size(1), *common,
             HAS_GATE=gate is not None, GATE_GRAD=gate_grad, **keys_config)
         _backward_queries[(query_blocks, B * Hq)](
@@ -360,11 +366,12 @@ class _MetricAttention(torch.autograd.Function):
         d_alpha = partial.view(B, Hq, -1).sum((0, 2)) / alpha
         return (dq, per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype),
                 per_kv_head(dkn).to(ctx.dtypes[0]), d_alpha.to(ctx.dtypes[1]),
-                None if dgate is None else per_kv_head(dgate).to(ctx.dtypes[2]))
+                None if dgate is None else per_kv_head(dgate).to(ctx.dtypes[2]), None)
 
 
 def metric_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_norm: torch.Tensor, alpha: torch.Tensor,
-                            gate: torch.Tensor | None) -> torch.Tensor:
+                            gate: torch.Tensor | None,
+                            gate_band: torch.Tensor | None = None) -> torch.Tensor:
     """Metric attention through the Triton kernels; shapes as `metric_attention_eager`."""
-    return _MetricAttention.apply(q, k, v, k_norm, alpha, gate)
+    return _MetricAttention.apply(q, k, v, k_norm, alpha, gate, gate_band)
