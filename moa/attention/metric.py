@@ -19,7 +19,8 @@ Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per 
 head; the Mahalanobis weights and the balls describe the key space, so they are per key
 head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`)
 and a triangle-inequality penalty (`ti_reg_weight`, `moa/layers/regularizers.py`). The KV cache
-holds the metric-space keys, the values and the keys' squared norms.
+holds the metric-space keys, the values and the keys' squared norms; with balls, only
+those of the keys inside their ball (`_cached`), so its bytes follow the kept fraction.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
+from moa.layers.kv_cache import LayerCache
 from moa.layers.regularizers import triangle_inequality_penalty
 from moa.schema import check, check_choice, check_range
 
@@ -211,25 +213,52 @@ class MetricAttention(nn.Module):
         k_norm = self._key_norms(k)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
-        if ctx.cache is not None:
-            k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
-            k_norm = ctx.cache.append("k_norm", k_norm)  # (B, Hkv, S)
         gate = None
         if self.balls is not None:
-            gate, pruned = self.balls(k)  # (B, Hkv, S)
+            gate, pruned = self.balls(k)  # (B, Hkv, T)
             ctx.record.stat("pruned_fraction", pruned)
+        commit = None
+        if ctx.cache is not None:
+            k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
         alpha = self.log_alpha.exp()
         dropout = self.config.attn_drop if self.training else 0.0
         wanted = ctx.output_positions
         if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
+            columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
             y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout,
-                                       query_positions=ctx.positions[wanted])
+                                       query_positions=columns)
         elif dropout > 0:
             y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout)
         else:
             y = select_kernel(self.config.impl, x.device)(q, k, v, k_norm, alpha, gate)
+        if commit is not None:
+            commit()
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
+
+    def _cached(self, cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
+                k_norm: torch.Tensor, gate: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        """The new keys k, v (B, Hkv, T, D), k_norm (B, Hkv, T) and gate appended to the
+        cache: -> keys, values, norms and gate over S cached-then-new positions, and what
+        to call once attention has read them (None: nothing).
+
+        Without balls S counts every position. With balls only the keys inside their ball
+        are kept, compacted per (batch, key head) (`CompactCache`): S is the longest row
+        plus T, the new keys last, so the kernels' convention (queries are the last T of S,
+        causal, each keeping its own key) still holds. Held keys get gate 1, a row's
+        padding gate 0, the new keys their own gate; every held key precedes every query,
+        so this is the uncached attention without the pruned keys' zero weights. The ball
+        decides as it stands when a key is cached: the cache is for inference (a radius
+        that moves later does not bring a dropped key back)."""
+        if gate is None:
+            return (cache.append("k", k), cache.append("v", v),  # (B, Hkv, S, D)
+                    cache.append("k_norm", k_norm), None, None)  # (B, Hkv, S)
+        store = cache.compact("kept_keys")
+        held = store.stage({"k": k, "v": v, "k_norm": k_norm})
+        gate = torch.cat([store.valid().to(gate.dtype), gate], dim=-1)  # (B, Hkv, S)
+        kept = gate.detach()[..., -k.size(2):] > 0  # (B, Hkv, T)
+        return held["k"], held["v"], held["k_norm"], gate, lambda: store.commit(kept)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:
         """||k||^2 (B, Hkv, S) in at least float32; zeros under key_norm=ignore, where
