@@ -209,6 +209,56 @@ def test_pruned_fraction_and_ti_penalty_are_recorded():
     assert record.stats["ti_violating_fraction"] == 0.0  # a true metric obeys the inequality
 
 
+def test_ball_target_moves_the_kept_fraction_toward_the_target():
+    """Balls that keep every key (radius 8, far outside the surrogate's band: the
+    straight-through gradient of the radius is zero) move toward keeping 0.3 of the keys
+    in a few optimizer steps on random data, through the recorded `ball_target` loss."""
+    torch.manual_seed(8)
+    config = _metric_config("cpu_fused", use_balls=True, radius_init=8.0, n_kv_heads=2,
+                            origin_init_scale=0.5, ball_target_kept=0.3, ball_target_weight=1.0)
+    attention = ATTENTION.build(config.attention, config).train()
+    optimiser = torch.optim.Adam(attention.parameters(), lr=0.1)
+
+    def step() -> tuple[float, AuxiliaryRecorder]:
+        record = AuxiliaryRecorder()
+        y = attention(torch.randn(4, 16, config.d_model), _context(config, 16, record))
+        value, weight = record.losses["ball_target"]
+        (y.pow(2).mean() + weight * value).backward()
+        return 1.0 - float(record.stats["pruned_fraction"]), record
+
+    kept, record = step()
+    assert kept == 1.0 and float(record.stats["ball_target_log_radius_gap"]) > 0
+    surrogate = ATTENTION.build(config.attention, config)
+    surrogate.load_state_dict(attention.state_dict())
+    surrogate(torch.randn(4, 16, config.d_model), _context(config, 16)).pow(2).mean().backward()
+    assert (surrogate.balls.log_radius.grad == 0).all()  # no pull without the target
+    assert (attention.balls.log_radius.grad > 0).all()  # the target shrinks the radius
+    for _ in range(25):
+        optimiser.step()
+        optimiser.zero_grad()
+        kept, _ = step()
+    assert abs(kept - 0.3) < 0.1, kept
+
+
+def test_ball_target_config_names_its_key(compose_config):
+    from moa.training.run_config import parse_run
+
+    with pytest.raises(ConfigError, match="attention.ball_target_kept"):
+        _metric_config(use_balls=True, ball_target_kept=1.5)
+    with pytest.raises(ConfigError, match="attention.ball_target_kept=0.5 .*use_balls"):
+        _metric_config(ball_target_kept=0.5)
+    with pytest.raises(ConfigError, match="attention.ball_target_weight"):
+        _metric_config(use_balls=True, ball_target_kept=0.5, ball_target_weight=0.0)
+    cfg = compose_config("attention.paths.1.use_balls=true",
+                         "attention.paths.1.ball_target_kept=0.5",
+                         "attention.paths.1.ball_target_weight=0.2")
+    path = parse_run(cfg).model.attention.paths[1]
+    assert (path.ball_target_kept, path.ball_target_weight) == (0.5, 0.2)
+    cfg.attention.paths[3].ball_target_kept = 0.5  # the MQA path has no balls
+    with pytest.raises(ConfigError, match="attention.paths.3.ball_target_kept"):
+        parse_run(cfg)
+
+
 def test_config_errors_name_their_key():
     with pytest.raises(ConfigError, match="attention.impl"):
         _metric_config("fast")

@@ -17,7 +17,8 @@ scale for the q.k part.
 
 Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per query
 head; the Mahalanobis weights and the balls describe the key space, so they are per key
-head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`)
+head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`;
+`ball_target_kept` pulls the radii toward keeping that fraction of the keys)
 and a triangle-inequality penalty (`ti_reg_weight`, `moa/layers/regularizers.py`). The KV cache
 holds the metric-space keys, the values and the keys' squared norms; with balls, only
 those of the keys inside their ball (`_cached`), so its bytes follow the kept fraction.
@@ -42,7 +43,7 @@ from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
 from moa.layers.kv_cache import LayerCache
-from moa.layers.regularizers import triangle_inequality_penalty
+from moa.layers.regularizers import ball_target_penalty, triangle_inequality_penalty
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ class MetricAttentionConfig(HeadsConfig):
     radius_init: float = 4.0
     learn_radius: bool = True
     ball_band: float = 0.5  # relative width of the radius' straight-through surrogate
+    ball_target_kept: float | None = None  # pull the radii toward keeping this fraction
+    ball_target_weight: float = 1.0  # weight of that penalty
     origin_init_scale: float = 0.0
     attn_drop: float = 0.0
     proj_drop: float = 0.0
@@ -99,6 +102,13 @@ class MetricAttentionConfig(HeadsConfig):
         check_choice("key_norm", self.key_norm, KEY_NORMS)
         check(self.radius_init > 0, "radius_init", self.radius_init, "a positive float")
         check(self.ball_band > 0, "ball_band", self.ball_band, "a positive float")
+        if self.ball_target_kept is not None:
+            check_range("ball_target_kept", self.ball_target_kept, 0.0, 1.0, low_open=True)
+            check(self.use_balls and self.learn_radius, "ball_target_kept",
+                  self.ball_target_kept, "null unless use_balls and learn_radius are true",
+                  "the target moves the radius of a ball")
+        check(self.ball_target_weight > 0, "ball_target_weight", self.ball_target_weight,
+              "a positive float")
         check(self.origin_init_scale >= 0, "origin_init_scale", self.origin_init_scale, ">= 0")
         check_range("attn_drop", self.attn_drop, 0.0, 1.0, high_open=True)
         check_range("proj_drop", self.proj_drop, 0.0, 1.0, high_open=True)
@@ -217,6 +227,8 @@ class MetricAttention(nn.Module):
         if self.balls is not None:
             gate, pruned = self.balls(k)  # (B, Hkv, T)
             ctx.record.stat("pruned_fraction", pruned)
+            if self.training and self.config.ball_target_kept is not None:
+                self._ball_target(k, ctx)
         commit = None
         if ctx.cache is not None:
             k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
@@ -302,6 +314,13 @@ class MetricAttention(nn.Module):
         if ctx.output_positions is not None:
             y = select_positions(y, ctx.output_positions)
         return self.proj_drop(y)
+
+    def _ball_target(self, k: torch.Tensor, ctx: ForwardContext) -> None:
+        """The radii pulled toward keeping `ball_target_kept` of the keys k (B, Hkv, T, D)."""
+        penalty, gap = ball_target_penalty(self.balls.distance(k), self.balls.log_radius,
+                                           self.config.ball_target_kept)
+        ctx.record.loss("ball_target", penalty, self.config.ball_target_weight)
+        ctx.record.stat("ball_target_log_radius_gap", gap)
 
     def _triangle_penalty(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> None:
         B, Hkv, T, D = k.shape
