@@ -118,15 +118,20 @@ def test_cached_decoding_with_balls_equals_uncached(layout, impl):
 
 @pytest.mark.parametrize("layout", ["gqa", "moa_block"])
 def test_chunked_prefill_with_balls_equals_one_shot(layout):
-    """Chunks of several tokens into a non-empty cache give the one-shot logits."""
+    """Chunks of several tokens into a non-empty cache give the one-shot logits, and so
+    does a last chunk that asks for a few positions' logits only (`output_positions`)."""
     model = MODELS[layout]("cpu_fused")
     ids = torch.randint(0, 50, (2, 23))
     _set_kept_fraction(model, ids, 0.5)
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache()
-        chunks = [model(ids[:, a:b], cache).logits for a, b in ((0, 7), (7, 8), (8, 13), (13, 23))]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-9, atol=1e-9)
+        chunks = [model(ids[:, a:b], cache).logits for a, b in ((0, 7), (7, 8), (8, 13))]
+        wanted = torch.tensor([[1, 6], [9, 0]])  # a few positions of the last chunk only
+        selected = model(ids[:, 13:], cache, output_positions=wanted).logits  # (B, 2, V)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full[:, :13], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(selected, full[:, 13:].gather(
+        1, wanted[..., None].expand(-1, -1, full.size(-1))), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kept", [0.25, 0.6])
