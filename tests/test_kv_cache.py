@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa.attention.balls import BallPruning
 from moa.layers.kv_cache import CompactCache
 from moa.models.generation import SamplingConfig, generate
 from moa.models.language_model import build_model
 from moa.models.params import kv_cache_bytes_per_token
 from moa.params import model_config
-from tests.conftest import tiny_model_config
+from tests.conftest import ball_keys, pruned_fractions, radii_keeping, tiny_model_config
 
 
 def test_compact_cache_rows_hold_the_kept_entries_in_order():
@@ -42,29 +41,6 @@ def test_compact_cache_rows_hold_the_kept_entries_in_order():
     longest = max(len(row) for rows in kept_so_far for row in rows)
     assert store.length == longest
     assert store.held_bytes() == 2 * 3 * longest * 4 * 4  # float32, padding included
-
-
-def _set_kept_fraction(model: torch.nn.Module, ids: torch.Tensor, kept: float) -> None:
-    """Each ball's origin moved off zero, its radius set to the `kept` quantile of its
-    head's key distances on `ids` (layer by layer, as the keys depend on earlier layers)."""
-    for balls in (m for m in model.modules() if isinstance(m, BallPruning)):
-        with torch.no_grad():
-            balls.origin.normal_(0.0, 0.5)
-        seen = []
-        handle = balls.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0]))
-        with torch.no_grad():
-            model(ids)
-        handle.remove()
-        distance = (seen[0] - balls.origin[None, :, None]).norm(dim=-1)  # (B, H, S)
-        radius = distance.transpose(0, 1).flatten(1).quantile(kept, dim=1)
-        with torch.no_grad():
-            balls.log_radius.copy_(radius.log())
-
-
-def _pruned_fractions(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:
-    with torch.no_grad():
-        stats = model(ids).stats
-    return [float(v) for name, v in stats.items() if name.endswith("pruned_fraction")]
 
 
 def _metric_model(n_kv_heads: int, impl: str, **attention) -> torch.nn.Module:
@@ -100,8 +76,8 @@ def test_cached_decoding_with_balls_equals_uncached(layout, impl):
     balls pruning a measured share of keys strictly between 0 and 1 in every layer."""
     model = MODELS[layout](impl)
     ids = torch.randint(0, 50, (3, 21))
-    _set_kept_fraction(model, ids, 0.4)
-    fractions = _pruned_fractions(model, ids)
+    radii_keeping(model, ids, 0.4)
+    fractions = pruned_fractions(model, ids)
     assert fractions and all(0.3 < f < 0.9 for f in fractions)
     with torch.no_grad():
         full = model(ids).logits
@@ -122,7 +98,7 @@ def test_chunked_prefill_with_balls_equals_one_shot(layout):
     does a last chunk that asks for a few positions' logits only (`output_positions`)."""
     model = MODELS[layout]("cpu_fused")
     ids = torch.randint(0, 50, (2, 23))
-    _set_kept_fraction(model, ids, 0.5)
+    radii_keeping(model, ids, 0.5)
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache()
@@ -141,16 +117,9 @@ def test_cache_bytes_follow_the_kept_fraction(kept):
     fraction of the cache without balls (`kv_cache_bytes_per_token`, measured)."""
     model = _metric_model(2, "cpu_fused").float()
     probe = torch.randint(0, 50, (1, 48), generator=torch.Generator().manual_seed(0))
-    _set_kept_fraction(model, probe, kept)
-    longest = []
-    for balls in (m for m in model.modules() if isinstance(m, BallPruning)):
-        seen = []
-        handle = balls.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0]))
-        with torch.no_grad():
-            model(probe)
-        handle.remove()
-        distance = (seen[0] - balls.origin[None, :, None]).norm(dim=-1)  # (1, Hkv, S)
-        longest.append(int((distance <= balls.radius[:, None]).sum(-1).max()))
+    radii_keeping(model, probe, kept)
+    longest = [int((ball.distance(keys) <= ball.radius[:, None]).sum(-1).max())
+               for ball, keys in ball_keys(model, probe)]  # per layer, over (batch, head) rows
     cache = model.new_cache()
     with torch.no_grad():
         model(probe, cache)

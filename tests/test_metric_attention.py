@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.attention.balls import BallPruning
 from moa.config import ModelConfig
 from moa.errors import ConfigError
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
@@ -16,7 +15,7 @@ from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import ForwardContext
 from moa.layers.position import POSITION
 from moa.models.language_model import build_model
-from tests.conftest import tiny_model_config
+from tests.conftest import pruned_fractions, radii_keeping, tiny_model_config
 
 
 def _metric_config(impl="eager", **attention):
@@ -61,31 +60,6 @@ def test_cosine_distance_uses_unit_vectors():
     torch.testing.assert_close(k_m.norm(dim=-1), torch.ones(1, 4, 3))
 
 
-def _radii_at_median_distance(model: torch.nn.Module, ids: torch.Tensor) -> None:
-    """Move every ball's origin off zero (cosine keys are all at distance 1 from it) and
-    set its radius, layer by layer, to the median distance of its head's keys from the
-    origin on `ids`: about half the keys are pruned, so both the gate and the causal mask
-    decide some weights."""
-    for balls in (m for m in model.modules() if isinstance(m, BallPruning)):
-        with torch.no_grad():
-            balls.origin.normal_(0.0, 0.5)
-        seen = []
-        handle = balls.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0]))
-        with torch.no_grad():
-            model(ids)
-        handle.remove()
-        distance = (seen[0] - balls.origin[None, :, None]).norm(dim=-1)  # (B, H, S)
-        with torch.no_grad():
-            balls.log_radius.copy_(distance.transpose(0, 1).flatten(1).median(1).values.log())
-
-
-def _pruned_fractions(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:
-    """The fraction of keys each ball prunes on `ids`."""
-    with torch.no_grad():
-        stats = model(ids).stats
-    return [float(v) for name, v in stats.items() if name.endswith("pruned_fraction")]
-
-
 class _Attention(torch.nn.Module):
     """An attention module with its positions as a model sees them: x (B, T, C) -> (B, T, C)."""
 
@@ -112,7 +86,7 @@ def test_metric_attention_is_causal(metric, impl, balls):
     module = _Attention(config).eval()
     x = torch.randn(2, 13, config.d_model)
     if balls:
-        _radii_at_median_distance(module, x)
+        radii_keeping(module, x, 0.5)
         record = AuxiliaryRecorder()
         with torch.no_grad():
             module.attention(x, _context(config, 13, record))
@@ -140,8 +114,8 @@ def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
     model = build_model(config).eval()
     ids = torch.randint(0, 50, (2, 12))
     if balls:
-        _radii_at_median_distance(model, ids)
-        fractions = _pruned_fractions(model, ids)
+        radii_keeping(model, ids, 0.5)
+        fractions = pruned_fractions(model, ids)
         assert len(fractions) == config.n_layers and all(0.3 < f < 0.7 for f in fractions)
     with torch.no_grad():
         full = model(ids).logits
