@@ -60,6 +60,15 @@ def _moa_model(impl: str) -> torch.nn.Module:
     return build_model(config).double().eval()
 
 
+@torch.no_grad()
+def _decoded(model: torch.nn.Module, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The logits (B, T, V) of `prefix` tokens in one cached call, then one token a call."""
+    cache = model.new_cache()
+    steps = [model(ids[:, :prefix], cache).logits]
+    steps += [model(ids[:, t:t + 1], cache).logits for t in range(prefix, ids.size(1))]
+    return torch.cat(steps, dim=1)
+
+
 MODELS = {
     "mha": lambda impl: _metric_model(4, impl),
     "gqa": lambda impl: _metric_model(2, impl),
@@ -81,15 +90,24 @@ def test_cached_decoding_with_balls_equals_uncached(layout, impl):
     assert fractions and all(0.3 < f < 0.9 for f in fractions)
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.new_cache()
-        steps = [model(ids[:, :6], cache).logits]
-        steps += [model(ids[:, t:t + 1], cache).logits for t in range(6, 21)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(_decoded(model, ids, prefix=6), full, rtol=1e-9, atol=1e-9)
     greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
     cached = generate(model, ids[:, :9], greedy)
     uncached = generate(model, ids[:, :9], SamplingConfig(max_new_tokens=12, temperature=0.0,
                                                           use_cache=False))
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.slow  # the Triton interpreter on CPU: about 30 s
+def test_cached_decoding_with_balls_through_triton_equals_uncached():
+    """The Triton kernels read the compacted cache as the CPU ones do (GQA, float64)."""
+    pytest.importorskip("triton")
+    model = MODELS["gqa"]("triton")
+    ids = torch.randint(0, 50, (3, 21))
+    radii_keeping(model, ids, 0.4)
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(_decoded(model, ids, prefix=6), full, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("layout", ["gqa", "moa_block"])
