@@ -183,35 +183,32 @@ def test_pruned_fraction_and_ti_penalty_are_recorded():
     assert record.stats["ti_violating_fraction"] == 0.0  # a true metric obeys the inequality
 
 
-def test_ball_target_moves_the_kept_fraction_toward_the_target():
-    """Balls that keep every key (radius 8, far outside the surrogate's band: the
-    straight-through gradient of the radius is zero) move toward keeping 0.3 of the keys
-    in a few optimizer steps on random data, through the recorded `ball_target` loss."""
+def test_ball_target_moves_the_kept_fraction_to_the_target_and_the_loss_still_trains_it():
+    """Balls that keep every key (radius 8, far outside the surrogate's band) keep about the
+    target's 0.3 after a few training steps on random data (each closing half the gap), and
+    the loss's straight-through gradient still reaches the radius once keys sit near it."""
     torch.manual_seed(8)
     config = _metric_config("cpu_fused", use_balls=True, radius_init=8.0, n_kv_heads=2,
-                            origin_init_scale=0.5, ball_target_kept=0.3, ball_target_weight=1.0)
+                            origin_init_scale=0.5, ball_target_kept=0.3, ball_target_rate=0.5)
     attention = ATTENTION.build(config.attention, config).train()
-    optimiser = torch.optim.Adam(attention.parameters(), lr=0.1)
-
-    def step() -> tuple[float, AuxiliaryRecorder]:
+    optimiser = torch.optim.Adam(attention.parameters(), lr=1e-3)
+    kept = []
+    for _ in range(8):
         record = AuxiliaryRecorder()
         y = attention(torch.randn(4, 16, config.d_model), _context(config, 16, record))
-        value, weight = record.losses["ball_target"]
-        (y.pow(2).mean() + weight * value).backward()
-        return 1.0 - float(record.stats["pruned_fraction"]), record
-
-    kept, record = step()
-    assert kept == 1.0 and float(record.stats["ball_target_log_radius_gap"]) > 0
-    surrogate = ATTENTION.build(config.attention, config)
-    surrogate.load_state_dict(attention.state_dict())
-    surrogate(torch.randn(4, 16, config.d_model), _context(config, 16)).pow(2).mean().backward()
-    assert (surrogate.balls.log_radius.grad == 0).all()  # no pull without the target
-    assert (attention.balls.log_radius.grad > 0).all()  # the target shrinks the radius
-    for _ in range(25):
+        y.pow(2).mean().backward()
         optimiser.step()
         optimiser.zero_grad()
-        kept, _ = step()
-    assert abs(kept - 0.3) < 0.1, kept
+        kept.append(1.0 - float(record.stats["pruned_fraction"]))
+        gap = float(record.stats["ball_target_log_radius_gap"])
+    assert kept[0] == 1.0 and abs(kept[-1] - 0.3) < 0.1, kept
+    assert abs(gap) < 0.1
+    attention(torch.randn(4, 16, config.d_model), _context(config, 16)).pow(2).mean().backward()
+    assert (attention.balls.log_radius.grad != 0).all()
+    attention.eval()  # inference leaves the radii alone
+    radius = attention.balls.log_radius.detach().clone()
+    attention(torch.randn(4, 16, config.d_model), _context(config, 16))
+    assert torch.equal(attention.balls.log_radius, radius)
 
 
 def test_ball_target_config_names_its_key(compose_config):
@@ -221,13 +218,13 @@ def test_ball_target_config_names_its_key(compose_config):
         _metric_config(use_balls=True, ball_target_kept=1.5)
     with pytest.raises(ConfigError, match="attention.ball_target_kept=0.5 .*use_balls"):
         _metric_config(ball_target_kept=0.5)
-    with pytest.raises(ConfigError, match="attention.ball_target_weight"):
-        _metric_config(use_balls=True, ball_target_kept=0.5, ball_target_weight=0.0)
+    with pytest.raises(ConfigError, match="attention.ball_target_rate"):
+        _metric_config(use_balls=True, ball_target_kept=0.5, ball_target_rate=0.0)
     cfg = compose_config("attention.paths.1.use_balls=true",
                          "attention.paths.1.ball_target_kept=0.5",
-                         "attention.paths.1.ball_target_weight=0.2")
+                         "attention.paths.1.ball_target_rate=0.2")
     path = parse_run(cfg).model.attention.paths[1]
-    assert (path.ball_target_kept, path.ball_target_weight) == (0.5, 0.2)
+    assert (path.ball_target_kept, path.ball_target_rate) == (0.5, 0.2)
     cfg.attention.paths[3].ball_target_kept = 0.5  # the MQA path has no balls
     with pytest.raises(ConfigError, match="attention.paths.3.ball_target_kept"):
         parse_run(cfg)

@@ -18,7 +18,7 @@ scale for the q.k part.
 Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per query
 head; the Mahalanobis weights and the balls describe the key space, so they are per key
 head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`;
-`ball_target_kept` pulls the radii toward keeping that fraction of the keys)
+`ball_target_kept` moves the radii toward keeping that fraction of the keys)
 and a triangle-inequality penalty (`ti_reg_weight`, `moa/layers/regularizers.py`). The KV cache
 holds the metric-space keys, the values and the keys' squared norms; with balls, only
 those of the keys inside their ball (`_cached`), so its bytes follow the kept fraction.
@@ -43,7 +43,7 @@ from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
 from moa.layers.kv_cache import LayerCache
-from moa.layers.regularizers import ball_target_penalty, triangle_inequality_penalty
+from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
@@ -85,8 +85,8 @@ class MetricAttentionConfig(HeadsConfig):
     radius_init: float = 4.0
     learn_radius: bool = True
     ball_band: float = 0.5  # relative width of the radius' straight-through surrogate
-    ball_target_kept: float | None = None  # pull the radii toward keeping this fraction
-    ball_target_weight: float = 1.0  # weight of that penalty
+    ball_target_kept: float | None = None  # move the radii toward keeping this fraction
+    ball_target_rate: float = 0.1  # the share of the gap to the target closed per step
     origin_init_scale: float = 0.0
     attn_drop: float = 0.0
     proj_drop: float = 0.0
@@ -107,8 +107,7 @@ class MetricAttentionConfig(HeadsConfig):
             check(self.use_balls and self.learn_radius, "ball_target_kept",
                   self.ball_target_kept, "null unless use_balls and learn_radius are true",
                   "the target moves the radius of a ball")
-        check(self.ball_target_weight > 0, "ball_target_weight", self.ball_target_weight,
-              "a positive float")
+        check_range("ball_target_rate", self.ball_target_rate, 0.0, 1.0, low_open=True)
         check(self.origin_init_scale >= 0, "origin_init_scale", self.origin_init_scale, ">= 0")
         check_range("attn_drop", self.attn_drop, 0.0, 1.0, high_open=True)
         check_range("proj_drop", self.proj_drop, 0.0, 1.0, high_open=True)
@@ -225,10 +224,10 @@ class MetricAttention(nn.Module):
             self._triangle_penalty(q, k, ctx)
         gate = None
         if self.balls is not None:
+            if self.training and self.config.ball_target_kept is not None:
+                self._track_ball_target(k, ctx)  # before the gate reads the radii
             gate, pruned = self.balls(k)  # (B, Hkv, T)
             ctx.record.stat("pruned_fraction", pruned)
-            if self.training and self.config.ball_target_kept is not None:
-                self._ball_target(k, ctx)
         commit = None
         if ctx.cache is not None:
             k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
@@ -315,12 +314,23 @@ class MetricAttention(nn.Module):
             y = select_positions(y, ctx.output_positions)
         return self.proj_drop(y)
 
-    def _ball_target(self, k: torch.Tensor, ctx: ForwardContext) -> None:
-        """The radii pulled toward keeping `ball_target_kept` of the keys k (B, Hkv, T, D)."""
-        penalty, gap = ball_target_penalty(self.balls.distance(k), self.balls.log_radius,
-                                           self.config.ball_target_kept)
-        ctx.record.loss("ball_target", penalty, self.config.ball_target_weight)
-        ctx.record.stat("ball_target_log_radius_gap", gap)
+    def _track_ball_target(self, k: torch.Tensor, ctx: ForwardContext) -> None:
+        """Each training step moves every log radius a share `ball_target_rate` of the way
+        to log r*, the radius that keeps `ball_target_kept` of this batch's keys k (B, Hkv,
+        T, D): `log r <- log r + rate (log r* - log r)`, outside autograd, averaged over
+        the processes under DDP so that every rank keeps the same radii. The optimizer
+        still moves the radius by the loss's straight-through gradient in between; the
+        kept fraction settles near the target. (A penalty on the gap would move it by
+        the learning rate per step at most, under Adam whatever its weight: slower than
+        the keys' distances move early in training.)"""
+        log_target = ball_target_log_radius(self.balls.distance(k), self.config.ball_target_kept)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(log_target)
+            log_target = log_target / torch.distributed.get_world_size()
+        with torch.no_grad():
+            gap = self.balls.log_radius - log_target.to(self.balls.log_radius.dtype)  # (Hkv,)
+            self.balls.log_radius.sub_(self.config.ball_target_rate * gap)
+        ctx.record.stat("ball_target_log_radius_gap", gap.mean())
 
     def _triangle_penalty(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> None:
         B, Hkv, T, D = k.shape

@@ -9,9 +9,9 @@ diagonal Mahalanobis metrics d is a true metric and the penalty stays at roundin
 it guards heads whose distance could violate the inequality, and its violating fraction
 is a check on the geometry.
 
-The ball target pulls each ball's radius toward the distance that keeps a target fraction
-of its head's keys: `(log r_h - log r*_h)^2`, r*_h the `kept` quantile of the head's
-key distances in the batch (`ball_target_penalty`).
+The ball target (metric attention's `ball_target_kept`) moves each ball's radius toward
+r*_h, the `kept` quantile of its head's key distances in the batch
+(`ball_target_log_radius`).
 """
 
 from __future__ import annotations
@@ -47,19 +47,13 @@ def triangle_inequality_penalty(points: torch.Tensor, n_samples: int,
     return torch.relu(excess).mean(), violating.detach()
 
 
-def ball_target_penalty(distance: torch.Tensor, log_radius: torch.Tensor, kept: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """distance (B, H, S): each key's distance from its head's ball origin; log_radius (H,).
-
-    Returns the penalty, the mean over heads of `(log r_h - log r*_h)^2` where r*_h is the
-    smallest radius that keeps a fraction `kept` of the head's keys (detached: only the
-    radius is pulled), and the radii's mean gap `log r - log r*` (detached; > 0: the balls
-    keep more than the target). Unlike a penalty through the ball's straight-through
-    surrogate, whose gradient is zero for every key outside its band (all of them, when
-    the ball keeps everything), this one pulls the radius from anywhere."""
+def ball_target_log_radius(distance: torch.Tensor, kept: float) -> torch.Tensor:
+    """distance (B, H, S): each key's distance from its head's ball origin -> log r*_h (H,),
+    the log of the smallest radius that keeps a fraction `kept` of the head's keys in the
+    batch (detached: a target, not a path for gradients)."""
     H = distance.size(1)
     per_head = distance.detach().transpose(0, 1).reshape(H, -1)  # (H, B * S)
     rank = max(1, math.ceil(kept * per_head.size(1)))
-    target = per_head.kthvalue(rank, dim=1).values.clamp_min(torch.finfo(per_head.dtype).tiny)
-    gap = log_radius - target.log().to(log_radius.dtype)  # (H,)
-    return gap.pow(2).mean(), gap.detach().mean()
+    target = per_head.kthvalue(rank, dim=1).values
+    return target.clamp_min(torch.finfo(per_head.dtype).tiny).log()
+
