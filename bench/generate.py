@@ -113,26 +113,25 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
 
 
 def cache_bytes(model: MoaForCausalLM, prompt: int, vocab_size: int) -> dict[str, float]:
+    """What the cache holds after a random prompt: bytes per position (`held_bytes`: a
+    ball-aware cache holds only its kept keys) and the bytes that do not grow with it."""
     cache = model.model.new_cache()
     with torch.no_grad():
         model.model(torch.randint(0, vocab_size, (1, prompt)), cache)
-    per_position, state = _walk([*cache.layers, cache.ffn, cache.head])
-    return {"kv_bytes_per_token": per_position / cache.capacity, "state_bytes": state}
+    state = _state_bytes([*cache.layers, cache.ffn, cache.head])
+    return {"kv_bytes_per_token": cache.held_bytes() / prompt, "state_bytes": state}
 
 
-def _walk(caches: list[LayerCache]) -> tuple[int, int]:
-    """(bytes of the sequence buffers, bytes of other tensors) held by `caches` and their
-    children."""
-    sequence = state = 0
+def _state_bytes(caches: list[LayerCache]) -> int:
+    """Bytes of the tensors `caches` and their children keep besides their sequences."""
+    state = 0
     for layer in caches:
-        sequence += sum(b.numel() * b.element_size() for b in layer.buffers.values())
         for value in layer.state.values():
             if isinstance(value, LayerCache):
-                child_sequence, child_state = _walk([value])
-                sequence, state = sequence + child_sequence, state + child_state
+                state += _state_bytes([value])
             elif isinstance(value, torch.Tensor):
                 state += value.numel() * value.element_size()
-    return sequence, state
+    return state
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Parameter counts per component of a model preset, without data and without memory.
+"""Parameter counts per component of a model preset, and its KV cache per token.
 
     python -m moa.params model=discoverlm model.size=card
     python -m moa.params model=gpt attention=gqa position=blackhole_rope
@@ -6,10 +6,13 @@
 Composes `conf/train.yaml` with the overrides, checks it as `train.py` would, builds the
 model on the meta device and prints one row per top-level component (the model's own
 child modules, in order; a list of blocks also gets one sub-row per block part, summed
-over the blocks), then `Total  <millions>M`. A weight shared by two components (tied
-embeddings) counts once, in the first: the LM head shows 0 when tied. The vocabulary is
-`model.vocab_size` if set, else the tokenizer config's bound (bpe: its vocab_size, byte:
-265), or the data's own (mqar). The counting itself is `moa.models.params`.
+over the blocks), the KV cache's bytes per token (measured on a freshly initialised
+model, batch 1, by a short cached generation of random tokens: with ball pruning it
+follows the fraction of keys the balls keep), then `Total  <millions>M`. A weight shared
+by two components (tied embeddings) counts once, in the first: the LM head shows 0 when
+tied. The vocabulary is `model.vocab_size` if set, else the tokenizer config's bound
+(bpe: its vocab_size, byte: 265), or the data's own (mqar). The counting itself is
+`moa.models.params`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from moa.config import ModelConfig
 from moa.errors import ConfigError
-from moa.models.language_model import build_model
-from moa.models.params import parameter_table
+from moa.models.language_model import LanguageModel, build_model
+from moa.models.params import measure_kv_cache, parameter_table
 from moa.training.run_config import parse_run
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -45,14 +48,27 @@ def model_config(overrides: list[str]) -> ModelConfig:
     return spec.model.with_vocab(vocab)
 
 
-def format_table(rows: list[tuple[str, int]], title: str) -> str:
+def format_table(rows: list[tuple[str, int]], title: str, notes: tuple[str, ...] = ()) -> str:
+    """The table, `notes` (one line each), then `Total  <millions>M`."""
     total = sum(count for name, count in rows if not name.startswith(" "))
     width = max(len(name) for name, _ in rows + [("component", 0)])
     lines = [title, f"{'component':<{width}}  {'parameters':>13}  {'share':>6}"]
     for name, count in rows:
         lines.append(f"{name:<{width}}  {count:>13,}  {count / max(total, 1):>6.1%}")
+    lines.extend(notes)
     lines.append(f"Total  {total / 1e6:.2f}M")
     return "\n".join(lines)
+
+
+def kv_cache_note(config: ModelConfig) -> str:
+    """The KV cache per token, measured on a freshly initialised model (`measure_kv_cache`:
+    a short cached generation on random tokens): a trained model's balls keep another
+    fraction, which its run.json records."""
+    measure = measure_kv_cache(build_model(config))
+    balls = "" if measure.kept_fraction is None else \
+        f"; ball-pruned layers keep {measure.kept_fraction:.2f} of their keys at init"
+    return (f"KV cache  {measure.bytes_per_token:,.0f} bytes/token (measured: batch 1, "
+            f"{measure.tokens} random tokens cached, float32{balls})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(config)
     title = (f"model={config.name} size={config.size} d_model={config.d_model} "
              f"n_layers={config.n_layers} vocab={config.vocab_size}")
-    print(format_table(parameter_table(model), title))
+    # the Reactive Transformer caches per message, not per token
+    notes = (kv_cache_note(config),) if isinstance(model, LanguageModel) else ()
+    print(format_table(parameter_table(model), title, notes))
 
 if __name__ == "__main__":
     main()

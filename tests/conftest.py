@@ -54,6 +54,44 @@ def tiny_model_config(attention: dict | None = None, position: str = "rope", **m
     return ModelConfig.from_sections(sections, **components)
 
 
+def ball_keys(model: torch.nn.Module, ids: torch.Tensor
+              ) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """(ball, its keys (B, H, S, D) on `ids`) for every ball-pruning module of `model`."""
+    from moa.attention.balls import BallPruning
+
+    balls = [m for m in model.modules() if isinstance(m, BallPruning)]
+    seen: dict[int, torch.Tensor] = {}
+    handles = [ball.register_forward_pre_hook(
+        lambda module, args: seen.setdefault(id(module), args[0])) for ball in balls]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return [(ball, seen[id(ball)]) for ball in balls]
+
+
+def radii_keeping(model: torch.nn.Module, ids: torch.Tensor, kept: float) -> None:
+    """Each ball's origin moved off zero (cosine keys are all at distance 1 from zero) and
+    its radius set to the `kept` quantile of its head's key distances on `ids`, layer by
+    layer (the keys depend on the earlier layers' balls), so that about `kept` of the keys
+    are inside: both the gate and the causal mask then decide some weights."""
+    for ball, _ in ball_keys(model, ids):
+        with torch.no_grad():
+            ball.origin.normal_(0.0, 0.5)
+        keys = dict((id(b), k) for b, k in ball_keys(model, ids))[id(ball)]
+        distance = ball.distance(keys)  # (B, H, S)
+        radius = distance.transpose(0, 1).flatten(1).quantile(kept, dim=1)
+        with torch.no_grad():
+            ball.log_radius.copy_(radius.log())
+
+
+def pruned_fractions(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:
+    """The fraction of keys each ball prunes on `ids` (its logged stat)."""
+    with torch.no_grad():
+        stats = model(ids).stats
+    return [float(v) for name, v in stats.items() if name.endswith("pruned_fraction")]
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache of built corpora and tokenizers for the whole session."""

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.attention.balls import BallPruning
 from moa.attention.metric import dot_product_form
 from moa.config import ModelConfig
 from moa.errors import ConfigError
@@ -17,7 +16,7 @@ from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import ForwardContext
 from moa.layers.position import POSITION
 from moa.models.language_model import build_model
-from tests.conftest import tiny_model_config
+from tests.conftest import pruned_fractions, radii_keeping, tiny_model_config
 
 
 def _metric_config(impl="eager", **attention):
@@ -62,31 +61,6 @@ def test_cosine_distance_uses_unit_vectors():
     torch.testing.assert_close(k_m.norm(dim=-1), torch.ones(1, 4, 3))
 
 
-def _radii_at_median_distance(model: torch.nn.Module, ids: torch.Tensor) -> None:
-    """Move every ball's origin off zero (cosine keys are all at distance 1 from it) and
-    set its radius, layer by layer, to the median distance of its head's keys from the
-    origin on `ids`: about half the keys are pruned, so both the gate and the causal mask
-    decide some weights."""
-    for balls in (m for m in model.modules() if isinstance(m, BallPruning)):
-        with torch.no_grad():
-            balls.origin.normal_(0.0, 0.5)
-        seen = []
-        handle = balls.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0]))
-        with torch.no_grad():
-            model(ids)
-        handle.remove()
-        distance = (seen[0] - balls.origin[None, :, None]).norm(dim=-1)  # (B, H, S)
-        with torch.no_grad():
-            balls.log_radius.copy_(distance.transpose(0, 1).flatten(1).median(1).values.log())
-
-
-def _pruned_fractions(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:
-    """The fraction of keys each ball prunes on `ids`."""
-    with torch.no_grad():
-        stats = model(ids).stats
-    return [float(v) for name, v in stats.items() if name.endswith("pruned_fraction")]
-
-
 class _Attention(torch.nn.Module):
     """An attention module with its positions as a model sees them: x (B, T, C) -> (B, T, C)."""
 
@@ -113,7 +87,7 @@ def test_metric_attention_is_causal(metric, impl, balls):
     module = _Attention(config).eval()
     x = torch.randn(2, 13, config.d_model)
     if balls:
-        _radii_at_median_distance(module, x)
+        radii_keeping(module, x, 0.5)
         record = AuxiliaryRecorder()
         with torch.no_grad():
             module.attention(x, _context(config, 13, record))
@@ -142,8 +116,8 @@ def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
     model = build_model(config).eval()
     ids = torch.randint(0, 50, (2, 12))
     if balls:
-        _radii_at_median_distance(model, ids)
-        fractions = _pruned_fractions(model, ids)
+        radii_keeping(model, ids, 0.5)
+        fractions = pruned_fractions(model, ids)
         assert len(fractions) == config.n_layers and all(0.3 < f < 0.7 for f in fractions)
     with torch.no_grad():
         full = model(ids).logits
@@ -151,7 +125,8 @@ def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
         steps = [model(ids[:, :5], cache).logits]  # a prefix, then one token at a time
         steps += [model(ids[:, t:t + 1], cache).logits for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert set(cache.layers[0].buffers) == {"k", "v", "k_norm"}
+    held = cache.layers[0].compact("kept_keys") if balls else cache.layers[0]
+    assert set(held.buffers) == {"k", "v", "k_norm"}
 
 
 def test_radius_gradient_is_the_straight_through_derivative():
@@ -208,6 +183,53 @@ def test_pruned_fraction_and_ti_penalty_are_recorded():
     value, weight = record.losses["ti_penalty"]
     assert weight == 0.5 and value.requires_grad
     assert record.stats["ti_violating_fraction"] == 0.0  # a true metric obeys the inequality
+
+
+def test_ball_target_moves_the_kept_fraction_to_the_target_and_the_loss_still_trains_it():
+    """Balls that keep every key (radius 8, far outside the surrogate's band) keep about the
+    target's 0.3 after a few training steps on random data (each closing half the gap), and
+    the loss's straight-through gradient still reaches the radius once keys sit near it."""
+    torch.manual_seed(8)
+    config = _metric_config("cpu_fused", use_balls=True, radius_init=8.0, n_kv_heads=2,
+                            origin_init_scale=0.5, ball_target_kept=0.3, ball_target_rate=0.5)
+    attention = ATTENTION.build(config.attention, config).train()
+    optimiser = torch.optim.Adam(attention.parameters(), lr=1e-3)
+    kept = []
+    for _ in range(8):
+        record = AuxiliaryRecorder()
+        y = attention(torch.randn(4, 16, config.d_model), _context(config, 16, record))
+        y.pow(2).mean().backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        kept.append(1.0 - float(record.stats["pruned_fraction"]))
+        gap = float(record.stats["ball_target_log_radius_gap"])
+    assert kept[0] == 1.0 and abs(kept[-1] - 0.3) < 0.1, kept
+    assert abs(gap) < 0.1
+    attention(torch.randn(4, 16, config.d_model), _context(config, 16)).pow(2).mean().backward()
+    assert (attention.balls.log_radius.grad != 0).all()
+    attention.eval()  # inference leaves the radii alone
+    radius = attention.balls.log_radius.detach().clone()
+    attention(torch.randn(4, 16, config.d_model), _context(config, 16))
+    assert torch.equal(attention.balls.log_radius, radius)
+
+
+def test_ball_target_config_names_its_key(compose_config):
+    from moa.training.run_config import parse_run
+
+    with pytest.raises(ConfigError, match="attention.ball_target_kept"):
+        _metric_config(use_balls=True, ball_target_kept=1.5)
+    with pytest.raises(ConfigError, match="attention.ball_target_kept=0.5 .*use_balls"):
+        _metric_config(ball_target_kept=0.5)
+    with pytest.raises(ConfigError, match="attention.ball_target_rate"):
+        _metric_config(use_balls=True, ball_target_kept=0.5, ball_target_rate=0.0)
+    cfg = compose_config("attention.paths.1.use_balls=true",
+                         "attention.paths.1.ball_target_kept=0.5",
+                         "attention.paths.1.ball_target_rate=0.2")
+    path = parse_run(cfg).model.attention.paths[1]
+    assert (path.ball_target_kept, path.ball_target_rate) == (0.5, 0.2)
+    cfg.attention.paths[3].ball_target_kept = 0.5  # the MQA path has no balls
+    with pytest.raises(ConfigError, match="attention.paths.3.ball_target_kept"):
+        parse_run(cfg)
 
 
 def test_config_errors_name_their_key():

@@ -106,6 +106,17 @@ def test_kv_cache_bytes_per_token_count_keys_and_values_per_kv_head():
     assert kv_cache_bytes_per_token(conv) == 0  # a fixed window, nothing grows per token
 
 
+def test_command_prints_the_measured_kv_cache(capsys):
+    """The line before the total is the cache measured on the model (`measure_kv_cache`)."""
+    from moa.models.params import kv_cache_bytes_per_token
+
+    overrides = ["model=gpt", "model.size=tiny", "tokenizer=byte", "attention=gqa"]
+    main(overrides)
+    line = capsys.readouterr().out.strip().splitlines()[-2]
+    measured = kv_cache_bytes_per_token(build_model(model_config(overrides)))
+    assert line.startswith(f"KV cache  {measured:,.0f} bytes/token (measured: batch 1, ")
+
+
 def test_active_parameters_leave_out_the_paths_top_k_skips():
     from moa.models.params import active_parameters
 

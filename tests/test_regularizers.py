@@ -1,10 +1,11 @@
-"""The triangle-inequality penalty: zero on a metric, the exact excess where d violates it."""
+"""The triangle-inequality penalty: zero on a metric, the exact excess where d violates it.
+The ball target: the radius that keeps the target fraction of each head's keys."""
 
 from __future__ import annotations
 
 import torch
 
-from moa.layers.regularizers import triangle_inequality_penalty
+from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
 
 
 def test_euclidean_distance_never_violates():
@@ -37,3 +38,15 @@ def test_squared_distance_violates_with_the_exact_excess():
     assert violating > 0
     penalty.backward()
     assert line.grad.abs().sum() > 0
+
+
+def test_ball_target_radius_keeps_the_target_fraction_of_each_head():
+    """distance (B=2, H=3, S=10): the target radius is the 6th smallest of each head's 20
+    distances, which keeps 0.3 of them."""
+    torch.manual_seed(2)
+    distance = torch.rand(2, 3, 10, dtype=torch.float64) + 0.1
+    log_target = ball_target_log_radius(distance, kept=0.3)
+    sixth = distance.transpose(0, 1).reshape(3, -1).sort(dim=1).values[:, 5]  # (H,)
+    torch.testing.assert_close(log_target, sixth.log())
+    inside = distance <= log_target.exp()[None, :, None]
+    assert (inside.double().mean((0, 2)) == 0.3).all()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moa.errors import ConfigError
+from moa.models.params import measure_kv_cache
 from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.training import METRIC_KEYS, evaluate, train
 from moa.training.run_status import read_status, recording_status
@@ -42,6 +43,10 @@ def test_smoke_train_then_eval(compose_config, tmp_path):
     assert read_status(run_dir) == {"status": "finished", "error": None, "time": ANY,
                                     "seconds": ANY}
     assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["kv_cache_measured_on"].startswith("the trained model")
+    trained = measure_kv_cache(objects["module"].model)
+    assert record["kv_cache_bytes_per_token"] == trained.bytes_per_token > 0
 
     losses = _train_losses(run_dir)
     vocab = objects["module"].model_config.vocab_size
@@ -56,6 +61,21 @@ def test_smoke_train_then_eval(compose_config, tmp_path):
     evaluated, _ = evaluate(eval_cfg)
     assert evaluated == pytest.approx(metrics, rel=1e-4)  # same weights, same splits
     assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics, rel=1e-4)
+
+
+def test_run_json_records_the_trained_balls_cache(compose_config, tmp_path):
+    """With ball pruning, run.json's KV-cache figures are the trained model's, measured:
+    the kept fraction of its balls and the bytes that follow from it."""
+    cfg = compose_config("trainer=smoke", "trainer.max_steps=2", "evaluate=false",
+                         "tokenizer=byte", "attention.paths.1.use_balls=true",
+                         "attention.paths.3.use_balls=true", "+attention.paths.1.radius_init=0.3",
+                         "+attention.paths.3.radius_init=0.3")
+    _, objects = train(cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    trained = measure_kv_cache(objects["module"].model)
+    assert record["kv_cache_measured_on"].startswith("the trained model")
+    assert record["kv_cache_kept_fraction"] == trained.kept_fraction
+    assert record["kv_cache_bytes_per_token"] == trained.bytes_per_token
 
 
 def test_same_seed_same_loss_curve(compose_config, tmp_path):

@@ -54,11 +54,15 @@ class BallPruning(nn.Module):
     def radius(self) -> torch.Tensor:
         return self.log_radius.exp()  # (H,), positive
 
+    def distance(self, k: torch.Tensor) -> torch.Tensor:
+        """||k - o_h||: k (B, H, S, D) -> (B, H, S)."""
+        return (k - self.origin[None, :, None, :].to(k.dtype)).norm(dim=-1)
+
     def forward(self, k: torch.Tensor) -> BallGate:
         """k: (B, H, S, D) keys in metric space -> the gate (B, H, S) with hard values and
         straight-through gradients, its band, and the fraction of keys pruned."""
         radius = self.radius.view(1, -1, 1).to(k.dtype)
-        distance = (k - self.origin[None, :, None, :].to(k.dtype)).norm(dim=-1)  # (B, H, S)
+        distance = self.distance(k)  # (B, H, S)
         hard = (distance <= radius).to(k.dtype)
         soft = (0.5 + (radius - distance) / (self.band * radius)).clamp(0.0, 1.0)
         band = (soft > 0) & (soft < 1)  # where soft has a slope: |d - r| < band * r / 2

@@ -17,9 +17,11 @@ scale for the q.k part.
 
 Head layout as the dot-product schemes (`n_kv_heads` for GQA/MQA): alpha is per query
 head; the Mahalanobis weights and the balls describe the key space, so they are per key
-head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`)
+head (per head under MHA). Optional ball pruning (`use_balls`, `moa/attention/balls.py`;
+`ball_target_kept` moves the radii toward keeping that fraction of the keys)
 and a triangle-inequality penalty (`ti_reg_weight`, `moa/layers/regularizers.py`). The KV cache
-holds the metric-space keys, the values and the keys' squared norms.
+holds the metric-space keys, the values and the keys' squared norms; with balls, only
+those of the keys inside their ball (`_cached`), so its bytes follow the kept fraction.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
-from moa.layers.regularizers import triangle_inequality_penalty
+from moa.layers.kv_cache import LayerCache
+from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
@@ -83,6 +86,8 @@ class MetricAttentionConfig(HeadsConfig):
     radius_init: float = 4.0
     learn_radius: bool = True
     ball_band: float = 0.5  # relative width of the radius' straight-through surrogate
+    ball_target_kept: float | None = None  # move the radii toward keeping this fraction
+    ball_target_rate: float = 0.1  # the share of the gap to the target closed per step
     origin_init_scale: float = 0.0
     attn_drop: float = 0.0
     proj_drop: float = 0.0
@@ -98,6 +103,12 @@ class MetricAttentionConfig(HeadsConfig):
         check_choice("key_norm", self.key_norm, KEY_NORMS)
         check(self.radius_init > 0, "radius_init", self.radius_init, "a positive float")
         check(self.ball_band > 0, "ball_band", self.ball_band, "a positive float")
+        if self.ball_target_kept is not None:
+            check_range("ball_target_kept", self.ball_target_kept, 0.0, 1.0, low_open=True)
+            check(self.use_balls and self.learn_radius, "ball_target_kept",
+                  self.ball_target_kept, "null unless use_balls and learn_radius are true",
+                  "the target moves the radius of a ball")
+        check_range("ball_target_rate", self.ball_target_rate, 0.0, 1.0, low_open=True)
         check(self.origin_init_scale >= 0, "origin_init_scale", self.origin_init_scale, ">= 0")
         check_range("attn_drop", self.attn_drop, 0.0, 1.0, high_open=True)
         check_range("proj_drop", self.proj_drop, 0.0, 1.0, high_open=True)
@@ -224,22 +235,28 @@ class MetricAttention(nn.Module):
         k_norm = self._key_norms(k)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
-        if ctx.cache is not None:
-            k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
-            k_norm = ctx.cache.append("k_norm", k_norm)  # (B, Hkv, S)
         gate = band = None
         if self.balls is not None:
-            gate, band, pruned = self.balls(k)  # (B, Hkv, S) x2, scalar
+            if self.training and self.config.ball_target_kept is not None:
+                self._track_ball_target(k, ctx)  # before the gate reads the radii
+            gate, band, pruned = self.balls(k)  # (B, Hkv, T) x2, scalar
             ctx.record.stat("pruned_fraction", pruned)
+        commit = None
+        if ctx.cache is not None:
+            k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
+            band = None  # the gate over the held keys too; a cache is for inference
         alpha = self.log_alpha.exp()
         dropout = self.config.attn_drop if self.training else 0.0
         wanted = ctx.output_positions
         if wanted is not None and wanted.size(1) == 0:  # no query: only the cache grows
+            if commit is not None:
+                commit()
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
         if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
+            columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
             y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout,
-                                       query_positions=ctx.positions[wanted])
+                                       query_positions=columns)
         elif dropout > 0:
             y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout)
         else:
@@ -247,7 +264,33 @@ class MetricAttention(nn.Module):
             if kernel is metric_attention_cpu and gate is None and self.config.key_norm == "ignore":
                 kernel = dot_product_form
             y = kernel(q, k, v, k_norm, alpha, gate, band)
+        if commit is not None:
+            commit()
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
+
+    def _cached(self, cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
+                k_norm: torch.Tensor, gate: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        """The new keys k, v (B, Hkv, T, D), k_norm (B, Hkv, T) and gate appended to the
+        cache: -> keys, values, norms and gate over S cached-then-new positions, and what
+        to call once attention has read them (None: nothing).
+
+        Without balls S counts every position. With balls only the keys inside their ball
+        are kept, compacted per (batch, key head) (`CompactCache`): S is the longest row
+        plus T, the new keys last, so the kernels' convention (queries are the last T of S,
+        causal, each keeping its own key) still holds. Held keys get gate 1, a row's
+        padding gate 0, the new keys their own gate; every held key precedes every query,
+        so this is the uncached attention without the pruned keys' zero weights. The ball
+        decides as it stands when a key is cached: the cache is for inference (a radius
+        that moves later does not bring a dropped key back)."""
+        if gate is None:
+            return (cache.append("k", k), cache.append("v", v),  # (B, Hkv, S, D)
+                    cache.append("k_norm", k_norm), None, None)  # (B, Hkv, S)
+        store = cache.compact("kept_keys")
+        held = store.stage({"k": k, "v": v, "k_norm": k_norm})
+        gate = torch.cat([store.valid().to(gate.dtype), gate], dim=-1)  # (B, Hkv, S)
+        kept = gate.detach()[..., -k.size(2):] > 0  # (B, Hkv, T)
+        return held["k"], held["v"], held["k_norm"], gate, lambda: store.commit(kept)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:
         """||k||^2 (B, Hkv, S) in at least float32; zeros under key_norm=ignore, where
@@ -291,6 +334,24 @@ class MetricAttention(nn.Module):
         if ctx.output_positions is not None:
             y = select_positions(y, ctx.output_positions)
         return self.proj_drop(y)
+
+    def _track_ball_target(self, k: torch.Tensor, ctx: ForwardContext) -> None:
+        """Each training step moves every log radius a share `ball_target_rate` of the way
+        to log r*, the radius that keeps `ball_target_kept` of this batch's keys k (B, Hkv,
+        T, D): `log r <- log r + rate (log r* - log r)`, outside autograd, averaged over
+        the processes under DDP so that every rank keeps the same radii. The optimizer
+        still moves the radius by the loss's straight-through gradient in between; the
+        kept fraction settles near the target. (A penalty on the gap would move it by
+        the learning rate per step at most, under Adam whatever its weight: slower than
+        the keys' distances move early in training.)"""
+        log_target = ball_target_log_radius(self.balls.distance(k), self.config.ball_target_kept)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(log_target)
+            log_target = log_target / torch.distributed.get_world_size()
+        with torch.no_grad():
+            gap = self.balls.log_radius - log_target.to(self.balls.log_radius.dtype)  # (Hkv,)
+            self.balls.log_radius.sub_(self.config.ball_target_rate * gap)
+        ctx.record.stat("ball_target_log_radius_gap", gap.mean())
 
     def _triangle_penalty(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext) -> None:
         B, Hkv, T, D = k.shape

@@ -8,10 +8,15 @@ the square would push every head away from Euclidean geometry. Under the l2, cos
 diagonal Mahalanobis metrics d is a true metric and the penalty stays at rounding level;
 it guards heads whose distance could violate the inequality, and its violating fraction
 is a check on the geometry.
+
+The ball target (metric attention's `ball_target_kept`) moves each ball's radius toward
+r*_h, the `kept` quantile of its head's key distances in the batch
+(`ball_target_log_radius`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,3 +45,15 @@ def triangle_inequality_penalty(points: torch.Tensor, n_samples: int,
     excess = ac - ab - bc
     violating = (excess > 1e-6 * (ab + bc)).float().mean()
     return torch.relu(excess).mean(), violating.detach()
+
+
+def ball_target_log_radius(distance: torch.Tensor, kept: float) -> torch.Tensor:
+    """distance (B, H, S): each key's distance from its head's ball origin -> log r*_h (H,),
+    the log of the smallest radius that keeps a fraction `kept` of the head's keys in the
+    batch (detached: a target, not a path for gradients)."""
+    H = distance.size(1)
+    per_head = distance.detach().transpose(0, 1).reshape(H, -1)  # (H, B * S)
+    rank = max(1, math.ceil(kept * per_head.size(1)))
+    target = per_head.kthvalue(rank, dim=1).values
+    return target.clamp_min(torch.finfo(per_head.dtype).tiny).log()
+

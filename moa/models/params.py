@@ -5,10 +5,13 @@ decoding. `python -m moa.params` prints the table for a config preset.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from moa.layers.kv_cache import LayerCache
+from moa.layers.kv_cache import CompactCache, LayerCache
 from moa.layers.router import TopKRouter
 
 
@@ -61,21 +64,49 @@ def active_parameters(model: nn.Module) -> int:
     return total
 
 
+@dataclass
+class CacheMeasure:
+    bytes_per_token: float  # what the decoding cache holds per position, batch 1
+    kept_fraction: float | None  # of the keys the ball-pruned layers saw; None: no balls
+    tokens: int  # positions decoded to measure it
+
+
 @torch.no_grad()
-def kv_cache_bytes_per_token(model: nn.Module, probe_tokens: int = 4) -> int:
-    """Bytes the decoding cache grows by per token (batch 1, the model's dtype), measured
-    by decoding `probe_tokens` tokens into a cache of that capacity: every buffer that grows
-    with the sequence, in every layer and branch, divided by its length."""
-    cache = model.new_cache(capacity=probe_tokens)
+def measure_kv_cache(model: nn.Module, tokens: int = 64, seed: int = 0) -> CacheMeasure:
+    """The decoding cache measured on the model as it is: a random prompt of 3/4 of
+    `tokens` (at most max_seq_len) in one call, then one token at a time, batch 1, in eval
+    mode; the bytes every layer, branch and the head then hold (`KVCache.held_bytes`), per
+    position. Ball-pruned metric attention keeps only the keys inside its balls, so its
+    share follows what the balls keep (`kept_fraction`, over those layers' keys)."""
+    tokens = min(tokens, model.config.max_seq_len)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens),
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    cache = model.new_cache(capacity=tokens)
     was_training = model.training
     model.eval()
-    model(torch.zeros(1, probe_tokens, dtype=torch.long,
-                      device=next(model.parameters()).device), cache)
+    prompt = max(1, 3 * tokens // 4)
+    model(ids[:, :prompt], cache)
+    for t in range(prompt, tokens):
+        model(ids[:, t:t + 1], cache)
     model.train(was_training)
-    pending = [*cache.layers, cache.ffn, cache.head]
-    total = 0
-    while pending:
-        layer = pending.pop()
-        total += sum(buffer.numel() * buffer.element_size() for buffer in layer.buffers.values())
-        pending.extend(state for state in layer.state.values() if isinstance(state, LayerCache))
-    return total // probe_tokens
+    compact = list(_compact_caches([*cache.layers, cache.ffn, cache.head]))
+    kept = None
+    if compact:
+        kept = sum(int(c.counts.sum()) for c in compact) / (
+            tokens * sum(c.counts.numel() for c in compact))
+    return CacheMeasure(cache.held_bytes() / tokens, kept, tokens)
+
+
+def kv_cache_bytes_per_token(model: nn.Module) -> float:
+    """Bytes the decoding cache holds per token, measured (`measure_kv_cache`)."""
+    return measure_kv_cache(model).bytes_per_token
+
+
+def _compact_caches(caches: list[LayerCache]) -> Iterator[CompactCache]:
+    for cache in caches:
+        for value in cache.state.values():
+            if isinstance(value, CompactCache):
+                yield value
+            elif isinstance(value, LayerCache):
+                yield from _compact_caches([value])

@@ -7,7 +7,8 @@ Run directory layout (single run or one job of a sweep):
     train.log            the job's log (Hydra's file handler), Lightning's messages included
     run.json             data fingerprint (corpus and tokenizer hashes), parameter counts
                          (total, without embedding, active per token under top-k routing),
-                         KV-cache bytes per token
+                         KV-cache bytes per token (measured on the initial model, then on
+                         the trained one when training ends)
     tokenizer.json       the tokenizer the model was trained with
     checkpoints/         best.ckpt (lowest val/loss) and last.ckpt (also every few steps)
     metrics.csv          the training/validation log (CSVLogger), router statistics
@@ -55,6 +56,15 @@ def write_run_files(cfg: DictConfig, run_dir: Path, datamodule: LMDataModule,
     if datamodule.tokenizer is not None:
         datamodule.tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def update_run_record(run_dir: Path, updates: dict[str, Any]) -> None:
+    """run.json with `updates` merged in, replaced atomically (a reader never sees half)."""
+    path = run_dir / "run.json"
+    record = {**json.loads(path.read_text()), **updates}
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)
 
 
 def locate_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:

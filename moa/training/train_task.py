@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 import moa.training.loggers  # noqa: F401  (the resolvers of conf/logger/wandb.yaml)
 from moa.data import LMDataModule
 from moa.models.language_model import LanguageModel
-from moa.models.params import active_parameters, kv_cache_bytes_per_token
+from moa.models.params import active_parameters, measure_kv_cache
 from moa.training.checkpoint import (
     check_same_model,
     keep_metrics_before,
@@ -38,7 +38,7 @@ from moa.training.lit import LanguageModelModule
 from moa.training.objectives import SpecialTokens
 from moa.training.resume import Resume, resume_mode, run_records
 from moa.training.run_config import RunSpec, parse_run, resolved
-from moa.training.run_files import write_run_files
+from moa.training.run_files import update_run_record, write_run_files
 from moa.training.run_status import StatusSeconds, read_status, recording_status
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _train(cfg: DictConfig, prepared: _Prepared, run_dir: Path, resuming: bool,
         "active_parameters": active_parameters(model),
     }
     if isinstance(model, LanguageModel):  # the Reactive Transformer's cache is per message
-        record["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
+        record.update(_measured_cache(model, "the initial model"))
     if cfg.get("init_from"):  # weights only: optimiser, step and data position start afresh
         record["init_from"] = load_init_weights(module.model, Path(cfg.init_from))
     record["parameters_frozen"] = freeze(module.model, check_freeze(cfg.get("freeze")))["frozen"]
@@ -167,4 +167,18 @@ def _train(cfg: DictConfig, prepared: _Prepared, run_dir: Path, resuming: bool,
             module.load_state_dict(load_checkpoint(Path(best))["state_dict"])
         metrics = run_evaluation(module, datamodule, resolved(cfg, "trainer"), spec.sampling,
                                  run_dir / "metrics.json")
+    if trainer.is_global_zero and isinstance(model, LanguageModel):
+        # what the balls learned to keep decides the cache: measured again, trained
+        update_run_record(run_dir, _measured_cache(model, "the trained model"))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _measured_cache(model: LanguageModel, measured_on: str) -> dict[str, Any]:
+    """run.json's KV-cache figures (`measure_kv_cache`), labelled with the model measured."""
+    measure = measure_kv_cache(model)
+    figures = {"kv_cache_bytes_per_token": measure.bytes_per_token,
+               "kv_cache_measured_on": f"{measured_on}: batch 1, {measure.tokens} random "
+                                       "tokens cached"}
+    if measure.kept_fraction is not None:
+        figures["kv_cache_kept_fraction"] = measure.kept_fraction
+    return figures
