@@ -103,24 +103,26 @@ def test_one_sequence_decoding_with_balls_keeps_unchosen_paths_caches():
     unchosen, and such a path only extends its cache (no query, `output_positions` empty);
     the ball-aware cache must still take the step's key, or later steps that choose the
     path read a cache with a hole."""
-    model = MODELS["moa_block"]("cpu_fused")
-    ids = torch.randint(0, 50, (1, 24))
-    radii_keeping(model, ids, 0.4)
-    with torch.no_grad():
-        full = model(ids).logits
-    torch.testing.assert_close(_decoded(model, ids, prefix=4), full, rtol=1e-9, atol=1e-9)
+    _assert_steps_match_the_full_forward(MODELS["moa_block"]("cpu_fused"),
+                                         torch.randint(0, 50, (1, 24)), prefix=4)
 
 
 @pytest.mark.slow  # the Triton interpreter on CPU: about 30 s
 def test_cached_decoding_with_balls_through_triton_equals_uncached():
     """The Triton kernels read the compacted cache as the CPU ones do (GQA, float64)."""
     pytest.importorskip("triton")
-    model = MODELS["gqa"]("triton")
-    ids = torch.randint(0, 50, (3, 21))
+    _assert_steps_match_the_full_forward(MODELS["gqa"]("triton"), torch.randint(0, 50, (3, 21)),
+                                         prefix=6)
+
+
+def _assert_steps_match_the_full_forward(model: torch.nn.Module, ids: torch.Tensor,
+                                         prefix: int) -> None:
+    """With balls keeping 0.4 of the keys, a cached prefix then one token a call gives the
+    full forward's logits (float64)."""
     radii_keeping(model, ids, 0.4)
     with torch.no_grad():
         full = model(ids).logits
-    torch.testing.assert_close(_decoded(model, ids, prefix=6), full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(_decoded(model, ids, prefix), full, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("layout", ["gqa", "moa_block"])
