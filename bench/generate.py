@@ -33,10 +33,6 @@ from typing import Any
 
 import torch
 
-# transformers first: imported from inside moa.hf.modeling, it would run moa's registration
-# (moa/hf/registration.py) on that half-imported module
-import transformers  # noqa: F401
-
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
 from moa.layers.kv_cache import LayerCache
 from moa.params import CONF_DIR, model_config

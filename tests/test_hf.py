@@ -220,12 +220,15 @@ def test_export_without_out_names_the_key(compose_config, tmp_path):
     assert error.value.key == "out"
 
 
-def test_import_moa_registers_when_transformers_is_imported_and_not_before():
+@pytest.mark.parametrize("first", ["transformers", "moa.hf.modeling"])
+def test_import_moa_registers_when_transformers_is_imported_and_not_before(first):
     """`import moa` stays free of transformers' import cost; importing transformers after
-    it registers model_type moa_metric with the Auto classes all the same."""
+    it registers model_type moa_metric with the Auto classes all the same, also when the
+    first import is of moa.hf.modeling, which imports transformers half-way through."""
     script = (
         "import sys, moa\n"
         "assert 'transformers' not in sys.modules\n"
+        f"import {first}\n"
         "from transformers import AutoConfig, AutoModelForCausalLM\n"
         "config = AutoConfig.for_model('moa_metric')\n"
         "print(type(config).__name__, AutoModelForCausalLM._model_mapping[type(config)].__name__)"

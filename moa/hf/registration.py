@@ -4,10 +4,11 @@
 RxT encoder's export, `AutoModelForMaskedLM`) work, but importing transformers' model
 classes costs seconds, which every `train.py` run would pay. So `import moa` registers at
 once only if transformers is already loaded; otherwise it leaves a finder on
-`sys.meta_path` that wraps the loading of the `transformers` package and registers
-`moa.hf.modeling`'s classes right after it, then removes itself. (The registration is
-here, not in modeling.py, because the export copies modeling.py into the exported
-directory as remote code, which must not register anything in the process that loads it.)
+`sys.meta_path` that registers `moa.hf.modeling`'s classes as soon as the `transformers`
+package is loaded and no module that holds them is half-imported, then removes itself.
+(The registration is here, not in modeling.py, because the export copies modeling.py into
+the exported directory as remote code, which must not register anything in the process
+that loads it.)
 """
 
 from __future__ import annotations
@@ -20,19 +21,35 @@ from types import ModuleType
 PACKAGE = "transformers"
 
 
+MODULES = ("moa.hf.modeling", "moa.hf.masked_lm")  # the classes registered
+_importing: set[str] = set()  # which of PACKAGE and MODULES are being executed now
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Wraps the loading of transformers and of MODULES: registration runs once
+    transformers is loaded and none of them is half-imported. (`from moa.hf.modeling
+    import ...` first imports transformers from inside modeling.py, whose classes do not
+    exist yet at that point.)"""
+
     def find_spec(self, name: str, path=None, target=None):
-        if name != PACKAGE:
+        if name != PACKAGE and name not in MODULES:
             return None
-        sys.meta_path.remove(self)  # find the real spec, and never wrap twice
-        spec = importlib.util.find_spec(name)
+        sys.meta_path.remove(self)  # find the real spec
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return spec
         execute = spec.loader.exec_module
 
         def execute_then_register(module: ModuleType) -> None:
-            execute(module)
-            _register()
+            _importing.add(name)
+            try:
+                execute(module)
+            finally:
+                _importing.discard(name)
+            _register_when_ready()
 
         spec.loader.exec_module = execute_then_register
         return spec
@@ -45,6 +62,13 @@ def register_with_transformers() -> None:
     elif importlib.util.find_spec(PACKAGE) is not None and not any(
             isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def _register_when_ready() -> None:
+    if PACKAGE not in sys.modules or _importing:
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterAfterImport)]
+    _register()
 
 
 def _register() -> None:
