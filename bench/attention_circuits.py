@@ -15,8 +15,11 @@ right after its key, then the queries (moa/data/mqar.py). Recall needs
 `prev` and `lookup` are mean attention probabilities over the test split's examples
 (chance: 1/(position+1)). Every scheme with queries and keys is read (dot-product:
 softmax(q.k/sqrt(D)); metric: softmax(-alpha ||q-k||^2) in its metric space, without
-the key-norm term under key_norm=ignore), from the
-queries and keys after the position encoding, with the run's best checkpoint.
+the key-norm term under key_norm=ignore; ALCCA: its weights over the chosen neighbours,
+`alcca_probabilities`), from the queries and keys after the position encoding, with the
+run's best checkpoint. `chosen` is the fraction of value positions whose previous token
+gets any weight, `found` the fraction of queries whose answer does: below 1 only where a
+sparse scheme (ALCCA) leaves them out of its neighbours.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from moa.attention.alcca import AlccaAttention
 from moa.attention.dot_product import SelfAttention
 from moa.attention.metric import MetricAttention
 from moa.data import CORPORA, LMDataModule
+from moa.kernels.alcca_reference import alcca_probabilities
 from moa.kernels.metric_reference import metric_scores
 from moa.models.language_model import build_model
 from moa.training.run_files import load_run
@@ -41,6 +46,10 @@ def attention_probabilities(module: torch.nn.Module, q: torch.Tensor, k: torch.T
                             ) -> torch.Tensor:
     """(B, Hq, T, T) causal attention probabilities from positioned q (B, Hq, T, D) and
     k (B, Hkv, T, D)."""
+    if isinstance(module, AlccaAttention):
+        c = module.alcca
+        return alcca_probabilities(q, k, module.log_alpha.exp(), c.k, c.theta, c.eps,
+                                   c.weighting, c.key_norm)
     if isinstance(module, MetricAttention):
         k_norm = k.pow(2).sum(-1) * (module.config.key_norm != "ignore")
         scores = metric_scores(q, k, k_norm, module.log_alpha.exp())
@@ -104,13 +113,16 @@ def read_circuits(run_dir: Path, examples: int, checkpoint: str = "best") -> dic
     for name, (module, q, k) in captured.items():
         probs = attention_probabilities(module, q, k)  # (B, H, T, T)
         at_values = probs[:, :, value_positions, value_positions - 1]  # (B, H, k)
+        chosen = (at_values > 0).float()
         at_queries = probs[rows, :, queries]  # (B, k, H, T)
         lookup = at_queries.gather(-1, answer[..., None, None].expand(-1, -1, probs.size(1), 1))
         values = at_queries[..., value_positions].sum(-1)  # (B, k, H)
         for head in range(probs.size(1)):
             heads.append({"module": name, "head": head,
                           "prev": at_values[:, head].mean().item(),
+                          "chosen": chosen[:, head].mean().item(),
                           "lookup": lookup[:, :, head, 0].mean().item(),
+                          "found": (lookup[:, :, head, 0] > 0).float().mean().item(),
                           "values": values[:, :, head].mean().item()})
     return {"run": str(run_dir), "attention": run_cfg.attention.name,
             "recall": recall, "heads": heads}
@@ -125,13 +137,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     records = [read_circuits(run, args.examples, args.checkpoint) for run in args.runs]
-    print(f"{'run':<28} {'recall':>6}  {'module':<34} {'head':>4} {'prev':>6} {'lookup':>6} "
-          f"{'values':>6}")
+    print(f"{'run':<28} {'recall':>6}  {'module':<34} {'head':>4} {'prev':>6} {'chosen':>6} "
+          f"{'lookup':>6} {'found':>6} {'values':>6}")
     for record in records:
         for head in record["heads"]:
             print(f"{Path(record['run']).name[:28]:<28} {record['recall']:>6.3f}  "
                   f"{head['module'][:34]:<34} {head['head']:>4} {head['prev']:>6.3f} "
-                  f"{head['lookup']:>6.3f} {head['values']:>6.3f}")
+                  f"{head['chosen']:>6.3f} {head['lookup']:>6.3f} {head['found']:>6.3f} "
+                  f"{head['values']:>6.3f}")
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
 

@@ -14,7 +14,7 @@ import torch
 from moa.attention import ATTENTION
 from moa.attention import alcca as alcca_module
 from moa.errors import ConfigError
-from moa.kernels.alcca_reference import alcca_attention_eager
+from moa.kernels.alcca_reference import alcca_attention_eager, alcca_probabilities
 from moa.models.language_model import build_model
 from moa.models.retrofit import swap_attention, transfer_weights
 from tests.conftest import assert_causal, forward_context, tiny_model_config
@@ -103,6 +103,27 @@ def test_dense_softmax_average_equals_the_gathered_one(inner_product):
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "inverse_distance"])
+def test_reference_weights_sit_on_the_nearest_visible_keys(weighting):
+    """Each row of the reference's weights sums to 1 over min(k, visible) keys, all visible,
+    and those are the nearest: no unchosen visible key is closer than a chosen one."""
+    torch.manual_seed(1)
+    top_k, T = 5, 13
+    q = torch.randn(2, 4, T, 8, dtype=torch.float64)  # (B, Hq, T, D)
+    k = torch.randn(2, 2, T, 8, dtype=torch.float64)  # (B, Hkv, T, D)
+    weights = alcca_probabilities(q, k, torch.rand(4, dtype=torch.float64) + 0.5, top_k,
+                                  0.0, 1e-6, weighting)  # (B, Hq, T, T)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, T, dtype=torch.float64))
+    chosen = weights > 0
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    assert not (chosen & ~visible).any()
+    assert chosen.sum(-1).equal(visible.sum(-1).clamp(max=top_k).expand(2, 4, T))
+    distance = torch.cdist(q, k.repeat_interleave(2, dim=1))  # (B, Hq, T, T)
+    farthest_chosen = distance.masked_fill(~chosen, -1.0).amax(-1)
+    nearest_left = distance.masked_fill(chosen | ~visible, float("inf")).amin(-1)
+    assert (farthest_chosen <= nearest_left).all()
 
 
 @pytest.mark.parametrize("key_norm", ["free", "ignore"])

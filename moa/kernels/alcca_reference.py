@@ -1,6 +1,7 @@
 """ALCCA, brute force: the readable spec that `moa/attention/alcca.py` must match.
 
     out = alcca_attention_eager(q, k, v, alpha, top_k, theta, eps, weighting, key_norm)
+    weights = alcca_probabilities(q, k, alpha, top_k, theta, eps, weighting, key_norm)
 
     q       (B, Hq, T, D)   queries in the head's metric space (where it is Euclidean)
     k, v    (B, Hkv, S, D)  keys (metric space) and values; Hq % Hkv == 0; the queries are
@@ -8,6 +9,7 @@
     alpha   (Hq,)           positive sharpness per query head (softmax weighting)
     key_norm                "free" or "sphere" (the keys as given), or "ignore"
     out     (B, Hq, T, D)
+    weights (B, Hq, T, S)   each key's weight in each query's output (out = weights @ v)
 
 For query i over its visible keys: with c_i their centre of mass, if ||q_i - c_i|| < theta
 the output is the mean of their values; otherwise the min(top_k, visible) nearest keys N_i
@@ -56,11 +58,14 @@ def neighbour_weights(distance_sq: torch.Tensor, alpha: torch.Tensor, weighting:
     return torch.softmax(scores, dim=-1)
 
 
-def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                          top_k: int, theta: float, eps: float, weighting: str,
-                          key_norm: str = "free") -> torch.Tensor:
+def alcca_probabilities(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, top_k: int,
+                        theta: float, eps: float, weighting: str, key_norm: str = "free"
+                        ) -> torch.Tensor:
+    """The weight of every visible key in each query's output, (B, Hq, T, S): uniform over
+    the visible keys for a query within theta of their centre, else `neighbour_weights`
+    on its chosen neighbours and zero elsewhere. Shapes as `alcca_attention_eager`'s."""
     group = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, S, D)
+    k = k.repeat_interleave(group, dim=1)  # (B, Hq, S, D)
     T, S = q.size(2), k.size(2)
     rows = torch.arange(T, device=q.device)[:, None] + (S - T)
     causal = torch.arange(S, device=q.device)[None, :] <= rows  # (T, S)
@@ -75,4 +80,11 @@ def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alp
     weights = neighbour_weights(chosen_sq, alpha.view(1, -1, 1), weighting, eps,
                                 chosen_sq.isfinite())
     dense = torch.zeros_like(distance_sq).scatter(-1, chosen, weights)  # (B, Hq, T, S)
-    return torch.where(near[..., None], average @ v, dense @ v)
+    return torch.where(near[..., None], average, dense)
+
+
+def alcca_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                          top_k: int, theta: float, eps: float, weighting: str,
+                          key_norm: str = "free") -> torch.Tensor:
+    probabilities = alcca_probabilities(q, k, alpha, top_k, theta, eps, weighting, key_norm)
+    return probabilities @ v.repeat_interleave(q.size(1) // v.size(1), dim=1)
