@@ -23,7 +23,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def _umask() -> int:
+def _umask() -> int:  # pragma: no mutate block (runs at import, before any mutant is on)
     mask = os.umask(0)
     os.umask(mask)
     return mask
