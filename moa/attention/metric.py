@@ -191,7 +191,7 @@ class MetricAttention(nn.Module):
             return F.normalize(q, dim=-1)
         if self.log_maha is not None:
             scale = (0.5 * self.log_maha).exp().to(q.dtype)  # sqrt(w): (Hkv, D)
-            q = q * scale.repeat_interleave(self.group, 0)[:, None]
+            q = q * (scale if self.group == 1 else scale.repeat_interleave(self.group, 0))[:, None]
         return q
 
     def keys_to_metric_space(self, k: torch.Tensor) -> torch.Tensor:
@@ -225,14 +225,23 @@ class MetricAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
         ctx.output_positions (B, K), only those positions attend: -> (B, K, C). Every query
-        is still projected, so the triangle-inequality penalty samples the same points."""
+        is still projected, so the triangle-inequality penalty samples the same points;
+        with none (K = 0, a decoding step of a path no token chose) only the keys and values
+        are, to extend the cache. Under key_norm=ignore the zero key norms are made only
+        for a kernel that reads them, and never cached."""
         if ctx.memory is not None or not ctx.causal:
             return self._bidirectional(x, ctx)
-        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-        q, k = self.positioned_metric_space(q, k, ctx)
+        wanted = ctx.output_positions
+        no_query = wanted is not None and wanted.size(1) == 0
+        if no_query and not (self.training and self.config.ti_reg_weight > 0):
+            q, (k, v) = None, self.heads.keys_values(x)  # (B, Hkv, T, D) x2
+            k = ctx.position.rotate_keys(self.keys_to_metric_space(k), ctx.positions)
+        else:
+            q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
+            q, k = self.positioned_metric_space(q, k, ctx)
         v = ctx.position.scale_values(v, ctx.positions)
         self._record_scale(ctx)
-        k_norm = self._key_norms(k)
+        k_norm = None if self.config.key_norm == "ignore" else self._key_norms(k)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
         gate = band = None
@@ -245,35 +254,37 @@ class MetricAttention(nn.Module):
         if ctx.cache is not None:
             k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
             band = None  # the gate over the held keys too; a cache is for inference
-        alpha = self.log_alpha.exp()
-        dropout = self.config.attn_drop if self.training else 0.0
-        wanted = ctx.output_positions
-        if wanted is not None and wanted.size(1) == 0:  # no query: only the cache grows
+        if no_query:  # only the cache grows
             if commit is not None:
                 commit()
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
+        alpha = self.log_alpha.exp()
+        dropout = self.config.attn_drop if self.training else 0.0
+        kernel = metric_attention_eager
+        if wanted is None and dropout == 0:
+            kernel = select_kernel(self.config.impl, x.device)
+            if kernel is metric_attention_cpu and gate is None and k_norm is None:
+                kernel = dot_product_form
+        if k_norm is None and kernel is not dot_product_form:
+            k_norm = self._key_norms(k)  # (B, Hkv, S) zeros
         if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
             columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
-            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout,
-                                       query_positions=columns)
+            y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout, query_positions=columns)
         elif dropout > 0:
-            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout)
+            y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout)
         else:
-            kernel = select_kernel(self.config.impl, x.device)
-            if kernel is metric_attention_cpu and gate is None and self.config.key_norm == "ignore":
-                kernel = dot_product_form
             y = kernel(q, k, v, k_norm, alpha, gate, band)
         if commit is not None:
             commit()
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
 
     def _cached(self, cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
-                k_norm: torch.Tensor, gate: torch.Tensor | None
-                ) -> tuple[torch.Tensor, ...]:
-        """The new keys k, v (B, Hkv, T, D), k_norm (B, Hkv, T) and gate appended to the
-        cache: -> keys, values, norms and gate over S cached-then-new positions, and what
-        to call once attention has read them (None: nothing).
+                k_norm: torch.Tensor | None, gate: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, ...]:
+        """The new keys k, v (B, Hkv, T, D), k_norm (B, Hkv, T; None: none kept) and gate
+        appended to the cache: -> keys, values, norms and gate over S cached-then-new
+        positions, and what to call once attention has read them (None: nothing).
 
         Without balls S counts every position. With balls only the keys inside their ball
         are kept, compacted per (batch, key head) (`CompactCache`): S is the longest row
@@ -283,14 +294,15 @@ class MetricAttention(nn.Module):
         so this is the uncached attention without the pruned keys' zero weights. The ball
         decides as it stands when a key is cached: the cache is for inference (a radius
         that moves later does not bring a dropped key back)."""
+        entries = {"k": k, "v": v} if k_norm is None else {"k": k, "v": v, "k_norm": k_norm}
         if gate is None:
-            return (cache.append("k", k), cache.append("v", v),  # (B, Hkv, S, D)
-                    cache.append("k_norm", k_norm), None, None)  # (B, Hkv, S)
+            held = {name: cache.append(name, x) for name, x in entries.items()}  # (B, Hkv, S, ...)
+            return held["k"], held["v"], held.get("k_norm"), None, None
         store = cache.compact("kept_keys")
-        held = store.stage({"k": k, "v": v, "k_norm": k_norm})
+        held = store.stage(entries)
         gate = torch.cat([store.valid().to(gate.dtype), gate], dim=-1)  # (B, Hkv, S)
         kept = gate.detach()[..., -k.size(2):] > 0  # (B, Hkv, T)
-        return held["k"], held["v"], held["k_norm"], gate, lambda: store.commit(kept)
+        return held["k"], held["v"], held.get("k_norm"), gate, lambda: store.commit(kept)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:
         """||k||^2 (B, Hkv, S) in at least float32; zeros under key_norm=ignore, where

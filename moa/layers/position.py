@@ -41,6 +41,11 @@ class PositionEncoding(nn.Module):
         position (cross-attention into a memory): `rotate` with no keys."""
         return self.rotate(q, q[..., :0, :], positions.new_empty(0), positions)[0]
 
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """k (B, H, T, D) rotated to `positions` (T,): `rotate` with no queries (a decoding
+        step of a path that only extends its cache)."""
+        return k
+
 
 @dataclass
 class LearnedPositionConfig:
@@ -76,20 +81,24 @@ class RotaryPosition(PositionEncoding):
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64),
                              rotary_frequencies(config.theta, head_dim))
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (L, D/2)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        cos, sin = _half_split_tables(angles.cos().float(), angles.sin().float())
+        self.register_buffer("cos", cos, persistent=False)  # (L, D)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def angles(self, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The half-split tables at positions (T,) -> (T, D) x2, or (B, T) -> (B, 1, T, D)."""
+        return _over_heads(self.cos[at], at), _over_heads(self.sin[at], at)
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         query_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        def angles(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _over_heads(self.cos[at], at), _over_heads(self.sin[at], at)
+        k_angles = self.angles(positions)  # (T, D) x2
+        q_angles = k_angles if query_positions is None else self.angles(query_positions)
+        return _rotate_half_split(q, *q_angles), _rotate_half_split(k, *k_angles)
 
-        k_angles = angles(positions)  # (T, D/2) x2
-        q_angles = k_angles if query_positions is None else angles(query_positions)
-        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
-                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _rotate_half_split(k, *self.angles(positions))
 
 
 @dataclass
@@ -156,17 +165,19 @@ class BlackHoleRoPE(PositionEncoding):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k_angles = self._kept("angles", positions, self.angles)
         q_angles = k_angles if query_positions is None else self.angles(query_positions)
-        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
-                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
+        return _rotate_half_split(q, *q_angles), _rotate_half_split(k, *k_angles)
+
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _rotate_half_split(k, *self._kept("angles", positions, self.angles))
 
     def angles(self, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of phi(p, i) at positions (T,) -> (T, D/2) x2, or (B, T) -> (B, 1, T,
-        D/2) x2."""
+        """The half-split tables of phi(p, i) (`_half_split_tables`) at positions (T,) ->
+        (T, D) x2, or (B, T) -> (B, 1, T, D) x2."""
         # Elementwise products, not matmuls: autocast would round the angles to bfloat16.
         shift = torch.tanh((self.pair_features * self.phase_coefficients).sum(-1))  # (D/2,)
         frequencies = self.frequencies * torch.exp2(shift)
         turns = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)
-        return turns.cos(), turns.sin()
+        return _half_split_tables(turns.cos(), turns.sin())
 
     def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.energy_coefficients is None:
@@ -183,8 +194,8 @@ class BlackHoleRoPE(PositionEncoding):
         positions tensor for each forward and never writes into it."""
         if torch.is_grad_enabled():
             return compute(positions)
-        state = tuple((p.data_ptr(), 0 if p.is_inference() else p._version)
-                      for p in self.parameters())  # inference tensors keep no version
+        state = tuple((p.data_ptr(), 0 if p.is_inference() else p._version)  # inference
+                      for p in self._parameters.values())  # tensors keep no version
         kept = self._tables.get(name)
         if kept is None or kept[0] is not positions or kept[1] != state:
             kept = self._tables[name] = (positions, state, compute(positions))
@@ -216,9 +227,17 @@ def _over_heads(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return per_position if positions.dim() == 1 else per_position[:, None]
 
 
+def _half_split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles (..., D/2) -> [cos, cos] and [-sin, sin] (..., D): the
+    rotation of the half-split layout as two products with the whole head."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """x (B, H, T, D) = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]: the halves swapped
+    by a roll, so four ops rather than the halves' eight, with the same roundings."""
+    swapped = x.roll(x.size(-1) // 2, dims=-1)  # [x2, x1]
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 POSITION.register("learned", LearnedPositionConfig)(LearnedPosition)
