@@ -27,7 +27,7 @@ Parameters of `moa`, with C = d_model, b = 1 with `model.bias` else 0, D = head_
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,7 +131,7 @@ class MoAHead(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> logits (B, T, V), or (B, K, V) at `ctx.output_positions`; causal,
         continuing `ctx.cache`."""
-        every = replace(ctx, position=self.position, output_positions=None)  # all positions
+        every = ctx.replace(position=self.position, output_positions=None)  # all positions
         x = x + self.dropout(self.attention(self.attention_norm(x), every.scoped("attention")))
         x = x + self.dropout(self.ffn(self.ffn_norm(x), branch_context(every, "ffn")))
         return self.vocab(self.norm(x), ctx)

@@ -150,7 +150,9 @@ class TokenRouter(nn.Module):
         logits = self.scores(x)
         if self.bias_gate is not None:
             logits = logits + x @ self.bias_gate.to(x.dtype)
-        return logits.float() / self.config.router_temperature
+        logits = logits.float()
+        temperature = self.config.router_temperature
+        return logits if temperature == 1.0 else logits / temperature
 
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return probs, None
@@ -179,7 +181,7 @@ class TopKRouter(TokenRouter):
         """probs: (B, T, n) -> renormalised top-k weights and the chosen mask."""
         top = probs.topk(self.config.router_topk, dim=-1).indices  # (B, T, k)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top, True)
-        kept = probs.masked_fill(~chosen, 0.0)
+        kept = probs.where(chosen, 0.0)
         return kept / kept.sum(-1, keepdim=True), chosen
 
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attention_scale(self.dropout(y)))
         if self.ffn is None:
             return x
-        ffn_ctx = branch_context(replace(ctx, output_positions=None), "ffn")  # x is selected
+        ffn_ctx = branch_context(ctx.replace(output_positions=None), "ffn")  # x is selected
         y = self.ffn(self.ffn_norm(x), ffn_ctx)
         return x + self.drop_path(self.ffn_scale(self.dropout(y)))
 
@@ -131,12 +131,12 @@ class LanguageModel(nn.Module):
         for index, block in enumerate(self.blocks):
             layer_ctx = ctx.for_layer(index, cache)
             if index == len(self.blocks) - 1:
-                layer_ctx = replace(layer_ctx, output_positions=last_block_at)
+                layer_ctx = layer_ctx.replace(output_positions=last_block_at)
             x = block(x, layer_ctx)  # (B, K, C) after the last block where it selects
         if self.shared_ffn is not None:
             x = self.shared_ffn(x, _slot(ctx, cache, "ffn"))
-        head_ctx = replace(_slot(ctx, cache, "head"),
-                           output_positions=None if last_block_at is not None else output_positions)
+        head_ctx = _slot(ctx, cache, "head").replace(
+            output_positions=None if last_block_at is not None else output_positions)
         logits = self.lm_head(self.norm(x), head_ctx)
         if cache is not None:
             cache.length += T
@@ -181,4 +181,4 @@ def shared_parameters(module: nn.Module) -> dict[str, str]:
 def _slot(ctx: ForwardContext, cache: KVCache | None, name: str) -> ForwardContext:
     """The context of the module `name` after the stack (`ffn`, `head`): its record scope
     and its slot of the cache."""
-    return replace(ctx.scoped(name), cache=None if cache is None else getattr(cache, name))
+    return ctx.scoped(name).replace(cache=None if cache is None else getattr(cache, name))
