@@ -45,6 +45,7 @@ from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
 from moa.layers.kv_cache import LayerCache
 from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
+from moa.layers.residual import Dropout
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ class MetricAttention(nn.Module):
         if config.use_balls:
             self.balls = BallPruning(n_kv, D, config.radius_init, config.learn_radius,
                                      config.origin_init_scale, config.ball_band)
-        self.proj_drop = nn.Dropout(config.proj_drop)
+        self.proj_drop = Dropout(config.proj_drop)
 
     def to_metric_space(self, q: torch.Tensor, k: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ from moa.layers.context import select_positions
 from moa.layers.ffn import FFN
 from moa.layers.norm import NORM
 from moa.layers.position import PositionEncoding
+from moa.layers.residual import Dropout
 from moa.registry import Registry
 from moa.schema import check, check_range
 
@@ -125,7 +126,7 @@ class MoAHead(nn.Module):
         self.ffn_norm = NORM.build(model.norm, C, model.bias)
         self.ffn = FFN.build(config.ffn, C, model.bias)
         self.norm = NORM.build(model.norm, C, model.bias)
-        self.dropout = nn.Dropout(config.proj_drop)
+        self.dropout = Dropout(config.proj_drop)
         self.vocab = LinearHead(LinearHeadConfig(), model, embedding)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch import nn
 from moa.layers import balance
 from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import select_positions
+from moa.layers.residual import Dropout
 from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
 
@@ -136,7 +137,7 @@ class TokenRouter(nn.Module):
     def __init__(self, config: RouterConfig, d_model: int, n_paths: int) -> None:
         super().__init__()
         self.config = config
-        self.dropout = nn.Dropout(config.router_dropout)
+        self.dropout = Dropout(config.router_dropout)
         hidden = config.router_hidden
         self.scores = nn.Linear(d_model, n_paths) if hidden is None else nn.Sequential(
             nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, n_paths))

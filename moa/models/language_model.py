@@ -23,7 +23,7 @@ from moa.layers.head import HEAD, LinearHead
 from moa.layers.kv_cache import KVCache
 from moa.layers.norm import NORM
 from moa.layers.position import POSITION
-from moa.layers.residual import DropPath, LayerScale
+from moa.layers.residual import Dropout, DropPath, LayerScale
 from moa.models.registry import build_model, register_model
 
 __all__ = ["Block", "LanguageModel", "ModelOutput", "build_model", "shared_parameters"]
@@ -50,7 +50,7 @@ class Block(nn.Module):
         if has_ffn:
             self.ffn_norm = NORM.build(config.norm, config.d_model, config.bias)
         self.ffn = FFN.build(config.ffn, config.d_model, config.bias) if has_ffn else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         init = config.layer_scale_init
         self.attention_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
         if has_ffn:
@@ -78,7 +78,7 @@ class SharedFFN(nn.Module):
         super().__init__()
         self.norm = NORM.build(config.norm, config.d_model, config.bias)
         self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return x + self.dropout(self.ffn(self.norm(x), ctx))
@@ -94,7 +94,7 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position = POSITION.build(config.position, config.max_seq_len, config.d_model,
                                        config.head_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.shared_ffn = SharedFFN(config) if config.ffn.placement == "shared" else None
         self.norm = NORM.build(config.norm, config.d_model, config.bias)
