@@ -43,6 +43,7 @@ from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
+from moa.layers.kept import KeptValues
 from moa.layers.kv_cache import LayerCache
 from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
 from moa.layers.residual import Dropout
@@ -181,6 +182,7 @@ class MetricAttention(nn.Module):
             self.balls = BallPruning(n_kv, D, config.radius_init, config.learn_radius,
                                      config.origin_init_scale, config.ball_band)
         self.proj_drop = Dropout(config.proj_drop)
+        self.kept = KeptValues()  # alpha and the Mahalanobis scales between decoding steps
 
     def to_metric_space(self, q: torch.Tensor, k: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,18 +193,31 @@ class MetricAttention(nn.Module):
         if self.config.metric.name == "cosine":
             return F.normalize(q, dim=-1)
         if self.log_maha is not None:
-            scale = (0.5 * self.log_maha).exp().to(q.dtype)  # sqrt(w): (Hkv, D)
-            q = q * (scale if self.group == 1 else scale.repeat_interleave(self.group, 0))[:, None]
+            q = q * self._maha_scales(q.dtype)[0]
         return q
 
     def keys_to_metric_space(self, k: torch.Tensor) -> torch.Tensor:
         if self.config.metric.name == "cosine":
             return F.normalize(k, dim=-1)
         if self.log_maha is not None:
-            k = k * (0.5 * self.log_maha).exp().to(k.dtype)[:, None]
+            k = k * self._maha_scales(k.dtype)[1]
         if self.config.key_norm == "sphere":  # ||k||^2 = D: no key scores without a query
             k = F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
         return k
+
+    def _maha_scales(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(w) in `dtype` for the queries (Hq, 1, D), each key head's over its group,
+        and for the keys (Hkv, 1, D)."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            scale = (0.5 * self.log_maha).exp().to(dtype)  # (Hkv, D)
+            queries = scale if self.group == 1 else scale.repeat_interleave(self.group, 0)
+            return queries[:, None], scale[:, None]
+
+        return self.kept.get(f"maha {dtype}", (self.log_maha,), compute)
+
+    def _alpha(self) -> torch.Tensor:
+        """alpha (Hq,) = exp(log alpha)."""
+        return self.kept.get("alpha", (self.log_alpha,), self.log_alpha.exp)
 
     def positioned_metric_space(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +274,7 @@ class MetricAttention(nn.Module):
             if commit is not None:
                 commit()
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
-        alpha = self.log_alpha.exp()
+        alpha = self._alpha()
         dropout = self.config.attn_drop if self.training else 0.0
         kernel = metric_attention_eager
         if wanted is None and dropout == 0:
@@ -336,7 +351,7 @@ class MetricAttention(nn.Module):
         self._record_scale(ctx)
         if self.training and self.config.ti_reg_weight > 0 and ctx.memory is None:
             self._triangle_penalty(q, k, ctx)
-        alpha = self.log_alpha.exp()
+        alpha = self._alpha()
         if self.config.impl == "eager" or self.config.attn_drop > 0:
             dropout = self.config.attn_drop if self.training else 0.0
             y = metric_attention_eager(q, k, v, k_norm, alpha, None, dropout=dropout,

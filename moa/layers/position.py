@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moa.layers.kept import KeptValues
 from moa.registry import Registry
 from moa.schema import check
 
@@ -157,7 +158,7 @@ class BlackHoleRoPE(PositionEncoding):
         self.r_basis = config.r_basis
         self.max_seq_len = max_seq_len
         self.energy_amplification = config.energy_amplification
-        self._tables: dict[str, tuple] = {}  # name -> (positions, their versions, value)
+        self._tables = KeptValues()
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -188,18 +189,10 @@ class BlackHoleRoPE(PositionEncoding):
     def _kept(self, name: str, positions: torch.Tensor, compute: Callable) -> Any:
         """compute(positions), kept while the same `positions` tensor comes back: every layer
         and every path of one forward encodes the same positions (a MoA decoding step
-        computed these tables eight times). Only without autograd (decoding, evaluation),
-        so that no kept table carries one forward's graph into another; a change of the
-        parameters (an optimizer step, a load, a move) recomputes. The model makes a new
-        positions tensor for each forward and never writes into it."""
-        if torch.is_grad_enabled():
-            return compute(positions)
-        state = tuple((p.data_ptr(), 0 if p.is_inference() else p._version)  # inference
-                      for p in self._parameters.values())  # tensors keep no version
-        kept = self._tables.get(name)
-        if kept is None or kept[0] is not positions or kept[1] != state:
-            kept = self._tables[name] = (positions, state, compute(positions))
-        return kept[2]
+        computed these tables eight times). Only without autograd (`KeptValues`). The model
+        makes a new positions tensor for each forward and never writes into it."""
+        return self._tables.get(name, self._parameters.values(), lambda: compute(positions),
+                                given=positions)
 
     def energy_gate(self, positions: torch.Tensor) -> torch.Tensor:
         """e(p, c) in [1/2, 2] for positions (T,) -> (T, D)."""
