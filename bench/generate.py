@@ -113,8 +113,9 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
 
 @torch.no_grad()
 def cached_step_ops(model: MoaForCausalLM, prompt: int, vocab_size: int) -> int:
-    """Top-level aten ops (those no other aten op called) of one cached decode step."""
-    ids = torch.randint(0, vocab_size, (1, prompt + 2))
+    """Top-level aten ops (those no other aten op called) of one cached decode step, on a
+    fixed random prompt (the routing, and so the paths run, follows the tokens)."""
+    ids = torch.randint(0, vocab_size, (1, prompt + 2), generator=torch.Generator().manual_seed(0))
     cache = model.model.new_cache()
     model.model(ids[:, :prompt], cache)
     model.model(ids[:, prompt:prompt + 1], cache)  # a first step: anything made once
