@@ -14,7 +14,9 @@ tokens/s is new tokens over the median wall time of `--repeats` runs, prefill in
 `speedup` is cached over recomputed tokens/s in the same run. Latency: one decode step at
 each of `--contexts` context lengths, cached (one token after a prefill of the context)
 and recomputed (a forward over the whole context), median of `--steps` steps, the presets
-taking turns step by step (so their ratio holds on a loaded machine).
+taking turns step by step (so their ratio holds on a loaded machine). `cached_step_ops`
+counts the top-level aten ops of one cached decode step after a `--prompt`-token prefill
+(torch.profiler): a figure that, unlike the milliseconds, the machine's load leaves alone.
 
 KV-cache bytes per token: after the prompt, every tensor the cache holds for the
 sequence, per position (our buffers are preallocated to the capacity, so bytes over
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
 from moa.layers.kv_cache import LayerCache
@@ -108,6 +111,20 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
     return latency
 
 
+@torch.no_grad()
+def cached_step_ops(model: MoaForCausalLM, prompt: int, vocab_size: int) -> int:
+    """Top-level aten ops (those no other aten op called) of one cached decode step, on a
+    fixed random prompt (the routing, and so the paths run, follows the tokens)."""
+    ids = torch.randint(0, vocab_size, (1, prompt + 2), generator=torch.Generator().manual_seed(0))
+    cache = model.model.new_cache()
+    model.model(ids[:, :prompt], cache)
+    model.model(ids[:, prompt:prompt + 1], cache)  # a first step: anything made once
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        model.model(ids[:, prompt + 1:], cache)
+    return sum(1 for event in profiler.events() if event.name.startswith("aten::") and (
+        event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
+
+
 def cache_bytes(model: MoaForCausalLM, prompt: int, vocab_size: int) -> dict[str, float]:
     """What the cache holds after a random prompt: bytes per position (`held_bytes`: a
     ball-aware cache holds only its kept keys) and the bytes that do not grow with it."""
@@ -159,19 +176,22 @@ def main() -> None:
           f"vocab={args.vocab_size} batch=1 threads={torch.get_num_threads()}; "
           f"median of {args.repeats}")
     print(f"{'preset':<12} {'params':>10} {'cached tok/s':>13} {'recompute tok/s':>16} "
-          f"{'speedup':>8} {'KV B/token':>11}  cached | recompute ms/step at {args.contexts}")
+          f"{'speedup':>8} {'KV B/token':>11} {'ops/step':>8}  cached | recompute ms/step at "
+          f"{args.contexts}")
     models = {name: build([f"model={name}"], args) for name in args.presets or presets()}
     latency = step_latency(models, args)
     for name, model in models.items():
         record = {"preset": name, "parameters": model.model.num_parameters(),
                   **generation_speed(model, args), **latency[name],
-                  **cache_bytes(model, args.prompt, args.vocab_size)}
+                  **cache_bytes(model, args.prompt, args.vocab_size),
+                  "cached_step_ops": cached_step_ops(model, args.prompt, args.vocab_size)}
         records["presets"].append(record)
         cached = " ".join(f"{v:.1f}" for v in record["cached_step_ms"].values())
         recompute = " ".join(f"{v:.1f}" for v in record["recompute_step_ms"].values())
         print(f"{name:<12} {record['parameters']:>10,} {record['cached_tokens_per_s']:>13.1f} "
               f"{record['recompute_tokens_per_s']:>16.1f} {record['speedup']:>8.1f} "
-              f"{record['kv_bytes_per_token']:>11,.0f}  {cached} | {recompute}")
+              f"{record['kv_bytes_per_token']:>11,.0f} {record['cached_step_ops']:>8}  "
+              f"{cached} | {recompute}")
 
     print(f"\n{'scheme':<12} {'KV bytes/token':>15} {'state bytes':>12}   (model=gpt)")
     for scheme in args.schemes:

@@ -14,7 +14,9 @@ batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted once
 meta-device copy, as the training callback does; the optimizer step is not counted) over
 it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
 
-After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`):
+After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`;
+`--variants-of` names other presets to run them too, each variant row then also giving
+`ratio_to_gpt_variant`, its tokens/s over gpt's run the same way):
 `bf16-mixed` (forward and loss under bfloat16 autocast, as trainer.precision=bf16-mixed),
 `compile` (model.compile=true), `accumulate=2` (the same batch as two half batches, as
 trainer.accumulate_grad_batches=2 with half data.batch_size) and `scored=1/16` (loss on one
@@ -102,6 +104,12 @@ def _gflops(record: dict) -> str:
     return "-" if record["gflops_per_s"] is None else f"{record['gflops_per_s']:.2f}"
 
 
+def _same_way(record: dict) -> str:
+    """tokens/s over gpt's run the same way, or "-" outside a variant of another preset."""
+    ratio = record.get("ratio_to_gpt_variant")
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="*", default=None, help="default: all of conf/model")
@@ -115,6 +123,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS,
                         help="rows for the gpt baseline run these ways (default: all)")
+    parser.add_argument("--variants-of", nargs="*", default=[BASELINE],
+                        help="the presets that get the variant rows (default: gpt)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
 
@@ -123,8 +133,9 @@ def main() -> None:
         names = [BASELINE] + [name for name in args.presets if name != BASELINE]
     size = (args.batch_size, args.block_size)
     trainees = {name: Trainee(preset_config(name, args), *size) for name in names}
-    trainees |= {f"{BASELINE} {variant}": Trainee(preset_config(BASELINE, args), *size, variant)
-                 for variant in args.variants}
+    variants_of = [BASELINE] + [name for name in args.variants_of if name != BASELINE]
+    trainees |= {f"{name} {variant}": Trainee(preset_config(name, args), *size, variant)
+                 for name in variants_of for variant in args.variants}
     for trainee in trainees.values():
         for _ in range(args.warmup):
             trainee.step()
@@ -149,17 +160,23 @@ def main() -> None:
             "vocab_size": args.vocab_size, "threads": torch.get_num_threads(),
         })
     baseline = records[0]["tokens_per_s"]
+    tokens_per_s = {record["preset"]: record["tokens_per_s"] for record in records}
     for record in records:
         record["ratio_to_gpt"] = record["tokens_per_s"] / baseline
+        name, _, variant = record["preset"].partition(" ")
+        if variant and name != BASELINE:
+            same_way = tokens_per_s[f"{BASELINE} {variant}"]
+            record["ratio_to_gpt_variant"] = record["tokens_per_s"] / same_way
 
     print(f"d_model={args.d_model} n_layers={args.n_layers} n_heads={args.n_heads} "
           f"block={args.block_size} batch={args.batch_size} vocab={args.vocab_size} "
           f"threads={torch.get_num_threads()}; median of {args.steps} steps")
-    print(f"{'preset':<18} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
-          f"{'ratio':>6}")
+    print(f"{'preset':<24} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+          f"{'ratio':>6} {'vs gpt same way':>15}")
     for r in records:
-        print(f"{r['preset']:<18} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
-              f"{r['tokens_per_s']:>10,.0f} {_gflops(r):>8} {r['ratio_to_gpt']:>6.2f}")
+        print(f"{r['preset']:<24} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
+              f"{r['tokens_per_s']:>10,.0f} {_gflops(r):>8} {r['ratio_to_gpt']:>6.2f} "
+              f"{_same_way(r):>15}")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
 

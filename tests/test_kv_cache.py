@@ -159,7 +159,7 @@ def test_cache_bytes_follow_the_kept_fraction(kept):
     D, Hkv = model.config.head_dim, 2
     slot = Hkv * (2 * D + 1) * 4  # k, v and the key norm, float32
     assert cache.held_bytes() == sum(longest) * slot
-    dense = build_model(tiny_model_config({"name": "metric", "n_kv_heads": 2}))
+    dense = build_model(tiny_model_config({"name": "metric", "n_kv_heads": 2, "key_norm": "free"}))
     dense_bytes = kv_cache_bytes_per_token(dense)
     assert dense_bytes == model.config.n_layers * slot
     ratio = kv_cache_bytes_per_token(model) / dense_bytes

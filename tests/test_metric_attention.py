@@ -104,7 +104,8 @@ def test_metric_attention_is_causal(metric, impl, balls):
 @pytest.mark.parametrize("impl", ["eager", "cpu_fused"])
 @pytest.mark.parametrize("position", ["rope", "learned"])
 @pytest.mark.parametrize("balls, key_norm",
-                         [(False, "free"), (True, "free"), (True, "sphere"), (False, "ignore")])
+                         [(False, "free"), (True, "free"), (True, "sphere"), (False, "ignore"),
+                          (True, "ignore")])
 def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
     """A prefix, then one token at a time, equals one full forward. With balls, each layer's
     radii prune a share of the keys strictly between 0 and 1 (asserted), so a cache that
@@ -126,7 +127,8 @@ def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
         steps += [model(ids[:, t:t + 1], cache).logits for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     held = cache.layers[0].compact("kept_keys") if balls else cache.layers[0]
-    assert set(held.buffers) == {"k", "v", "k_norm"}
+    kept_norms = {"k_norm"} if key_norm != "ignore" else set()  # ignore: zeros, never cached
+    assert set(held.buffers) == {"k", "v"} | kept_norms
 
 
 def test_radius_gradient_is_the_straight_through_derivative():
@@ -383,3 +385,24 @@ def test_alpha_and_mahalanobis_spread_are_training_stats():
     record = AuxiliaryRecorder()
     attention.eval()(torch.randn(2, 5, config.d_model), _context(config, 5, record))
     assert "alpha" not in record.stats  # decoding pays for no statistics
+
+
+def test_kept_alpha_and_mahalanobis_scales_follow_the_parameters():
+    """Without autograd alpha and sqrt(w) are kept between calls (a decoding step reuses
+    them); a change of the parameters in place (an optimizer step) is seen at the next call,
+    and a float64 copy of the module computes its own."""
+    torch.manual_seed(9)
+    config = _metric_config("cpu_fused", metric={"name": "maha_diag"}, n_kv_heads=2)
+    module = _Attention(config).eval()
+    x = torch.randn(2, 9, config.d_model)
+    with torch.no_grad():
+        before = module(x)
+        torch.testing.assert_close(module(x), before, rtol=0, atol=0)
+        module.attention.log_alpha.add_(0.3)
+        module.attention.log_maha.normal_()
+        moved = module(x)
+    torch.testing.assert_close(moved, module(x), rtol=0, atol=0)  # with autograd: computed
+    assert not torch.allclose(moved, before)
+    with torch.no_grad():
+        wide = module.double()(x.double())
+    torch.testing.assert_close(wide, moved.double(), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""LayerScale and DropPath on the block's branches."""
+"""LayerScale, DropPath and Dropout on the block's branches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from moa.errors import ConfigError
 from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import ForwardContext
-from moa.layers.residual import DropPath
+from moa.layers.residual import DropPath, Dropout
 from moa.models.language_model import build_model
 from tests.conftest import tiny_model_config
 
@@ -57,3 +57,15 @@ def test_bad_residual_options_name_their_key(model, key):
     with pytest.raises(ConfigError) as error:
         tiny_model_config(**model)
     assert error.value.key == key
+
+
+def test_dropout_is_torchs_in_training_and_passes_its_input_where_it_does_nothing():
+    x = torch.randn(4, 64, 32)
+    dropout = Dropout(0.5).train()
+    torch.manual_seed(3)
+    dropped = dropout(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(dropped, torch.nn.functional.dropout(x, 0.5, training=True))
+    assert (dropped == 0).any()
+    assert dropout.eval()(x) is x
+    assert Dropout(0.0).train()(x) is x

@@ -43,8 +43,10 @@ from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
+from moa.layers.kept import KeptValues
 from moa.layers.kv_cache import LayerCache
 from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
+from moa.layers.residual import Dropout
 from moa.schema import check, check_choice, check_range
 
 if TYPE_CHECKING:
@@ -179,7 +181,8 @@ class MetricAttention(nn.Module):
         if config.use_balls:
             self.balls = BallPruning(n_kv, D, config.radius_init, config.learn_radius,
                                      config.origin_init_scale, config.ball_band)
-        self.proj_drop = nn.Dropout(config.proj_drop)
+        self.proj_drop = Dropout(config.proj_drop)
+        self.kept = KeptValues()  # alpha and the Mahalanobis scales between decoding steps
 
     def to_metric_space(self, q: torch.Tensor, k: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,18 +193,31 @@ class MetricAttention(nn.Module):
         if self.config.metric.name == "cosine":
             return F.normalize(q, dim=-1)
         if self.log_maha is not None:
-            scale = (0.5 * self.log_maha).exp().to(q.dtype)  # sqrt(w): (Hkv, D)
-            q = q * scale.repeat_interleave(self.group, 0)[:, None]
+            q = q * self._maha_scales(q.dtype)[0]
         return q
 
     def keys_to_metric_space(self, k: torch.Tensor) -> torch.Tensor:
         if self.config.metric.name == "cosine":
             return F.normalize(k, dim=-1)
         if self.log_maha is not None:
-            k = k * (0.5 * self.log_maha).exp().to(k.dtype)[:, None]
+            k = k * self._maha_scales(k.dtype)[1]
         if self.config.key_norm == "sphere":  # ||k||^2 = D: no key scores without a query
             k = F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
         return k
+
+    def _maha_scales(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(w) in `dtype` for the queries (Hq, 1, D), each key head's over its group,
+        and for the keys (Hkv, 1, D)."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            scale = (0.5 * self.log_maha).exp().to(dtype)  # (Hkv, D)
+            queries = scale if self.group == 1 else scale.repeat_interleave(self.group, 0)
+            return queries[:, None], scale[:, None]
+
+        return self.kept.get(f"maha {dtype}", (self.log_maha,), compute)
+
+    def _alpha(self) -> torch.Tensor:
+        """alpha (Hq,) = exp(log alpha)."""
+        return self.kept.get("alpha", (self.log_alpha,), self.log_alpha.exp)
 
     def positioned_metric_space(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,14 +241,23 @@ class MetricAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
         ctx.output_positions (B, K), only those positions attend: -> (B, K, C). Every query
-        is still projected, so the triangle-inequality penalty samples the same points."""
+        is still projected, so the triangle-inequality penalty samples the same points;
+        with none (K = 0, a decoding step of a path no token chose) only the keys and values
+        are, to extend the cache. Under key_norm=ignore the zero key norms are made only
+        for a kernel that reads them, and never cached."""
         if ctx.memory is not None or not ctx.causal:
             return self._bidirectional(x, ctx)
-        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-        q, k = self.positioned_metric_space(q, k, ctx)
+        wanted = ctx.output_positions
+        no_query = wanted is not None and wanted.size(1) == 0
+        if no_query and not (self.training and self.config.ti_reg_weight > 0):
+            q, (k, v) = None, self.heads.keys_values(x)  # (B, Hkv, T, D) x2
+            k = ctx.position.rotate_keys(self.keys_to_metric_space(k), ctx.positions)
+        else:
+            q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
+            q, k = self.positioned_metric_space(q, k, ctx)
         v = ctx.position.scale_values(v, ctx.positions)
         self._record_scale(ctx)
-        k_norm = self._key_norms(k)
+        k_norm = None if self.config.key_norm == "ignore" else self._key_norms(k)
         if self.training and self.config.ti_reg_weight > 0:
             self._triangle_penalty(q, k, ctx)
         gate = band = None
@@ -245,35 +270,37 @@ class MetricAttention(nn.Module):
         if ctx.cache is not None:
             k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
             band = None  # the gate over the held keys too; a cache is for inference
-        alpha = self.log_alpha.exp()
-        dropout = self.config.attn_drop if self.training else 0.0
-        wanted = ctx.output_positions
-        if wanted is not None and wanted.size(1) == 0:  # no query: only the cache grows
+        if no_query:  # only the cache grows
             if commit is not None:
                 commit()
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
+        alpha = self._alpha()
+        dropout = self.config.attn_drop if self.training else 0.0
+        kernel = metric_attention_eager
+        if wanted is None and dropout == 0:
+            kernel = select_kernel(self.config.impl, x.device)
+            if kernel is metric_attention_cpu and gate is None and k_norm is None:
+                kernel = dot_product_form
+        if k_norm is None and kernel is not dot_product_form:
+            k_norm = self._key_norms(k)  # (B, Hkv, S) zeros
         if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
             columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
-            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout,
-                                       query_positions=columns)
+            y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout, query_positions=columns)
         elif dropout > 0:
-            y = metric_attention_eager(q, k, v, k_norm, alpha, gate, dropout=dropout)
+            y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout)
         else:
-            kernel = select_kernel(self.config.impl, x.device)
-            if kernel is metric_attention_cpu and gate is None and self.config.key_norm == "ignore":
-                kernel = dot_product_form
             y = kernel(q, k, v, k_norm, alpha, gate, band)
         if commit is not None:
             commit()
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
 
     def _cached(self, cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
-                k_norm: torch.Tensor, gate: torch.Tensor | None
-                ) -> tuple[torch.Tensor, ...]:
-        """The new keys k, v (B, Hkv, T, D), k_norm (B, Hkv, T) and gate appended to the
-        cache: -> keys, values, norms and gate over S cached-then-new positions, and what
-        to call once attention has read them (None: nothing).
+                k_norm: torch.Tensor | None, gate: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, ...]:
+        """The new keys k, v (B, Hkv, T, D), k_norm (B, Hkv, T; None: none kept) and gate
+        appended to the cache: -> keys, values, norms and gate over S cached-then-new
+        positions, and what to call once attention has read them (None: nothing).
 
         Without balls S counts every position. With balls only the keys inside their ball
         are kept, compacted per (batch, key head) (`CompactCache`): S is the longest row
@@ -283,14 +310,15 @@ class MetricAttention(nn.Module):
         so this is the uncached attention without the pruned keys' zero weights. The ball
         decides as it stands when a key is cached: the cache is for inference (a radius
         that moves later does not bring a dropped key back)."""
+        entries = {"k": k, "v": v} if k_norm is None else {"k": k, "v": v, "k_norm": k_norm}
         if gate is None:
-            return (cache.append("k", k), cache.append("v", v),  # (B, Hkv, S, D)
-                    cache.append("k_norm", k_norm), None, None)  # (B, Hkv, S)
+            held = {name: cache.append(name, x) for name, x in entries.items()}  # (B, Hkv, S, ...)
+            return held["k"], held["v"], held.get("k_norm"), None, None
         store = cache.compact("kept_keys")
-        held = store.stage({"k": k, "v": v, "k_norm": k_norm})
+        held = store.stage(entries)
         gate = torch.cat([store.valid().to(gate.dtype), gate], dim=-1)  # (B, Hkv, S)
         kept = gate.detach()[..., -k.size(2):] > 0  # (B, Hkv, T)
-        return held["k"], held["v"], held["k_norm"], gate, lambda: store.commit(kept)
+        return held["k"], held["v"], held.get("k_norm"), gate, lambda: store.commit(kept)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:
         """||k||^2 (B, Hkv, S) in at least float32; zeros under key_norm=ignore, where
@@ -323,7 +351,7 @@ class MetricAttention(nn.Module):
         self._record_scale(ctx)
         if self.training and self.config.ti_reg_weight > 0 and ctx.memory is None:
             self._triangle_penalty(q, k, ctx)
-        alpha = self.log_alpha.exp()
+        alpha = self._alpha()
         if self.config.impl == "eager" or self.config.attn_drop > 0:
             dropout = self.config.attn_drop if self.training else 0.0
             y = metric_attention_eager(q, k, v, k_norm, alpha, None, dropout=dropout,

@@ -23,7 +23,6 @@ of routed rows), not one per branch: the rows are then found by `nonzero_static`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 def branch_context(ctx: ForwardContext, name: str) -> ForwardContext:
     """`ctx` scoped to the branch `name`, with the branch's child cache."""
     cache = None if ctx.cache is None else ctx.cache.child(name)
-    return replace(ctx, record=ctx.record.scoped(name), cache=cache)
+    return ctx.replace(record=ctx.record.scoped(name), cache=cache)
 
 
 def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
@@ -54,16 +53,21 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
     wanted = ctx.output_positions
     produced = x if wanted is None else select_positions(x, wanted)  # (B, T or K, C)
     batch_routing, routing = routing, routing if wanted is None else routing.at(wanted)
-    weights = routing.weights.flatten(0, 1)  # (B*T, n)
+    columns = routing.weights.flatten(0, 1).t()[..., None].unbind(0)  # n x (B*T, 1)
     rows_x = produced.flatten(0, 1)  # (B*T, C)
-    out = torch.zeros_like(rows_x)
+    out = None  # (B*T, C): the first dense branch's term, or zeros before an index_add
     chosen = None if routing.chosen is None else routing.chosen.flatten(0, 1)  # (B*T, n)
-    if chosen is not None:  # the one sync: rows (wanted) and tokens (batch) per branch
+    if chosen is not None and wanted is None:  # the one sync: rows per branch
+        routed = used = chosen.sum(0).tolist()
+    elif chosen is not None:  # the one sync: rows (wanted) and tokens (batch) per branch
         routed, used = torch.stack((chosen.sum(0), batch_routing.chosen.flatten(0, 1).sum(0))
                                    ).tolist()
 
     def gate(index: int, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if feature_gates is None else feature_gates(index, inputs, y)
+
+    def add(term: torch.Tensor) -> torch.Tensor:  # to zeros of x's dtype, without them
+        return term.to(torch.promote_types(x.dtype, term.dtype)) if out is None else out + term
 
     for i, branch in enumerate(branches):
         branch_ctx = branch_context(ctx, f"{scope}.{i}")
@@ -72,15 +76,18 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
             h = (h if wanted is None else select_positions(h, wanted)).flatten(0, 1)
             if chosen is None or routed[i] == rows_x.size(0):
                 y = gate(i, rows_x, branch.token_part(h))  # (B*T, C)
-                out = out + weights[:, i, None].to(y.dtype) * y
+                out = add(columns[i].to(y.dtype) * y)
             elif routed[i]:
                 rows = torch.nonzero_static(chosen[:, i], size=routed[i]).squeeze(1)  # (N,)
                 y = gate(i, rows_x[rows], branch.token_part(h[rows]))  # (N, C)
-                out = out.index_add(0, rows, (weights[rows, i, None] * y).to(out.dtype))
+                base = torch.zeros_like(rows_x) if out is None else out
+                out = base.index_add(0, rows, (columns[i][rows] * y).to(base.dtype))
         elif chosen is None or used[i]:
             y = gate(i, rows_x, at_output_positions(branch, x, branch_ctx).flatten(0, 1))
-            out = out + weights[:, i, None].to(y.dtype) * y  # (B*T, C)
+            out = add(columns[i].to(y.dtype) * y)  # (B*T, C)
         elif ctx.cache is not None:  # no token chose it, but later tokens read its cache
             nothing = ctx.positions.new_zeros(x.size(0), 0)  # (B, 0) output positions
-            at_output_positions(branch, x, replace(branch_ctx, output_positions=nothing))
+            at_output_positions(branch, x, branch_ctx.replace(output_positions=nothing))
+    if out is None:  # no branch ran for any row
+        out = torch.zeros_like(rows_x)
     return out.view(produced.shape)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,15 +35,24 @@ class ForwardContext:
     # projected once per cache (the Reactive Transformer's STM, once per turn).
     memory: torch.Tensor | None = None
 
+    def replace(self, **changes: object) -> ForwardContext:
+        """A copy with `changes` (field name -> value): `dataclasses.replace` without its
+        per-field `__init__`, which a MoA decoding step would pay some sixty times."""
+        if not changes.keys() <= _FIELDS:
+            raise TypeError(f"ForwardContext has no field {sorted(changes.keys() - _FIELDS)}")
+        copy = object.__new__(ForwardContext)
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
     def for_layer(self, index: int, kv_cache: KVCache | None) -> ForwardContext:
-        return replace(
-            self,
-            record=self.record.scoped(f"layers.{index}"),
-            cache=kv_cache.layers[index] if kv_cache is not None else None,
-        )
+        return self.replace(record=self.record.scoped(f"layers.{index}"),
+                            cache=kv_cache.layers[index] if kv_cache is not None else None)
 
     def scoped(self, name: str) -> ForwardContext:
-        return replace(self, record=self.record.scoped(name))
+        return self.replace(record=self.record.scoped(name))
+
+
+_FIELDS = frozenset(field.name for field in fields(ForwardContext))
 
 
 def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -59,4 +68,4 @@ def at_output_positions(module: nn.Module, x: torch.Tensor, ctx: ForwardContext)
     of which those are kept, with the same result."""
     if ctx.output_positions is None or getattr(module, "computes_output_positions", False):
         return module(x, ctx)
-    return select_positions(module(x, replace(ctx, output_positions=None)), ctx.output_positions)
+    return select_positions(module(x, ctx.replace(output_positions=None)), ctx.output_positions)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa.layers.residual import Dropout
 from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
 
@@ -68,7 +69,7 @@ class MLP(TokenwiseFFN):
         hidden = config.hidden(d_model)
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def token_part(self, h: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
         return self.dropout(self.down(F.gelu(self.up(h))))
@@ -82,7 +83,7 @@ class SwiGLU(TokenwiseFFN):
         hidden = config.hidden(d_model)
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def token_part(self, h: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
         gate, up = self.gate_up(h).chunk(2, dim=-1)

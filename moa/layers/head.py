@@ -27,7 +27,7 @@ Parameters of `moa`, with C = d_model, b = 1 with `model.bias` else 0, D = head_
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +40,7 @@ from moa.layers.context import select_positions
 from moa.layers.ffn import FFN
 from moa.layers.norm import NORM
 from moa.layers.position import PositionEncoding
+from moa.layers.residual import Dropout
 from moa.registry import Registry
 from moa.schema import check, check_range
 
@@ -125,13 +126,13 @@ class MoAHead(nn.Module):
         self.ffn_norm = NORM.build(model.norm, C, model.bias)
         self.ffn = FFN.build(config.ffn, C, model.bias)
         self.norm = NORM.build(model.norm, C, model.bias)
-        self.dropout = nn.Dropout(config.proj_drop)
+        self.dropout = Dropout(config.proj_drop)
         self.vocab = LinearHead(LinearHeadConfig(), model, embedding)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> logits (B, T, V), or (B, K, V) at `ctx.output_positions`; causal,
         continuing `ctx.cache`."""
-        every = replace(ctx, position=self.position, output_positions=None)  # all positions
+        every = ctx.replace(position=self.position, output_positions=None)  # all positions
         x = x + self.dropout(self.attention(self.attention_norm(x), every.scoped("attention")))
         x = x + self.dropout(self.ffn(self.ffn_norm(x), branch_context(every, "ffn")))
         return self.vocab(self.norm(x), ctx)

@@ -40,6 +40,7 @@ from torch import nn
 from moa.attention.local_conv import CausalDepthwiseConv
 from moa.layers.branches import routed_sum
 from moa.layers.ffn import FFN, MLP, FFNConfig, SwiGLU
+from moa.layers.residual import Dropout
 from moa.layers.router import ROUTER, FeatureGates, RouterConfig
 from moa.schema import check
 
@@ -148,7 +149,7 @@ class HyperFFN(nn.Module):
         self.router = ROUTER.build(config.router, d_model, n)
         self.feature_gates = FeatureGates(d_model, n) \
             if config.router.enable_feature_gates else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal, each branch with its own cache."""

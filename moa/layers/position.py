@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moa.layers.kept import KeptValues
 from moa.registry import Registry
 from moa.schema import check
 
@@ -40,6 +41,11 @@ class PositionEncoding(nn.Module):
         """q (B, H, T, D) rotated to `positions` (T,) or (B, T), for keys that carry no
         position (cross-attention into a memory): `rotate` with no keys."""
         return self.rotate(q, q[..., :0, :], positions.new_empty(0), positions)[0]
+
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """k (B, H, T, D) rotated to `positions` (T,): `rotate` with no queries (a decoding
+        step of a path that only extends its cache)."""
+        return k
 
 
 @dataclass
@@ -76,20 +82,24 @@ class RotaryPosition(PositionEncoding):
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64),
                              rotary_frequencies(config.theta, head_dim))
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (L, D/2)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        cos, sin = _half_split_tables(angles.cos().float(), angles.sin().float())
+        self.register_buffer("cos", cos, persistent=False)  # (L, D)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def angles(self, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The half-split tables at positions (T,) -> (T, D) x2, or (B, T) -> (B, 1, T, D)."""
+        return _over_heads(self.cos[at], at), _over_heads(self.sin[at], at)
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         query_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        def angles(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _over_heads(self.cos[at], at), _over_heads(self.sin[at], at)
+        k_angles = self.angles(positions)  # (T, D) x2
+        q_angles = k_angles if query_positions is None else self.angles(query_positions)
+        return _rotate_half_split(q, *q_angles), _rotate_half_split(k, *k_angles)
 
-        k_angles = angles(positions)  # (T, D/2) x2
-        q_angles = k_angles if query_positions is None else angles(query_positions)
-        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
-                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _rotate_half_split(k, *self.angles(positions))
 
 
 @dataclass
@@ -148,7 +158,7 @@ class BlackHoleRoPE(PositionEncoding):
         self.r_basis = config.r_basis
         self.max_seq_len = max_seq_len
         self.energy_amplification = config.energy_amplification
-        self._tables: dict[str, tuple] = {}  # name -> (positions, their versions, value)
+        self._tables = KeptValues()
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -156,17 +166,19 @@ class BlackHoleRoPE(PositionEncoding):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k_angles = self._kept("angles", positions, self.angles)
         q_angles = k_angles if query_positions is None else self.angles(query_positions)
-        return (_rotate_half_split(q, *(a.to(q.dtype) for a in q_angles)),
-                _rotate_half_split(k, *(a.to(k.dtype) for a in k_angles)))
+        return _rotate_half_split(q, *q_angles), _rotate_half_split(k, *k_angles)
+
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _rotate_half_split(k, *self._kept("angles", positions, self.angles))
 
     def angles(self, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of phi(p, i) at positions (T,) -> (T, D/2) x2, or (B, T) -> (B, 1, T,
-        D/2) x2."""
+        """The half-split tables of phi(p, i) (`_half_split_tables`) at positions (T,) ->
+        (T, D) x2, or (B, T) -> (B, 1, T, D) x2."""
         # Elementwise products, not matmuls: autocast would round the angles to bfloat16.
         shift = torch.tanh((self.pair_features * self.phase_coefficients).sum(-1))  # (D/2,)
         frequencies = self.frequencies * torch.exp2(shift)
         turns = _over_heads(at.float()[..., None] * frequencies, at)  # (T, D/2)
-        return turns.cos(), turns.sin()
+        return _half_split_tables(turns.cos(), turns.sin())
 
     def scale_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.energy_coefficients is None:
@@ -177,18 +189,10 @@ class BlackHoleRoPE(PositionEncoding):
     def _kept(self, name: str, positions: torch.Tensor, compute: Callable) -> Any:
         """compute(positions), kept while the same `positions` tensor comes back: every layer
         and every path of one forward encodes the same positions (a MoA decoding step
-        computed these tables eight times). Only without autograd (decoding, evaluation),
-        so that no kept table carries one forward's graph into another; a change of the
-        parameters (an optimizer step, a load, a move) recomputes. The model makes a new
-        positions tensor for each forward and never writes into it."""
-        if torch.is_grad_enabled():
-            return compute(positions)
-        state = tuple((p.data_ptr(), 0 if p.is_inference() else p._version)
-                      for p in self.parameters())  # inference tensors keep no version
-        kept = self._tables.get(name)
-        if kept is None or kept[0] is not positions or kept[1] != state:
-            kept = self._tables[name] = (positions, state, compute(positions))
-        return kept[2]
+        computed these tables eight times). Only without autograd (`KeptValues`). The model
+        makes a new positions tensor for each forward and never writes into it."""
+        return self._tables.get(name, self._parameters.values(), lambda: compute(positions),
+                                given=positions)
 
     def energy_gate(self, positions: torch.Tensor) -> torch.Tensor:
         """e(p, c) in [1/2, 2] for positions (T,) -> (T, D)."""
@@ -216,9 +220,17 @@ def _over_heads(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return per_position if positions.dim() == 1 else per_position[:, None]
 
 
+def _half_split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles (..., D/2) -> [cos, cos] and [-sin, sin] (..., D): the
+    rotation of the half-split layout as two products with the whole head."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def _rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """x (B, H, T, D) = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]: the halves swapped
+    by a roll, so four ops rather than the halves' eight, with the same roundings."""
+    swapped = x.roll(x.size(-1) // 2, dims=-1)  # [x2, x1]
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 POSITION.register("learned", LearnedPositionConfig)(LearnedPosition)

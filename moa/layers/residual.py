@@ -4,6 +4,8 @@
 so deep stacks begin close to the identity. `DropPath` (stochastic depth) drops the
 whole branch for a random subset of the batch's sequences during training, scaling the
 kept ones by 1 / (1 - p) so the expectation is unchanged; at eval it is the identity.
+`Dropout` is `nn.Dropout` returning its input at once where it does nothing (at eval, or
+with p = 0), without `F.dropout`'s call: a MoA decoding step passes through some forty.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         return x * self.scale.to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (...) -> (...)
+        return super().forward(x) if self.training and self.p > 0 else x
 
 
 class DropPath(nn.Module):

@@ -36,6 +36,7 @@ from torch import nn
 from moa.layers import balance
 from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import select_positions
+from moa.layers.residual import Dropout
 from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
 
@@ -136,7 +137,7 @@ class TokenRouter(nn.Module):
     def __init__(self, config: RouterConfig, d_model: int, n_paths: int) -> None:
         super().__init__()
         self.config = config
-        self.dropout = nn.Dropout(config.router_dropout)
+        self.dropout = Dropout(config.router_dropout)
         hidden = config.router_hidden
         self.scores = nn.Linear(d_model, n_paths) if hidden is None else nn.Sequential(
             nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, n_paths))
@@ -150,7 +151,9 @@ class TokenRouter(nn.Module):
         logits = self.scores(x)
         if self.bias_gate is not None:
             logits = logits + x @ self.bias_gate.to(x.dtype)
-        return logits.float() / self.config.router_temperature
+        logits = logits.float()
+        temperature = self.config.router_temperature
+        return logits if temperature == 1.0 else logits / temperature
 
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return probs, None
@@ -179,7 +182,7 @@ class TopKRouter(TokenRouter):
         """probs: (B, T, n) -> renormalised top-k weights and the chosen mask."""
         top = probs.topk(self.config.router_topk, dim=-1).indices  # (B, T, k)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top, True)
-        kept = probs.masked_fill(~chosen, 0.0)
+        kept = probs.where(chosen, 0.0)
         return kept / kept.sum(-1, keepdim=True), chosen
 
 

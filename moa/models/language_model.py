@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from moa.layers.head import HEAD, LinearHead
 from moa.layers.kv_cache import KVCache
 from moa.layers.norm import NORM
 from moa.layers.position import POSITION
-from moa.layers.residual import DropPath, LayerScale
+from moa.layers.residual import Dropout, DropPath, LayerScale
 from moa.models.registry import build_model, register_model
 
 __all__ = ["Block", "LanguageModel", "ModelOutput", "build_model", "shared_parameters"]
@@ -50,7 +50,7 @@ class Block(nn.Module):
         if has_ffn:
             self.ffn_norm = NORM.build(config.norm, config.d_model, config.bias)
         self.ffn = FFN.build(config.ffn, config.d_model, config.bias) if has_ffn else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         init = config.layer_scale_init
         self.attention_scale = nn.Identity() if init is None else LayerScale(config.d_model, init)
         if has_ffn:
@@ -66,7 +66,7 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attention_scale(self.dropout(y)))
         if self.ffn is None:
             return x
-        ffn_ctx = branch_context(replace(ctx, output_positions=None), "ffn")  # x is selected
+        ffn_ctx = branch_context(ctx.replace(output_positions=None), "ffn")  # x is selected
         y = self.ffn(self.ffn_norm(x), ffn_ctx)
         return x + self.drop_path(self.ffn_scale(self.dropout(y)))
 
@@ -78,7 +78,7 @@ class SharedFFN(nn.Module):
         super().__init__()
         self.norm = NORM.build(config.norm, config.d_model, config.bias)
         self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return x + self.dropout(self.ffn(self.norm(x), ctx))
@@ -94,7 +94,7 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position = POSITION.build(config.position, config.max_seq_len, config.d_model,
                                        config.head_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.shared_ffn = SharedFFN(config) if config.ffn.placement == "shared" else None
         self.norm = NORM.build(config.norm, config.d_model, config.bias)
@@ -131,12 +131,12 @@ class LanguageModel(nn.Module):
         for index, block in enumerate(self.blocks):
             layer_ctx = ctx.for_layer(index, cache)
             if index == len(self.blocks) - 1:
-                layer_ctx = replace(layer_ctx, output_positions=last_block_at)
+                layer_ctx = layer_ctx.replace(output_positions=last_block_at)
             x = block(x, layer_ctx)  # (B, K, C) after the last block where it selects
         if self.shared_ffn is not None:
             x = self.shared_ffn(x, _slot(ctx, cache, "ffn"))
-        head_ctx = replace(_slot(ctx, cache, "head"),
-                           output_positions=None if last_block_at is not None else output_positions)
+        head_ctx = _slot(ctx, cache, "head").replace(
+            output_positions=None if last_block_at is not None else output_positions)
         logits = self.lm_head(self.norm(x), head_ctx)
         if cache is not None:
             cache.length += T
@@ -181,4 +181,4 @@ def shared_parameters(module: nn.Module) -> dict[str, str]:
 def _slot(ctx: ForwardContext, cache: KVCache | None, name: str) -> ForwardContext:
     """The context of the module `name` after the stack (`ffn`, `head`): its record scope
     and its slot of the cache."""
-    return replace(ctx.scoped(name), cache=None if cache is None else getattr(cache, name))
+    return ctx.scoped(name).replace(cache=None if cache is None else getattr(cache, name))

@@ -25,6 +25,7 @@ from moa.layers.context import ForwardContext
 from moa.layers.kv_cache import KVCache
 from moa.layers.mlm_head import MaskedLMHead
 from moa.layers.position import POSITION
+from moa.layers.residual import Dropout
 from moa.models.generation import SamplingConfig, next_token
 from moa.models.language_model import init_weights
 from moa.models.reactive.memory import MemoryAttention
@@ -48,7 +49,7 @@ class ReactiveTransformer(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)  # encoder's and decoder's
         self.position = POSITION.build(config.position, config.max_seq_len, config.d_model,
                                        config.head_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.encoder = Encoder(config)
         self.mlm_head = MaskedLMHead(config.d_model, config.vocab_size)
         self.decoder = Decoder(config, self.embedding)

@@ -23,6 +23,7 @@ from moa.layers.ffn import FFN
 from moa.layers.head import HEAD
 from moa.layers.kv_cache import KVCache
 from moa.layers.norm import NORM
+from moa.layers.residual import Dropout
 
 
 def _norm(config: ReactiveConfig) -> nn.Module:
@@ -42,7 +43,7 @@ class MemoryBlock(nn.Module):
             self.cross_attention = ATTENTION.build(config.cross_attention, config)
         self.ffn_norm = _norm(config)
         self.ffn = FFN.build(config.ffn, config.d_model, config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, memory: torch.Tensor | None,
                 memory_mask: torch.Tensor | None) -> torch.Tensor:
