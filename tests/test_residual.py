@@ -8,7 +8,7 @@ import torch
 from moa.errors import ConfigError
 from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import ForwardContext
-from moa.layers.residual import DropPath, Dropout
+from moa.layers.residual import Dropout, DropPath
 from moa.models.language_model import build_model
 from tests.conftest import tiny_model_config
 
