@@ -50,3 +50,15 @@ def test_ball_target_radius_keeps_the_target_fraction_of_each_head():
     torch.testing.assert_close(log_target, sixth.log())
     inside = distance <= log_target.exp()[None, :, None]
     assert (inside.double().mean((0, 2)) == 0.3).all()
+
+
+def test_ball_target_of_the_extreme_fractions_is_the_nearest_and_the_farthest_key():
+    """A fraction below one key keeps the nearest key (rank 1, not 0); all keeps the
+    farthest."""
+    torch.manual_seed(3)
+    distance = torch.rand(2, 3, 10, dtype=torch.float64) + 0.1
+    per_head = distance.transpose(0, 1).reshape(3, -1)  # (H, B * S)
+    torch.testing.assert_close(ball_target_log_radius(distance, kept=0.01),
+                               per_head.min(1).values.log())
+    torch.testing.assert_close(ball_target_log_radius(distance, kept=1.0),
+                               per_head.max(1).values.log())
