@@ -329,7 +329,8 @@ def test_ignoring_the_key_norm_is_dot_product_attention(impl, metric):
         torch.testing.assert_close(attention(x, ctx), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("T, S", [(1, 1), (17, 17), (5, 13), (1, 9)])
+# (2, 4): T = Hkv and S = Hq, so GQA is told by the head counts, not by T or S
+@pytest.mark.parametrize("T, S", [(1, 1), (17, 17), (5, 13), (1, 9), (2, 4)])
 def test_dot_product_form_equals_the_reference_without_key_scores(T, S):
     """key_norm=ignore without balls runs `dot_product_form` on CPU: the reference with zero
     key norms, in float64, forward and every gradient; GQA, queries the last T of S keys."""
