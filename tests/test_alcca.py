@@ -340,3 +340,19 @@ def test_eval_refuses_a_retrofit_that_carries_no_attention_unless_allowed(compos
     assert weights["carried"]  # the embeddings, FFNs, norms and head
     assert not any(block_attention.match(key) for key in weights["carried"])
     assert math.isfinite(metrics["delta_val_loss"])
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "inverse_distance"])
+def test_reference_of_the_last_queries_is_the_full_references_last_rows(weighting):
+    """Queries at the last T of S positions (a cached decoding step): each row is the row of
+    the same query in the full (S x S) reference, both branches (theta between them)."""
+    torch.manual_seed(2)
+    S, T = 15, 4
+    q = torch.randn(2, 4, S, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, S, 8, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64) + 0.5
+    full = alcca_probabilities(q, k, alpha, 3, 3.5, 1e-6, weighting)  # (B, Hq, S, S)
+    near = (full > 0).sum(-1) > 3  # rows of the centre-of-mass branch
+    assert near[..., -T:].any() and not near[..., -T:].all()
+    last = alcca_probabilities(q[:, :, -T:], k, alpha, 3, 3.5, 1e-6, weighting)
+    torch.testing.assert_close(last, full[:, :, -T:])
