@@ -475,3 +475,27 @@ def test_ball_pruning_is_refused_where_attention_is_bidirectional():
             r"those have not\); allowed: false where attention is bidirectional or reads a "
             r"memory$")):
         _metric_config(use_balls=True).attention.check_bidirectional()
+
+
+def test_ball_target_under_a_process_group_moves_the_radii_as_without(tmp_path):
+    """Under DDP the target is averaged over the processes (`all_reduce`, then divided by
+    the world size); in a one-process gloo group that is the process's own target, so the
+    radii move exactly as without a group."""
+    from torch import distributed
+
+    torch.manual_seed(16)
+    config = _metric_config("cpu_fused", use_balls=True, radius_init=8.0,
+                            ball_target_kept=0.3, ball_target_rate=0.5)
+    alone = ATTENTION.build(config.attention, config).train()
+    grouped = ATTENTION.build(config.attention, config).train()
+    grouped.load_state_dict(alone.state_dict())
+    x = torch.randn(2, 12, config.d_model)
+    alone(x, _context(config, 12))
+    distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                   rank=0, world_size=1)
+    try:
+        grouped(x, _context(config, 12))
+    finally:
+        distributed.destroy_process_group()
+    assert (alone.balls.log_radius != torch.tensor(8.0).log()).all()  # the target moved them
+    torch.testing.assert_close(grouped.balls.log_radius, alone.balls.log_radius, rtol=0, atol=0)
