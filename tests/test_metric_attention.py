@@ -477,6 +477,7 @@ def test_ball_pruning_is_refused_where_attention_is_bidirectional():
         _metric_config(use_balls=True).attention.check_bidirectional()
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_ball_target_under_a_process_group_moves_the_radii_as_without(tmp_path):
     """Under DDP the target is averaged over the processes (`all_reduce`, then divided by
     the world size); in a one-process gloo group that is the process's own target, so the
