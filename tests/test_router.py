@@ -135,8 +135,9 @@ def test_bad_router_configs_name_their_key(fields, key):
 
 @pytest.mark.parametrize("kind", ["static", "softmax", "topk"])
 def test_a_bfloat16_model_routes_in_float32(kind):
-    """Weights, probabilities and usage stats in float32 whatever the model's dtype: 1/n or
-    a softmax rounded to bfloat16's 8 bits would skew the mixture and the stats alike."""
+    """Weights, probabilities and usage stats in float32 whatever the model's dtype: the
+    balance losses and usage stats of weights rounded to bfloat16's 8 bits would be skewed
+    (the mixture casts the weights to each path's output dtype itself)."""
     torch.manual_seed(14)
     router = build(name=kind).to(torch.bfloat16)
     routing, record = route(router, torch.randn(2, 5, D, dtype=torch.bfloat16))
