@@ -356,3 +356,39 @@ def test_reference_of_the_last_queries_is_the_full_references_last_rows(weightin
     assert near[..., -T:].any() and not near[..., -T:].all()
     last = alcca_probabilities(q[:, :, -T:], k, alpha, 3, 3.5, 1e-6, weighting)
     torch.testing.assert_close(last, full[:, :, -T:])
+
+
+def test_inverse_distance_weights_are_the_cards_rule():
+    """w_i = (1 / (d_i + eps)) / sum_j 1 / (d_j + eps) over the valid neighbours, 0 at the
+    others; eps large enough to matter."""
+    from moa.kernels.alcca_reference import neighbour_weights
+
+    torch.manual_seed(3)
+    distance_sq = torch.rand(2, 3, 5, dtype=torch.float64) * 4  # (B, H, k)
+    valid = torch.rand(2, 3, 5) > 0.3
+    valid[..., 0] = True
+    weights = neighbour_weights(distance_sq, torch.ones(2, 3, dtype=torch.float64),
+                                "inverse_distance", 0.5, valid)
+    raw = torch.where(valid, 1.0 / (distance_sq.sqrt() + 0.5), 0.0)
+    torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True))
+
+
+def test_values_are_gated_at_their_positions():
+    """ALCCA with blackhole_rope's value gate perturbed: the reference fed the gated values."""
+    torch.manual_seed(4)
+    config = tiny_model_config({"name": "alcca", "k": 3, "n_kv_heads": 2},
+                               position="blackhole_rope")
+    attention = ATTENTION.build(config.attention, config).double()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    ctx = forward_context(config, 9)
+    ctx.position.double()
+    with torch.no_grad():
+        ctx.position.energy_coefficients.normal_()
+        attention.alcca.theta = _median_centre_distance(attention, x, ctx)
+    q, k, v = attention.heads.split(x)
+    q, k = attention.positioned_metric_space(q, k, ctx)
+    v = v * ctx.position.energy_gate(ctx.positions)  # (B, Hkv, T, D) * (T, D)
+    c = attention.alcca
+    want = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
+                                 c.weighting, c.key_norm)
+    torch.testing.assert_close(attention(x, ctx), attention.heads.merge(want))
