@@ -392,3 +392,18 @@ def test_values_are_gated_at_their_positions():
     want = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
                                  c.weighting, c.key_norm)
     torch.testing.assert_close(attention(x, ctx), attention.heads.merge(want))
+
+
+def test_outputs_at_output_positions_are_the_full_outputs_there():
+    """Only the positions asked for (a decoding step's last token, a loss on some tokens),
+    both branches (theta between them): each is the full forward's output there."""
+    torch.manual_seed(5)
+    config = _alcca_config(k=3, n_kv_heads=2)
+    attention = ATTENTION.build(config.attention, config).double()
+    x = torch.randn(2, 11, config.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        attention.alcca.theta = _median_centre_distance(attention, x, forward_context(config, 11))
+    wanted = torch.tensor([[10, 3, 6, 0], [1, 1, 9, 5]])  # (B, K)
+    full = attention(x, forward_context(config, 11))
+    some = attention(x, dataclasses.replace(forward_context(config, 11), output_positions=wanted))
+    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
