@@ -396,9 +396,10 @@ def test_values_are_gated_at_their_positions():
 
 def test_outputs_at_output_positions_are_the_full_outputs_there():
     """Only the positions asked for (a decoding step's last token, a loss on some tokens),
-    both branches (theta between them): each is the full forward's output there."""
+    both branches (theta between them): each is the full forward's output there. The index
+    adds keys 4 at a time, so the full forward searches in several chunks."""
     torch.manual_seed(5)
-    config = _alcca_config(k=3, n_kv_heads=2)
+    config = _alcca_config(k=3, n_kv_heads=2, index_options={"block": 4})
     attention = ATTENTION.build(config.attention, config).double()
     x = torch.randn(2, 11, config.d_model, dtype=torch.float64)
     with torch.no_grad():
@@ -407,3 +408,13 @@ def test_outputs_at_output_positions_are_the_full_outputs_there():
     full = attention(x, forward_context(config, 11))
     some = attention(x, dataclasses.replace(forward_context(config, 11), output_positions=wanted))
     torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"dropout": 0.1}, "attention.dropout=0.1; allowed: 0.0 (ALCCA has no dropout)"),
+    ({"k": 0}, "attention.k=0; allowed: a positive integer"),
+    ({"theta": -1.0}, "attention.theta=-1.0; allowed: >= 0")])
+def test_config_errors_give_the_key_the_value_and_what_is_allowed(fields, message):
+    with pytest.raises(ConfigError) as error:
+        _alcca_config(**fields)
+    assert str(error.value) == f"invalid config {message}"
