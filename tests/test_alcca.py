@@ -413,7 +413,9 @@ def test_outputs_at_output_positions_are_the_full_outputs_there():
 @pytest.mark.parametrize(("fields", "message"), [
     ({"dropout": 0.1}, "attention.dropout=0.1; allowed: 0.0 (ALCCA has no dropout)"),
     ({"k": 0}, "attention.k=0; allowed: a positive integer"),
-    ({"theta": -1.0}, "attention.theta=-1.0; allowed: >= 0")])
+    ({"theta": -1.0}, "attention.theta=-1.0; allowed: >= 0"),
+    ({"eps": 0.0}, "attention.eps=0.0; allowed: a positive float"),
+    ({"block": 0}, "attention.block=0; allowed: a positive integer")])
 def test_config_errors_give_the_key_the_value_and_what_is_allowed(fields, message):
     with pytest.raises(ConfigError) as error:
         _alcca_config(**fields)
