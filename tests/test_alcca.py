@@ -340,3 +340,83 @@ def test_eval_refuses_a_retrofit_that_carries_no_attention_unless_allowed(compos
     assert weights["carried"]  # the embeddings, FFNs, norms and head
     assert not any(block_attention.match(key) for key in weights["carried"])
     assert math.isfinite(metrics["delta_val_loss"])
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "inverse_distance"])
+def test_reference_of_the_last_queries_is_the_full_references_last_rows(weighting):
+    """Queries at the last T of S positions (a cached decoding step): each row is the row of
+    the same query in the full (S x S) reference, both branches (theta between them)."""
+    torch.manual_seed(2)
+    S, T = 15, 4
+    q = torch.randn(2, 4, S, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, S, 8, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64) + 0.5
+    full = alcca_probabilities(q, k, alpha, 3, 3.5, 1e-6, weighting)  # (B, Hq, S, S)
+    near = (full > 0).sum(-1) > 3  # rows of the centre-of-mass branch
+    assert near[..., -T:].any() and not near[..., -T:].all()
+    last = alcca_probabilities(q[:, :, -T:], k, alpha, 3, 3.5, 1e-6, weighting)
+    torch.testing.assert_close(last, full[:, :, -T:])
+
+
+def test_inverse_distance_weights_are_the_cards_rule():
+    """w_i = (1 / (d_i + eps)) / sum_j 1 / (d_j + eps) over the valid neighbours, 0 at the
+    others; eps large enough to matter."""
+    from moa.kernels.alcca_reference import neighbour_weights
+
+    torch.manual_seed(3)
+    distance_sq = torch.rand(2, 3, 5, dtype=torch.float64) * 4  # (B, H, k)
+    valid = torch.rand(2, 3, 5) > 0.3
+    valid[..., 0] = True
+    weights = neighbour_weights(distance_sq, torch.ones(2, 3, dtype=torch.float64),
+                                "inverse_distance", 0.5, valid)
+    raw = torch.where(valid, 1.0 / (distance_sq.sqrt() + 0.5), 0.0)
+    torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True))
+
+
+def test_values_are_gated_at_their_positions():
+    """ALCCA with blackhole_rope's value gate perturbed: the reference fed the gated values."""
+    torch.manual_seed(4)
+    config = tiny_model_config({"name": "alcca", "k": 3, "n_kv_heads": 2},
+                               position="blackhole_rope")
+    attention = ATTENTION.build(config.attention, config).double()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    ctx = forward_context(config, 9)
+    ctx.position.double()
+    with torch.no_grad():
+        ctx.position.energy_coefficients.normal_()
+        attention.alcca.theta = _median_centre_distance(attention, x, ctx)
+    q, k, v = attention.heads.split(x)
+    q, k = attention.positioned_metric_space(q, k, ctx)
+    v = v * ctx.position.energy_gate(ctx.positions)  # (B, Hkv, T, D) * (T, D)
+    c = attention.alcca
+    want = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
+                                 c.weighting, c.key_norm)
+    torch.testing.assert_close(attention(x, ctx), attention.heads.merge(want))
+
+
+def test_outputs_at_output_positions_are_the_full_outputs_there():
+    """Only the positions asked for (a decoding step's last token, a loss on some tokens),
+    both branches (theta between them): each is the full forward's output there. The index
+    adds keys 4 at a time, so the full forward searches in several chunks."""
+    torch.manual_seed(5)
+    config = _alcca_config(k=3, n_kv_heads=2, index_options={"block": 4})
+    attention = ATTENTION.build(config.attention, config).double()
+    x = torch.randn(2, 11, config.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        attention.alcca.theta = _median_centre_distance(attention, x, forward_context(config, 11))
+    wanted = torch.tensor([[10, 3, 6, 0], [1, 1, 9, 5]])  # (B, K)
+    full = attention(x, forward_context(config, 11))
+    some = attention(x, dataclasses.replace(forward_context(config, 11), output_positions=wanted))
+    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"dropout": 0.1}, "attention.dropout=0.1; allowed: 0.0 (ALCCA has no dropout)"),
+    ({"k": 0}, "attention.k=0; allowed: a positive integer"),
+    ({"theta": -1.0}, "attention.theta=-1.0; allowed: >= 0"),
+    ({"eps": 0.0}, "attention.eps=0.0; allowed: a positive float"),
+    ({"block": 0}, "attention.block=0; allowed: a positive integer")])
+def test_config_errors_give_the_key_the_value_and_what_is_allowed(fields, message):
+    with pytest.raises(ConfigError) as error:
+        _alcca_config(**fields)
+    assert str(error.value) == f"invalid config {message}"

@@ -331,7 +331,8 @@ def test_ignoring_the_key_norm_is_dot_product_attention(impl, metric):
         torch.testing.assert_close(attention(x, ctx), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("T, S", [(1, 1), (17, 17), (5, 13), (1, 9)])
+# (2, 4): T = Hkv and S = Hq, so GQA is told by the head counts, not by T or S
+@pytest.mark.parametrize("T, S", [(1, 1), (17, 17), (5, 13), (1, 9), (2, 4)])
 def test_dot_product_form_equals_the_reference_without_key_scores(T, S):
     """key_norm=ignore without balls runs `dot_product_form` on CPU: the reference with zero
     key norms, in float64, forward and every gradient; GQA, queries the last T of S keys."""
@@ -406,3 +407,119 @@ def test_kept_alpha_and_mahalanobis_scales_follow_the_parameters():
     with torch.no_grad():
         wide = module.double()(x.double())
     torch.testing.assert_close(wide, moved.double(), rtol=1e-5, atol=1e-5)
+
+
+def _encoder_context(config, T: int, record: AuxiliaryRecorder | None = None, **fields
+                     ) -> ForwardContext:
+    """A context where every query sees every key (an encoder's), positions 0..T-1."""
+    return dataclasses.replace(_context(config, T, record), causal=False, **fields)
+
+
+def test_encoder_attention_rotates_and_gates_at_its_positions():
+    """The bidirectional path against the reference fed by hand: q and k mapped to the
+    metric space and rotated, values gated by blackhole_rope's (perturbed) energy gate at
+    their positions, masked keys dropped."""
+    torch.manual_seed(9)
+    config = tiny_model_config({"name": "metric", "impl": "cpu_fused", "n_kv_heads": 2,
+                                "key_norm": "free", "metric": {"name": "maha_diag"}},
+                               position="blackhole_rope")
+    attention = ATTENTION.build(config.attention, config).double()
+    with torch.no_grad():
+        attention.log_maha.normal_()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[0, :3] = False
+    ctx = _encoder_context(config, 9, key_mask=key_mask)
+    ctx.position.double()
+    with torch.no_grad():
+        ctx.position.energy_coefficients.normal_()
+    q = attention.queries_to_metric_space(attention.heads.queries(x))
+    k, v = attention.heads.keys_values(x)
+    q, k = ctx.position.rotate(q, attention.keys_to_metric_space(k), ctx.positions)
+    v = v * ctx.position.energy_gate(ctx.positions)  # (B, Hkv, T, D) * (T, D)
+    expected = metric_attention_eager(q, k, v, k.pow(2).sum(-1), attention.log_alpha.exp(),
+                                      None, causal=False, key_mask=key_mask)
+    torch.testing.assert_close(attention(x, ctx), attention.heads.merge(expected))
+
+
+def test_encoder_attention_drops_probabilities_in_training_only():
+    """Against the fused path, which has no dropout: equal in evaluation only."""
+    torch.manual_seed(10)
+    config = _metric_config("eager", attn_drop=0.5)
+    attention = ATTENTION.build(config.attention, config).double()
+    plain = ATTENTION.build(_metric_config("cpu_fused").attention, config).double()
+    plain.load_state_dict(attention.state_dict())
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
+    ctx = _encoder_context(config, 7)
+    expected = plain.eval()(x, ctx)
+    torch.testing.assert_close(attention.eval()(x, ctx), expected)
+    assert not torch.allclose(attention.train()(x, ctx), expected)
+
+
+@pytest.mark.parametrize(("weight", "memory", "training", "recorded"), [
+    (0.5, False, True, True), (0.0, False, True, False), (0.5, True, True, False),
+    (0.5, False, False, False)])
+def test_encoder_ti_penalty_only_in_training_over_its_own_keys(weight, memory, training,
+                                                               recorded):
+    """The triangle-inequality penalty of an encoder's queries and keys: recorded with its
+    weight when training with a positive weight; never for a memory read."""
+    torch.manual_seed(11)
+    config = _metric_config("cpu_fused", n_kv_heads=2, ti_reg_weight=weight,
+                            ti_reg_samples=32)
+    attention = ATTENTION.build(config.attention, config).train(training)
+    record = AuxiliaryRecorder()
+    source = torch.randn(2, 5, config.d_model) if memory else None
+    attention(torch.randn(2, 6, config.d_model), _encoder_context(config, 6, record,
+                                                                  memory=source))
+    assert ("ti_penalty" in record.losses) == recorded
+    if recorded:
+        value, given = record.losses["ti_penalty"]
+        assert given == weight and value.requires_grad
+        assert record.stats["ti_violating_fraction"] == 0.0  # L2 obeys the inequality
+
+
+def test_encoder_outputs_at_output_positions_are_the_full_outputs_there():
+    torch.manual_seed(12)
+    config = _metric_config("cpu_fused")
+    attention = ATTENTION.build(config.attention, config).double()
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
+    wanted = torch.tensor([[0, 4, 6], [5, 1, 1]])  # (B, K)
+    full = attention(x, _encoder_context(config, 7))
+    some = attention(x, _encoder_context(config, 7, output_positions=wanted))
+    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
+
+
+def test_ball_pruning_is_refused_where_attention_is_bidirectional():
+    """What check_bidirectional (an encoder's, a memory read's) raises: the key, the value,
+    what is allowed and why."""
+    _metric_config().attention.check_bidirectional()
+    with pytest.raises(ConfigError, match=(
+            r"^invalid config use_balls=True \(ball pruning keeps each query's own key, which "
+            r"those have not\); allowed: false where attention is bidirectional or reads a "
+            r"memory$")):
+        _metric_config(use_balls=True).attention.check_bidirectional()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_ball_target_under_a_process_group_moves_the_radii_as_without(tmp_path):
+    """Under DDP the target is averaged over the processes (`all_reduce`, then divided by
+    the world size); in a one-process gloo group that is the process's own target, so the
+    radii move exactly as without a group."""
+    from torch import distributed
+
+    torch.manual_seed(16)
+    config = _metric_config("cpu_fused", use_balls=True, radius_init=8.0,
+                            ball_target_kept=0.3, ball_target_rate=0.5)
+    alone = ATTENTION.build(config.attention, config).train()
+    grouped = ATTENTION.build(config.attention, config).train()
+    grouped.load_state_dict(alone.state_dict())
+    x = torch.randn(2, 12, config.d_model)
+    alone(x, _context(config, 12))
+    distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                   rank=0, world_size=1)
+    try:
+        grouped(x, _context(config, 12))
+    finally:
+        distributed.destroy_process_group()
+    assert (alone.balls.log_radius != torch.tensor(8.0).log()).all()  # the target moved them
+    torch.testing.assert_close(grouped.balls.log_radius, alone.balls.log_radius, rtol=0, atol=0)

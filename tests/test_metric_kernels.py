@@ -331,3 +331,26 @@ def test_pruned_keys_cost_nothing(monkeypatch):
         kept.sum().item(), (band & ~kept).sum().item(), band.sum().item()]
     assert torch.equal(gathered[1], band & ~kept) and torch.equal(gathered[2], band)
     assert (d_gate[~band] == 0).all() and (d_gate[band] != 0).any()
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_cpu_fused_gate_gradient_is_the_references_on_the_band_and_zero_off_it(compacted):
+    """A band (the keys near a ball's surface) given with the gate: the gate's gradient is the
+    reference's at the band's keys, kept or pruned, and zero at every other key."""
+    case = (2, 4, 2, 19, 27, 8)
+    inputs = _inputs(*case, gated=True)
+    band = torch.rand(inputs[5].shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    assert (band & (inputs[5] == 0)).any() and (band & (inputs[5] == 1)).any()
+    d_out = torch.randn_like(inputs[0])
+    want = torch.autograd.grad(metric_attention_eager(*inputs), inputs[5], d_out)[0]
+    with small_blocks() if compacted else nullcontext():
+        got = torch.autograd.grad(metric_attention_cpu(*inputs, band), inputs[5], d_out)[0]
+    torch.testing.assert_close(got[band], want[band], rtol=1e-8, atol=1e-8)
+    assert (got[~band] == 0).all()
+
+
+def test_cpu_fused_ball_pruning_with_a_last_diagonal_block_of_two_queries():
+    """T = 18 over blocks of 4 ends in a block of 2 queries (the drawn shapes have odd T): its
+    call must still be causal."""
+    with small_blocks():
+        _check_balls(metric_attention_cpu, (1, 4, 2, 18, 18, 8), 0.5)

@@ -232,3 +232,19 @@ def test_top_k_routed_preset_trains_with_the_throughput_callback(compose_config,
     with open(tmp_path / "run" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert any(row.get("train|device|items_per_sec") for row in rows)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_outputs_at_output_positions_are_the_full_outputs_there(router):
+    """Only the positions asked for (a decoding step's last token, a loss on some tokens):
+    each is the full forward's output there, mixed by its own token's routing."""
+    from dataclasses import replace
+
+    torch.manual_seed(13)
+    config = mixture_config(ROUTERS[router])
+    mixture = ATTENTION.build(config.attention, config).double().eval()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    wanted = torch.tensor([[8, 2, 5], [0, 0, 7]])  # (B, K)
+    full = mixture(x, forward_context(config, 9))
+    some = mixture(x, replace(forward_context(config, 9), output_positions=wanted))
+    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))

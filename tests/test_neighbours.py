@@ -104,3 +104,18 @@ def test_index_options_errors_name_the_key():
         IndexOptions(nlist=4, nprobe=8)
     with pytest.raises(ConfigError, match="index_options.chunk"):
         IndexOptions(chunk=0)
+
+
+@pytest.mark.parametrize("name", ["faiss_flat", "faiss_hnsw"])
+def test_faiss_search_of_fewer_keys_than_k_and_of_bfloat16_keys(name):
+    """Fewer keys stored than k (a sequence's first steps), more queries than k: each
+    query's k ids, -1 where no key is left, as exact search; bfloat16 keys and queries are
+    searched as their float32 values (numpy has no bfloat16)."""
+    pytest.importorskip("faiss")
+    queries, keys, positions = _causal_inputs(2, 4, 8, seed=4, group=3)  # M = 12, S = 4
+    exact = _search("exact", queries, keys, positions, 6)
+    assert exact.shape == (2, 12, 6) and (exact == -1).any()
+    assert torch.equal(_search(name, queries, keys, positions, 6), exact)
+    low = queries.bfloat16(), keys.bfloat16()
+    assert torch.equal(_search(name, *low, positions, 6),
+                       _search("exact", *(x.float() for x in low), positions, 6))

@@ -50,3 +50,33 @@ def test_ball_target_radius_keeps_the_target_fraction_of_each_head():
     torch.testing.assert_close(log_target, sixth.log())
     inside = distance <= log_target.exp()[None, :, None]
     assert (inside.double().mean((0, 2)) == 0.3).all()
+
+
+def test_ball_target_of_the_extreme_fractions_is_the_nearest_and_the_farthest_key():
+    """A fraction below one key keeps the nearest key (rank 1, not 0); all keeps the
+    farthest."""
+    torch.manual_seed(3)
+    distance = torch.rand(2, 3, 10, dtype=torch.float64) + 0.1
+    per_head = distance.transpose(0, 1).reshape(3, -1)  # (H, B * S)
+    torch.testing.assert_close(ball_target_log_radius(distance, kept=0.01),
+                               per_head.min(1).values.log())
+    torch.testing.assert_close(ball_target_log_radius(distance, kept=1.0),
+                               per_head.max(1).values.log())
+
+
+def test_the_distance_is_the_euclidean_norm_over_channels():
+    from moa.layers.regularizers import euclidean
+
+    torch.manual_seed(4)
+    a, b = torch.randn(2, 3, 5, 7, dtype=torch.float64).unbind(0)  # (H, n, D) each
+    torch.testing.assert_close(euclidean(a, b), ((a - b) ** 2).sum(-1).sqrt())
+
+
+def test_violations_are_relative_to_the_sides():
+    """Collinear points thousands apart: float32 rounds d(a, c) - d(a, b) - d(b, c) to a few
+    thousandths, which is no violation (below 1e-6 of the sides)."""
+    torch.manual_seed(5)
+    direction = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    points = torch.rand(1, 200, 1) * 1e4 * direction  # (H=1, N, D) on a line
+    _, violating = triangle_inequality_penalty(points, n_samples=4000)
+    assert violating.item() == 0.0

@@ -131,3 +131,29 @@ def test_bad_router_configs_name_their_key(fields, key):
     with pytest.raises(ConfigError) as error:
         RouterConfig(**fields)
     assert error.value.key == key
+
+
+@pytest.mark.parametrize("kind", ["static", "softmax", "topk"])
+def test_a_bfloat16_model_routes_in_float32(kind):
+    """Weights, probabilities and usage stats in float32 whatever the model's dtype: the
+    balance losses and usage stats of weights rounded to bfloat16's 8 bits would be skewed
+    (the mixture casts the weights to each path's output dtype itself)."""
+    torch.manual_seed(14)
+    router = build(name=kind).to(torch.bfloat16)
+    routing, record = route(router, torch.randn(2, 5, D, dtype=torch.bfloat16))
+    assert routing.weights.dtype == routing.probs.dtype == torch.float32
+    assert record.stats["usage.0"].dtype == torch.float32
+
+
+def test_a_dense_routers_switch_loss_counts_a_path_no_token_prefers():
+    """The switch loss n sum_i f_i P_i of a dense router: f_i the share of tokens whose most
+    probable path is i, zero for a path that is never the most probable."""
+    torch.manual_seed(15)
+    router = build(name="softmax", switch_weight=1.0)
+    with torch.no_grad():
+        router.scores.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -30.0]))
+    routing, record = route(router, torch.randn(2, 6, D))
+    fraction = torch.nn.functional.one_hot(routing.probs.argmax(-1), N).float().mean((0, 1))
+    assert fraction[-1] == 0
+    expected = N * (fraction * routing.probs.mean((0, 1))).sum()
+    torch.testing.assert_close(record.losses["switch"][0], expected)
