@@ -13,8 +13,10 @@ import torch
 
 from moa.attention import ATTENTION
 from moa.attention import alcca as alcca_module
+from moa.attention.metric import MetricConfig
 from moa.errors import ConfigError
 from moa.kernels.alcca_reference import alcca_attention_eager, alcca_probabilities
+from moa.layers.context import at_output_positions
 from moa.models.language_model import build_model
 from moa.models.retrofit import swap_attention, transfer_weights
 from tests.conftest import assert_causal, forward_context, tiny_model_config
@@ -394,19 +396,25 @@ def test_values_are_gated_at_their_positions():
     torch.testing.assert_close(attention(x, ctx), attention.heads.merge(want))
 
 
-def test_outputs_at_output_positions_are_the_full_outputs_there():
+@pytest.mark.parametrize("index", ["exact", "faiss_flat"])
+def test_outputs_at_output_positions_are_the_full_outputs_there(index):
     """Only the positions asked for (a decoding step's last token, a loss on some tokens),
     both branches (theta between them): each is the full forward's output there. The index
-    adds keys 4 at a time, so the full forward searches in several chunks."""
+    adds keys 4 at a time, so the full forward searches in several chunks. A FAISS index,
+    searched in position order only, runs the full forward and keeps those rows (as the
+    blocks ask any module: `at_output_positions`)."""
+    if index != "exact":
+        pytest.importorskip("faiss")
     torch.manual_seed(5)
-    config = _alcca_config(k=3, n_kv_heads=2, index_options={"block": 4})
+    config = _alcca_config(k=3, n_kv_heads=2, index=index, index_options={"block": 4})
     attention = ATTENTION.build(config.attention, config).double()
     x = torch.randn(2, 11, config.d_model, dtype=torch.float64)
     with torch.no_grad():
         attention.alcca.theta = _median_centre_distance(attention, x, forward_context(config, 11))
     wanted = torch.tensor([[10, 3, 6, 0], [1, 1, 9, 5]])  # (B, K)
     full = attention(x, forward_context(config, 11))
-    some = attention(x, dataclasses.replace(forward_context(config, 11), output_positions=wanted))
+    some = at_output_positions(attention, x, dataclasses.replace(forward_context(config, 11),
+                                                                 output_positions=wanted))
     torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
 
 
@@ -415,8 +423,34 @@ def test_outputs_at_output_positions_are_the_full_outputs_there():
     ({"k": 0}, "attention.k=0; allowed: a positive integer"),
     ({"theta": -1.0}, "attention.theta=-1.0; allowed: >= 0"),
     ({"eps": 0.0}, "attention.eps=0.0; allowed: a positive float"),
-    ({"block": 0}, "attention.block=0; allowed: a positive integer")])
+    ({"block": 0}, "attention.block=0; allowed: a positive integer"),
+    ({"index": "annoy"},
+     "attention.index='annoy'; allowed: exact | faiss_flat | faiss_ivf | faiss_hnsw")])
 def test_config_errors_give_the_key_the_value_and_what_is_allowed(fields, message):
     with pytest.raises(ConfigError) as error:
         _alcca_config(**fields)
     assert str(error.value) == f"invalid config {message}"
+
+
+def test_without_faiss_only_the_exact_index_is_allowed(monkeypatch):
+    """The smallest values pass (a block of one query, k of 1); a FAISS index without FAISS
+    is refused with the reason and the way out, the exact one is not."""
+    monkeypatch.setattr(alcca_module, "faiss_available", lambda: False)
+    assert _alcca_config(index="exact", block=1, k=1).attention.block == 1
+    with pytest.raises(ConfigError) as error:
+        _alcca_config(index="faiss_hnsw")
+    assert str(error.value) == (
+        "invalid config attention.index='faiss_hnsw' (faiss is not installed); "
+        "allowed: exact, or install faiss (pip install 'moa[faiss]')")
+
+
+def test_the_metric_attention_it_shares_takes_every_shared_field():
+    """ALCCA's parameters are metric attention's, built from these fields: each one set
+    away from its default reaches the metric-attention config."""
+    config = alcca_module.AlccaConfig(n_q_heads=4, n_kv_heads=2, bias=True,
+                                      metric=MetricConfig(name="maha_diag"), alpha_init=0.3,
+                                      learn_alpha=False, key_norm="free")
+    shared = config.metric_attention()
+    assert (shared.n_q_heads, shared.n_kv_heads, shared.bias, shared.metric.name,
+            shared.alpha_init, shared.learn_alpha, shared.key_norm, shared.impl) == (
+        4, 2, True, "maha_diag", 0.3, False, "free", "eager")
