@@ -10,7 +10,6 @@ bidirectional, the decoder's causal; the attention modules are the registry's sc
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,9 +50,9 @@ class MemoryBlock(nn.Module):
         -> (B, T, C)."""
         x = x + self.dropout(self.attention(self.attention_norm(x), ctx.scoped("attention")))
         if self.cross_attention is not None:
-            read = replace(ctx.scoped("cross_attention"), causal=False, key_mask=memory_mask,
-                           memory=self.memory_norm(memory),
-                           cache=None if ctx.cache is None else ctx.cache.child("memory"))
+            read = ctx.scoped("cross_attention").replace(
+                causal=False, key_mask=memory_mask, memory=self.memory_norm(memory),
+                cache=None if ctx.cache is None else ctx.cache.child("memory"))
             x = x + self.dropout(self.cross_attention(self.cross_norm(x), read))
         return x + self.dropout(self.ffn(self.ffn_norm(x), ctx.scoped("ffn")))
 
