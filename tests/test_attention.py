@@ -161,3 +161,27 @@ def test_metric_without_causal_mask_fused_equals_eager(metric, memory):
         first = fused(x, replace(ctx, cache=cache))
         later = fused(x, replace(ctx, cache=cache, memory=torch.zeros_like(ctx.memory)))
         torch.testing.assert_close(first, later)  # the cached projection, not the new memory
+
+
+def test_a_ball_with_a_fixed_radius_saves_it_and_learns_only_its_origin():
+    """`learn_radius: false`: the radius is a buffer, saved and loaded with the weights but no
+    parameter; the gate keeps exactly the keys within it, and only the origin learns."""
+    from moa.attention.balls import BallPruning
+
+    def ball(radius):
+        return BallPruning(2, 8, radius_init=radius, learn_radius=False, origin_init_scale=0.3,
+                           band=0.5)
+
+    fixed = ball(1.5)
+    assert [name for name, _ in fixed.named_parameters()] == ["origin"]
+    assert set(fixed.state_dict()) == {"origin", "log_radius"}
+    loaded = ball(9.0)
+    loaded.load_state_dict(fixed.state_dict())
+    torch.testing.assert_close(loaded.radius, torch.full((2,), 1.5))
+    k = torch.randn(3, 2, 7, 8) * 0.6
+    gate, _, _ = loaded(k)
+    distance = (k - fixed.origin[None, :, None].detach()).norm(dim=-1)  # (B, H, S)
+    assert torch.equal(gate.detach(), (distance <= 1.5).float())
+    assert 0 < gate.detach().mean() < 1
+    origin_grad, = torch.autograd.grad((gate * torch.randn_like(gate)).sum(), loaded.origin)
+    assert origin_grad.abs().sum() > 0
