@@ -185,3 +185,21 @@ def test_a_ball_with_a_fixed_radius_saves_it_and_learns_only_its_origin():
     assert 0 < gate.detach().mean() < 1
     origin_grad, = torch.autograd.grad((gate * torch.randn_like(gate)).sum(), loaded.origin)
     assert origin_grad.abs().sum() > 0
+
+
+def test_a_balls_band_is_the_keys_near_its_sphere():
+    """The band (the keys whose gate gradient the fused kernels compute, skipping the rest)
+    is exactly the keys within band * r / 2 of the sphere, inside or out: the keys deep
+    inside or far outside have a flat surrogate, so no gate gradient to compute."""
+    from moa.attention.balls import BallPruning
+
+    ball = BallPruning(1, 2, radius_init=2.0, learn_radius=True, origin_init_scale=0.0, band=0.5)
+    distances = torch.tensor([0.2, 1.0, 1.49, 1.51, 1.9, 2.49, 2.51, 4.0])  # sphere at 2 +- 0.5
+    k = torch.stack([distances, torch.zeros_like(distances)], dim=-1)[None, None]  # (1,1,8,2)
+    k.requires_grad_()
+    gate, band, pruned = ball(k)
+    assert band[0, 0].tolist() == [False, False, False, True, True, True, False, False]
+    assert gate[0, 0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert pruned.item() == 3 / 8
+    grad, = torch.autograd.grad(gate.sum(), k)
+    assert torch.equal(grad[0, 0, :, 0] != 0, band[0, 0])  # the slope is the band's
