@@ -203,3 +203,24 @@ def test_a_balls_band_is_the_keys_near_its_sphere():
     assert pruned.item() == 3 / 8
     grad, = torch.autograd.grad(gate.sum(), k)
     assert torch.equal(grad[0, 0, :, 0] != 0, band[0, 0])  # the slope is the band's
+
+
+@pytest.mark.parametrize(("attention", "message"), [
+    ({"n_q_heads": 0}, "attention.n_q_heads=0; allowed: a positive integer or null"),
+    ({"n_kv_heads": -1}, "attention.n_kv_heads=-1; allowed: a positive integer or null"),
+    ({"dropout": 1.0}, "attention.dropout=1.0; allowed: 0.0 <= dropout < 1.0"),
+    ({"n_q_heads": 8}, "attention.n_q_heads=8 (more query heads than the model has); "
+                       "allowed: 1..4 (model.n_heads)"),
+    ({"n_kv_heads": 3}, "attention.n_kv_heads=3 (n_q_heads must be divisible by n_kv_heads); "
+                        "allowed: divisors of n_q_heads=4: [1, 2, 4]"),
+])
+def test_head_layout_errors_give_the_key_the_value_and_what_is_allowed(attention, message):
+    """On a model of 4 heads; the limits themselves (4 query heads over 1 key head, no
+    dropout) pass."""
+    from moa.errors import ConfigError
+
+    assert tiny_model_config({"n_q_heads": 4, "n_kv_heads": 1, "dropout": 0.0}).attention.layout(
+        tiny_model_config()) == (4, 1)
+    with pytest.raises(ConfigError) as error:
+        tiny_model_config(attention)
+    assert str(error.value) == f"invalid config {message}"
