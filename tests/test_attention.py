@@ -161,3 +161,66 @@ def test_metric_without_causal_mask_fused_equals_eager(metric, memory):
         first = fused(x, replace(ctx, cache=cache))
         later = fused(x, replace(ctx, cache=cache, memory=torch.zeros_like(ctx.memory)))
         torch.testing.assert_close(first, later)  # the cached projection, not the new memory
+
+
+def test_a_ball_with_a_fixed_radius_saves_it_and_learns_only_its_origin():
+    """`learn_radius: false`: the radius is a buffer, saved and loaded with the weights but no
+    parameter; the gate keeps exactly the keys within it, and only the origin learns."""
+    from moa.attention.balls import BallPruning
+
+    def ball(radius):
+        return BallPruning(2, 8, radius_init=radius, learn_radius=False, origin_init_scale=0.3,
+                           band=0.5)
+
+    fixed = ball(1.5)
+    assert [name for name, _ in fixed.named_parameters()] == ["origin"]
+    assert set(fixed.state_dict()) == {"origin", "log_radius"}
+    loaded = ball(9.0)
+    loaded.load_state_dict(fixed.state_dict())
+    torch.testing.assert_close(loaded.radius, torch.full((2,), 1.5))
+    k = torch.randn(3, 2, 7, 8) * 0.6
+    gate, _, _ = loaded(k)
+    distance = (k - fixed.origin[None, :, None].detach()).norm(dim=-1)  # (B, H, S)
+    assert torch.equal(gate.detach(), (distance <= 1.5).float())
+    assert 0 < gate.detach().mean() < 1
+    origin_grad, = torch.autograd.grad((gate * torch.randn_like(gate)).sum(), loaded.origin)
+    assert origin_grad.abs().sum() > 0
+
+
+def test_a_balls_band_is_the_keys_near_its_sphere():
+    """The band (the keys whose gate gradient the fused kernels compute, skipping the rest)
+    is exactly the keys within band * r / 2 of the sphere, inside or out: the keys deep
+    inside or far outside have a flat surrogate, so no gate gradient to compute."""
+    from moa.attention.balls import BallPruning
+
+    ball = BallPruning(1, 2, radius_init=2.0, learn_radius=True, origin_init_scale=0.0, band=0.5)
+    distances = torch.tensor([0.2, 1.0, 1.49, 1.51, 1.9, 2.49, 2.51, 4.0])  # sphere at 2 +- 0.5
+    k = torch.stack([distances, torch.zeros_like(distances)], dim=-1)[None, None]  # (1,1,8,2)
+    k.requires_grad_()
+    gate, band, pruned = ball(k)
+    assert band[0, 0].tolist() == [False, False, False, True, True, True, False, False]
+    assert gate[0, 0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert pruned.item() == 3 / 8
+    grad, = torch.autograd.grad(gate.sum(), k)
+    assert torch.equal(grad[0, 0, :, 0] != 0, band[0, 0])  # the slope is the band's
+
+
+@pytest.mark.parametrize(("attention", "message"), [
+    ({"n_q_heads": 0}, "attention.n_q_heads=0; allowed: a positive integer or null"),
+    ({"n_kv_heads": -1}, "attention.n_kv_heads=-1; allowed: a positive integer or null"),
+    ({"dropout": 1.0}, "attention.dropout=1.0; allowed: 0.0 <= dropout < 1.0"),
+    ({"n_q_heads": 8}, "attention.n_q_heads=8 (more query heads than the model has); "
+                       "allowed: 1..4 (model.n_heads)"),
+    ({"n_kv_heads": 3}, "attention.n_kv_heads=3 (n_q_heads must be divisible by n_kv_heads); "
+                        "allowed: divisors of n_q_heads=4: [1, 2, 4]"),
+])
+def test_head_layout_errors_give_the_key_the_value_and_what_is_allowed(attention, message):
+    """On a model of 4 heads; the limits themselves (4 query heads over 1 key head, no
+    dropout) pass."""
+    from moa.errors import ConfigError
+
+    assert tiny_model_config({"n_q_heads": 4, "n_kv_heads": 1, "dropout": 0.0}).attention.layout(
+        tiny_model_config()) == (4, 1)
+    with pytest.raises(ConfigError) as error:
+        tiny_model_config(attention)
+    assert str(error.value) == f"invalid config {message}"

@@ -169,6 +169,21 @@ def test_low_precision_error_within_twice_eager(impl, device, dtype):
     assert fused <= 2 * eager + 1e-6
 
 
+def test_augmented_key_norm_bias_keeps_16_bits_in_bfloat16():
+    """bfloat16 keys and queries with float32 alpha and key norms (a model under autocast):
+    the augmented heads' key-norm bias a ||k||^2, hi and lo parts, is exact to about 16 bits
+    (the hi part alone holds 8). q = 0 leaves that bias alone in q' . k'."""
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    k = (torch.randn(2, 3, 11, 16, generator=generator) * 4).bfloat16()
+    k_norm = k.float().pow(2).sum(-1)  # (B, H, S), float32 as the module computes it
+    alpha = 0.2 + torch.rand(3, generator=generator)  # float32, not a bfloat16 number
+    q = torch.zeros(2, 3, 5, 16, dtype=torch.bfloat16)
+    q_aug, k_aug, _ = metric_cpu.augment(q, k, k, k_norm, alpha)
+    bias = q_aug.double() @ k_aug.double().transpose(-1, -2)  # (B, H, T, S), exact products
+    want = -alpha.double().view(1, -1, 1, 1) * k_norm.double()[:, :, None, :]
+    assert ((bias - want).abs() / want.abs()).max() <= 2.0**-14
+
+
 # (B, Hq, Hkv, T, S, D): an encoder (T == S) and a read of a memory of S slots.
 BIDIRECTIONAL_CASES = [(1, 1, 1, 1, 1, 16), (2, 4, 2, 17, 17, 16), (2, 2, 1, 33, 6, 24),
                        (1, 3, 3, 5, 113, 32)]
@@ -347,6 +362,33 @@ def test_cpu_fused_gate_gradient_is_the_references_on_the_band_and_zero_off_it(c
         got = torch.autograd.grad(metric_attention_cpu(*inputs, band), inputs[5], d_out)[0]
     torch.testing.assert_close(got[band], want[band], rtol=1e-8, atol=1e-8)
     assert (got[~band] == 0).all()
+
+
+def test_cpu_fused_compacted_calls_in_bfloat16_within_twice_eager():
+    """The compacted calls' merge (windows and diagonal blocks by log-sum-exp) keeps out
+    and lse in float32 and returns q's dtype: against float64, the output's error is at
+    most twice eager's in bfloat16, keys with large norms included. The backward (whose
+    flash calls take that float32 lse) gives every input its dtype back, within 4x eager's
+    error (the calls sum in another order: 2x at worst over 24 draws)."""
+    inputs = _inputs(2, 4, 2, 41, 41, 32, gated=True)
+    with torch.no_grad():
+        inputs[1].mul_(4.0)  # ||k||^2 ~ 130: the key-norm bias needs its hi/lo split
+        inputs[3].copy_(inputs[1].pow(2).sum(-1))
+        inputs[4].fill_(0.05)
+    low = [t.detach().bfloat16().requires_grad_() for t in inputs]
+    low[3] = inputs[3].detach().float().requires_grad_()  # the module's key norms: float32
+    d_out = torch.randn_like(inputs[0])
+    exact, exact_grads = _run(metric_attention_eager, inputs, d_out)
+    eager, eager_grads = _run(metric_attention_eager, low, d_out.bfloat16())
+    with small_blocks():
+        fused, fused_grads = _run(metric_attention_cpu, low, d_out.bfloat16())
+    assert fused.dtype == torch.bfloat16
+    assert (fused.double() - exact).abs().max() <= 2 * (eager.double() - exact).abs().max()
+    for name, got, eager_grad, want, leaf in zip(["q", "k", "v"], fused_grads, eager_grads,
+                                                 exact_grads, low, strict=False):
+        assert got.dtype == leaf.dtype, name
+        error, eager_error = ((x.double() - want).abs().max() for x in (got, eager_grad))
+        assert error <= 4 * eager_error, f"d{name}"
 
 
 def test_cpu_fused_ball_pruning_with_a_last_diagonal_block_of_two_queries():

@@ -106,6 +106,17 @@ def test_index_options_errors_name_the_key():
         IndexOptions(chunk=0)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"chunk": 0}, "index_options.chunk=0; allowed: a positive integer"),
+    ({"ef_search": -3}, "index_options.ef_search=-3; allowed: a positive integer"),
+    ({"nlist": 4, "nprobe": 8}, "index_options.nprobe=8; allowed: <= index_options.nlist=4"),
+])
+def test_index_options_errors_give_the_key_the_value_and_what_is_allowed(options, message):
+    with pytest.raises(ConfigError) as error:
+        IndexOptions(**options)
+    assert str(error.value) == f"invalid config {message}"
+
+
 @pytest.mark.parametrize("name", ["faiss_flat", "faiss_hnsw"])
 def test_faiss_search_of_fewer_keys_than_k_and_of_bfloat16_keys(name):
     """Fewer keys stored than k (a sequence's first steps), more queries than k: each
