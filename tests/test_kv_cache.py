@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa.layers.kv_cache import CompactCache, LayerCache
+from moa.layers.kv_cache import CompactCache, KVCache, LayerCache
 from moa.models.generation import SamplingConfig, generate
 from moa.models.language_model import build_model
 from moa.models.params import kv_cache_bytes_per_token
@@ -79,6 +79,25 @@ def test_compact_cache_buffers_grow_by_doubling_up_to_capacity():
         sizes.append(store.buffers["x"].size(2))
         store.commit(torch.ones(1, 1, T, dtype=torch.bool))
     assert sizes == [1, 2, 4, 4, 10]
+
+
+def test_layer_cache_fills_to_capacity_and_refuses_more():
+    cache = LayerCache(capacity=4)
+    x = torch.randn(1, 2, 3, 5)
+    torch.testing.assert_close(cache.append("k", x), x)
+    torch.testing.assert_close(cache.append("k", x[:, :, :1]), torch.cat([x, x[:, :, :1]], 2))
+    with pytest.raises(ValueError) as error:
+        cache.append("k", x[:, :, :1])
+    assert str(error.value) == "KV cache is full: 5 positions > capacity 4"
+
+
+def test_every_cache_of_a_model_cache_holds_its_capacity():
+    """The layers', the shared FFN's and the LM head's caches, and the capacity the Hugging
+    Face wrapper reads back."""
+    cache = KVCache(n_layers=2, capacity=6)
+    assert cache.capacity == 6 and cache.length == 0 and len(cache.layers) == 2
+    for layer in (*cache.layers, cache.ffn, cache.head):
+        assert layer.append("k", torch.zeros(1, 1, 6, 2)).size(2) == 6
 
 
 def test_each_compact_cache_name_is_its_own_cache():
