@@ -189,6 +189,9 @@ def test_bad_config_names_its_key(change, key, says):
     ({"vocab_size": 9},
      "data.vocab_size=9 (keys are distinct tokens in [1, vocab_size/2), values in "
      "[vocab_size/2, vocab_size)); allowed: >= 2 * num_kv_pairs + 2 = 10"),
+    ({"power_a": 0.0}, "data.power_a=0.0; allowed: 0 < power_a"),
+    ({"block_size": 128},
+     "data.block_size=128 (an MQAR example is one block); allowed: = data.seq_len (64)"),
 ])
 def test_config_errors_give_the_key_the_value_the_reason_and_what_is_allowed(change, message):
     with pytest.raises(ConfigError) as error:
