@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa.layers.kv_cache import CompactCache
+from moa.layers.kv_cache import CompactCache, KVCache, LayerCache
 from moa.models.generation import SamplingConfig, generate
 from moa.models.language_model import build_model
 from moa.models.params import kv_cache_bytes_per_token
@@ -41,6 +41,69 @@ def test_compact_cache_rows_hold_the_kept_entries_in_order():
     longest = max(len(row) for rows in kept_so_far for row in rows)
     assert store.length == longest
     assert store.held_bytes() == 2 * 3 * longest * 4 * 4  # float32, padding included
+
+
+def test_compact_cache_keeps_the_order_of_a_long_prefill():
+    """A prefill of 300 entries, about half kept: each row holds its kept ones in their
+    order (a sort that is not stable reorders rows this long)."""
+    torch.manual_seed(1)
+    store = CompactCache(capacity=300)
+    x = torch.arange(2 * 3 * 300, dtype=torch.float64).view(2, 3, 300, 1)
+    keep = torch.rand(2, 3, 300) < 0.5
+    store.stage({"x": x})
+    store.commit(keep)
+    held = store.buffers["x"]  # (B, H, slots, 1)
+    for b in range(2):
+        for h in range(3):
+            row = x[b, h, keep[b, h]]
+            torch.testing.assert_close(held[b, h, :len(row)], row)
+
+
+def test_compact_cache_fills_to_capacity_and_refuses_more():
+    store = CompactCache(capacity=4)
+    x = torch.randn(1, 2, 4, 3)
+    torch.testing.assert_close(store.stage({"x": x})["x"], x)
+    store.commit(torch.ones(1, 2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError) as error:
+        store.stage({"x": torch.randn(1, 2, 1, 3)})
+    assert str(error.value) == "KV cache is full: 5 positions > capacity 4"
+
+
+def test_compact_cache_buffers_grow_by_doubling_up_to_capacity():
+    """One kept entry a call, then six: 1, 2, 4, 4 (room left), then capped at 10 slots,
+    so the copies of a growing row stay linear in its length."""
+    store = CompactCache(capacity=10)
+    sizes = []
+    for T in (1, 1, 1, 1, 6):
+        store.stage({"x": torch.randn(1, 1, T, 2)})
+        sizes.append(store.buffers["x"].size(2))
+        store.commit(torch.ones(1, 1, T, dtype=torch.bool))
+    assert sizes == [1, 2, 4, 4, 10]
+
+
+def test_layer_cache_fills_to_capacity_and_refuses_more():
+    cache = LayerCache(capacity=4)
+    x = torch.randn(1, 2, 3, 5)
+    torch.testing.assert_close(cache.append("k", x), x)
+    torch.testing.assert_close(cache.append("k", x[:, :, :1]), torch.cat([x, x[:, :, :1]], 2))
+    with pytest.raises(ValueError) as error:
+        cache.append("k", x[:, :, :1])
+    assert str(error.value) == "KV cache is full: 5 positions > capacity 4"
+
+
+def test_every_cache_of_a_model_cache_holds_its_capacity():
+    """The layers', the shared FFN's and the LM head's caches, and the capacity the Hugging
+    Face wrapper reads back."""
+    cache = KVCache(n_layers=2, capacity=6)
+    assert cache.capacity == 6 and cache.length == 0 and len(cache.layers) == 2
+    for layer in (*cache.layers, cache.ffn, cache.head):
+        assert layer.append("k", torch.zeros(1, 1, 6, 2)).size(2) == 6
+
+
+def test_each_compact_cache_name_is_its_own_cache():
+    cache = LayerCache(capacity=8)
+    first, second = cache.compact("a"), cache.compact("b")
+    assert first is not second and cache.compact("a") is first
 
 
 def _metric_model(n_kv_heads: int, impl: str, **attention) -> torch.nn.Module:

@@ -53,6 +53,22 @@ def test_maha_diag_is_weighted_squared_distance():
         torch.testing.assert_close(got, want)
 
 
+@torch.no_grad()
+def test_maha_scales_kept_between_steps_follow_the_inputs_dtype():
+    """Without autograd the scales are kept between calls; float32 parameters with a
+    float32 call, then a bfloat16 one (autocast), give each call scales in its own dtype."""
+    torch.manual_seed(19)
+    config = _metric_config(metric={"name": "maha_diag"}, n_kv_heads=2)
+    attention = ATTENTION.build(config.attention, config).eval()
+    attention.log_maha.normal_()
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    wide = attention.to_metric_space(q, k)
+    narrow = attention.to_metric_space(q.bfloat16(), k.bfloat16())
+    for got, want in zip(narrow, wide, strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_cosine_distance_uses_unit_vectors():
     config = _metric_config(metric={"name": "cosine"})
     attention = ATTENTION.build(config.attention, config)

@@ -248,3 +248,30 @@ def test_outputs_at_output_positions_are_the_full_outputs_there(router):
     full = mixture(x, forward_context(config, 9))
     some = mixture(x, replace(forward_context(config, 9), output_positions=wanted))
     torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
+
+
+@pytest.mark.parametrize(("attention", "message"), [
+    ({"paths": [{"name": "dot_product"}]},
+     "attention.paths=[{'name': 'dot_product'}]; allowed: a list of two or more attention "
+     "configs"),
+    ({"paths": MOA_PATHS[:2], "router": {"name": "topk", "router_topk": 3}},
+     "attention.router.router_topk=3; allowed: 1..2 (the number of paths)"),
+    ({"paths": [MOA_PATHS[0], {"name": "dot_product", "n_kv_heads": 3}]},
+     "attention.paths.1.n_kv_heads=3 (n_q_heads must be divisible by n_kv_heads); "
+     "allowed: divisors of n_q_heads=4: [1, 2, 4]"),
+])
+def test_config_errors_give_the_key_the_value_and_what_is_allowed(attention, message):
+    """A path's own error keeps its value, allowed values and reason under its index, also
+    behind a path with nothing to check against the model (local_conv)."""
+    with pytest.raises(ConfigError) as error:
+        tiny_model_config({"name": "mixture", **attention})
+    assert str(error.value) == f"invalid config {message}"
+
+
+def test_top_k_may_keep_every_path():
+    torch.manual_seed(18)
+    config = mixture_config({"name": "topk", "router_topk": 2}, paths=MOA_PATHS[:2])
+    model = build_model(config)
+    record = AuxiliaryRecorder()
+    routing = model.blocks[0].attention.router(torch.randn(2, 5, config.d_model), record)
+    assert routing.chosen.all()

@@ -71,6 +71,26 @@ def test_query_distance_follows_the_power_law():
     assert mean_gap(0.01) < 0.6 * mean_gap(1.0)  # small power_a: queries near the prefix
 
 
+@pytest.mark.parametrize("power_a", [0.01, 0.5])
+def test_query_slots_are_drawn_with_the_power_law_probabilities(power_a):
+    """One pair, 8 slots: the slot g of the query is drawn with P(g) proportional to
+    (g + 1)^(power_a - 1), within 0.02 over 20,000 examples (about 6 standard errors)."""
+    inputs, labels = generate(n=20_000, power_a=power_a, num_kv_pairs=1, seq_len=18,
+                              block_size=18, vocab_size=16)
+    slot = (np.argmax(labels != IGNORE_INDEX, axis=1) - 2) // 2  # (N,)
+    frequency = np.bincount(slot, minlength=8) / len(slot)
+    probability = np.arange(1, 9) ** (power_a - 1.0)
+    np.testing.assert_allclose(frequency, probability / probability.sum(), atol=0.02)
+
+
+def test_one_pair_in_four_tokens_is_the_smallest_example():
+    """k v q x: the key, its value, the query of the key and its answer's slot; int64."""
+    inputs, labels = generate(n=50, num_kv_pairs=1, seq_len=4, block_size=4, vocab_size=4)
+    assert inputs.dtype == labels.dtype == np.int64
+    assert (inputs[:, 2] == inputs[:, 0]).all() and (labels[:, 2] == inputs[:, 1]).all()
+    assert (labels[:, [0, 1, 3]] == IGNORE_INDEX).all()
+
+
 @pytest.mark.parametrize("random_non_queries", [False, True])
 def test_fillers_carry_no_answer(random_non_queries):
     """Outside the prefix, every position but the queries is a filler: all 0, or tokens
@@ -160,6 +180,23 @@ def test_bad_config_names_its_key(change, key, says):
     with pytest.raises(ConfigError) as error:
         CORPORA.parse({"name": "mqar", **change}, "data")
     assert error.value.key == key and says in str(error.value)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"seq_len": 15, "block_size": 15},
+     "data.seq_len=15 (the prefix holds 2 tokens per pair and each query needs its own pair "
+     "of slots after it); allowed: >= 4 * num_kv_pairs = 16"),
+    ({"vocab_size": 9},
+     "data.vocab_size=9 (keys are distinct tokens in [1, vocab_size/2), values in "
+     "[vocab_size/2, vocab_size)); allowed: >= 2 * num_kv_pairs + 2 = 10"),
+    ({"power_a": 0.0}, "data.power_a=0.0; allowed: 0 < power_a"),
+    ({"block_size": 128},
+     "data.block_size=128 (an MQAR example is one block); allowed: = data.seq_len (64)"),
+])
+def test_config_errors_give_the_key_the_value_the_reason_and_what_is_allowed(change, message):
+    with pytest.raises(ConfigError) as error:
+        CORPORA.parse({"name": "mqar", **change}, "data")
+    assert str(error.value) == f"invalid config {message}"
 
 
 def test_yaml_block_size_follows_seq_len():

@@ -157,3 +157,43 @@ def test_a_dense_routers_switch_loss_counts_a_path_no_token_prefers():
     assert fraction[-1] == 0
     expected = N * (fraction * routing.probs.mean((0, 1))).sum()
     torch.testing.assert_close(record.losses["switch"][0], expected)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"router_hidden": 0},
+     "router.router_hidden=0; allowed: a positive integer, or null for a linear router"),
+    ({"router_dropout": -0.1}, "router.router_dropout=-0.1; allowed: 0.0 <= router_dropout < 1.0"),
+    ({"router_temperature": 0.0}, "router.router_temperature=0.0; allowed: a positive float"),
+    ({"router_topk": 0}, "router.router_topk=0; allowed: a positive integer"),
+    ({"z_loss_weight": -1.0}, "router.z_loss_weight=-1.0; allowed: >= 0"),
+    ({"name": "static", "switch_weight": 0.01},
+     "router.switch_weight=0.01 (a static router has nothing to balance); "
+     "allowed: 0.0 with router=static"),
+    ({"name": "static", "enable_router_gates": True},
+     "router.enable_router_gates=True (a static router has no logits); "
+     "allowed: false with router=static"),
+])
+def test_config_errors_give_the_key_the_value_and_what_is_allowed(fields, message):
+    with pytest.raises(ConfigError) as error:
+        RouterConfig(**fields)
+    assert str(error.value) == f"invalid config {message}"
+
+
+def test_the_smallest_router_sizes_are_allowed():
+    """One hidden unit and one path per token are valid routers."""
+    torch.manual_seed(16)
+    router = build(name="topk", router_hidden=1, router_topk=1)
+    routing, _ = route(router, torch.randn(2, 5, D))
+    assert (routing.chosen.sum(-1) == 1).all()
+    torch.testing.assert_close(routing.weights, routing.chosen.float())
+
+
+def test_router_gates_add_a_linear_bias_to_the_logits():
+    """logits = scores(x) + x @ W, W (C, n) the router-bias gate, here nonzero; in float32."""
+    torch.manual_seed(17)
+    router = build(enable_router_gates=True).double()
+    with torch.no_grad():
+        router.bias_gate.normal_()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    want = router.scores(x) + x @ router.bias_gate
+    torch.testing.assert_close(router.logits(x), want.float())

@@ -3,11 +3,13 @@ regularises through the returned objective, with the weight it was recorded with
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import torch
 
 from moa.attention import metric as metric_module
+from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.regularizers import triangle_inequality_penalty
 from moa.training.lit import LanguageModelModule
 from moa.training.objectives import token_metrics
@@ -77,3 +79,28 @@ def test_each_auxiliary_loss_reaches_its_parameters_through_the_training_step(mo
     assert seen == set(WEIGHTS)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_the_recorder_scopes_names_detaches_stats_and_sums_weighted_losses():
+    """Scoped views write into one store under `prefix.name.`; a stat is detached (a
+    tensor's without a copy or a warning, a float's as a tensor); the total is
+    sum w_i * value_i, None when nothing was recorded."""
+    record = AuxiliaryRecorder()
+    assert record.total_loss() is None
+    layer = record.scoped("layers").scoped("0")
+    value = torch.tensor(2.0, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.stat("norm", value * 3)
+    layer.stat("fraction", 0.25)
+    layer.loss("z_loss", value, 0.5)
+    record.loss("switch", value * value, 2)
+    assert set(record.stats) == {"layers.0.norm", "layers.0.fraction"}
+    assert set(record.losses) == {"layers.0.z_loss", "switch"}
+    assert not record.stats["layers.0.norm"].requires_grad
+    assert record.stats["layers.0.norm"].item() == 6.0
+    assert torch.equal(record.stats["layers.0.fraction"], torch.tensor(0.25))
+    total = record.total_loss()
+    assert total.item() == 0.5 * 2.0 + 2 * 4.0
+    total.backward()
+    assert value.grad.item() == 0.5 + 2 * 2 * 2.0
