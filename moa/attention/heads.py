@@ -70,10 +70,9 @@ class QKVProjection(nn.Module):
         self.out = nn.Linear(self.n_q_heads * self.head_dim, model.d_model, bias=config.bias)
         self.out.residual = True  # scaled at init as a residual-stream projection
 
-    def split(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """With query_positions (B, K) the queries are those positions' only: (B, Hq, K, D)."""
-        return (self.queries(x, query_positions), *self.keys_values(x))
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D)."""
+        return (self.queries(x), *self.keys_values(x))
 
     def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
                 ) -> torch.Tensor:
