@@ -696,3 +696,29 @@ def test_key_norms_are_summed_in_at_least_float32(key_norm):
         norms = attention._key_norms(keys)
         assert norms.dtype == dtype
         torch.testing.assert_close(norms.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [None, 3])
+def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(K):
+    """Training with attn_drop and balls (about half the keys pruned), every query or K at
+    ctx.output_positions: the reference fed by hand, under the same random seed, drops the
+    same probabilities of the gated attention."""
+    torch.manual_seed(27)
+    config = _metric_config("eager", n_kv_heads=2, key_norm="free", use_balls=True,
+                            alpha_init=0.5, attn_drop=0.5)
+    module = _Attention(config).double().train()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    radii_keeping(module, x, 0.5)
+    attention, ctx = module.attention, _context(config, 9)
+    wanted = None if K is None else torch.tensor([[8, 0, 4], [3, 3, 7]])
+    q, k, v = attention.heads.split(x)
+    q, k = attention.positioned_metric_space(q, k, ctx)
+    gate = attention.balls(k).gate
+    if wanted is not None:
+        q = torch.stack([q[b, :, wanted[b]] for b in range(2)])  # (B, Hq, K, D)
+    torch.manual_seed(28)
+    expected = metric_attention_eager(q, k, v, k.pow(2).sum(-1), attention.log_alpha.exp(), gate,
+                                      dropout=0.5, query_positions=wanted)
+    torch.manual_seed(28)
+    got = attention(x, dataclasses.replace(ctx, output_positions=wanted))
+    torch.testing.assert_close(got, attention.heads.merge(expected))
