@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -722,3 +723,53 @@ def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(
     torch.manual_seed(28)
     got = attention(x, dataclasses.replace(ctx, output_positions=wanted))
     torch.testing.assert_close(got, attention.heads.merge(expected))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"dropout": 0.1}, "attention.dropout=0.1; allowed: 0.0 (metric attention: attn_drop)"),
+    ({"alpha_init": 0.0}, "attention.alpha_init=0.0; allowed: a positive float, or null for "
+                          "1 / (2 sqrt(head_dim))"),
+    ({"key_norm": "unit"}, "attention.key_norm='unit'; allowed: free | sphere | ignore"),
+    ({"radius_init": 0.0}, "attention.radius_init=0.0; allowed: a positive float"),
+    ({"ball_band": 0.0}, "attention.ball_band=0.0; allowed: a positive float"),
+    ({"use_balls": True, "ball_target_kept": 0.0},
+     "attention.ball_target_kept=0.0; allowed: 0.0 < ball_target_kept <= 1.0"),
+    ({"ball_target_kept": 0.5}, "attention.ball_target_kept=0.5 (the target moves the radius "
+                                "of a ball); allowed: null unless use_balls and learn_radius "
+                                "are true"),
+    ({"ball_target_rate": 1.5},
+     "attention.ball_target_rate=1.5; allowed: 0.0 < ball_target_rate <= 1.0"),
+    ({"origin_init_scale": -0.5}, "attention.origin_init_scale=-0.5; allowed: >= 0"),
+    ({"impl": "eager", "attn_drop": 1.0},
+     "attention.attn_drop=1.0; allowed: 0.0 <= attn_drop < 1.0"),
+    ({"impl": "eager", "attn_drop": -0.5},
+     "attention.attn_drop=-0.5; allowed: 0.0 <= attn_drop < 1.0"),
+    ({"proj_drop": 1.0}, "attention.proj_drop=1.0; allowed: 0.0 <= proj_drop < 1.0"),
+    ({"proj_drop": -0.5}, "attention.proj_drop=-0.5; allowed: 0.0 <= proj_drop < 1.0"),
+    ({"impl": "cpu_fused", "attn_drop": 0.1}, "attention.attn_drop=0.1 (the fused kernels have "
+                                              "no attention dropout); allowed: 0.0 unless "
+                                              "impl=eager"),
+    ({"ti_reg_weight": -0.5}, "attention.ti_reg_weight=-0.5; allowed: >= 0"),
+    ({"ti_reg_samples": 0}, "attention.ti_reg_samples=0; allowed: a positive integer"),
+], ids=lambda case: "-".join(case) if isinstance(case, dict) else None)
+def test_each_refused_value_names_its_key_value_and_what_is_allowed(fields, message):
+    """The whole message, at the edge of each allowed range (0 where a value must be
+    positive, the open low end of a fraction, past its closed high end)."""
+    with pytest.raises(ConfigError, match=f"^invalid config {re.escape(message)}$"):
+        tiny_model_config({"name": "metric", **fields})
+
+
+@pytest.mark.parametrize("learn_alpha", [True, False])
+def test_alpha_init_is_alpha_learned_or_fixed(learn_alpha):
+    """alpha_init sets every head's alpha; with learn_alpha: false it is a buffer, saved with
+    the module and left out of the optimizer's parameters, and the outputs are the same."""
+    torch.manual_seed(29)
+    config = _metric_config("cpu_fused", alpha_init=0.7, learn_alpha=learn_alpha)
+    attention = ATTENTION.build(config.attention, config)
+    torch.testing.assert_close(attention.log_alpha, torch.full((4,), 0.7).log())
+    assert ("log_alpha" in dict(attention.named_parameters())) == learn_alpha
+    assert "log_alpha" in attention.state_dict()
+    learned = ATTENTION.build(_metric_config("cpu_fused", alpha_init=0.7).attention, config)
+    learned.load_state_dict(attention.state_dict())
+    x = torch.randn(2, 5, config.d_model)
+    torch.testing.assert_close(attention(x, _context(config, 5)), learned(x, _context(config, 5)))
