@@ -751,6 +751,8 @@ def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(
                                               "impl=eager"),
     ({"ti_reg_weight": -0.5}, "attention.ti_reg_weight=-0.5; allowed: >= 0"),
     ({"ti_reg_samples": 0}, "attention.ti_reg_samples=0; allowed: a positive integer"),
+    ({"metric": {"name": "maha_diag", "maha_init": 0.0}},
+     "attention.metric.maha_init=0.0; allowed: a positive float"),
 ], ids=lambda case: "-".join(case) if isinstance(case, dict) else None)
 def test_each_refused_value_names_its_key_value_and_what_is_allowed(fields, message):
     """The whole message, at the edge of each allowed range (0 where a value must be
@@ -773,3 +775,9 @@ def test_alpha_init_is_alpha_learned_or_fixed(learn_alpha):
     learned.load_state_dict(attention.state_dict())
     x = torch.randn(2, 5, config.d_model)
     torch.testing.assert_close(attention(x, _context(config, 5)), learned(x, _context(config, 5)))
+
+
+def test_the_closed_edges_of_each_range_are_allowed():
+    config = _metric_config(use_balls=True, ball_target_kept=1.0, ball_target_rate=1.0,
+                            origin_init_scale=0.0, ti_reg_weight=0.0, ti_reg_samples=1)
+    assert config.attention.ti_reg_samples == 1 and config.attention.ball_target_kept == 1.0
