@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 
 from moa.attention import ATTENTION
-from moa.attention.metric import dot_product_form
+from moa.attention.metric import dot_product_form, select_kernel
 from moa.config import ModelConfig
 from moa.errors import ConfigError
+from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
 from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import ForwardContext
@@ -539,3 +541,243 @@ def test_ball_target_under_a_process_group_moves_the_radii_as_without(tmp_path):
         distributed.destroy_process_group()
     assert (alone.balls.log_radius != torch.tensor(8.0).log()).all()  # the target moved them
     torch.testing.assert_close(grouped.balls.log_radius, alone.balls.log_radius, rtol=0, atol=0)
+
+
+# No id names the flash kernel's impl: mutmut's selection deselects tests named for it (they
+# need a GPU), and choosing it needs none.
+_SELECTED = [("auto", "cpu", "cpu_fused"), ("eager", "cpu", "eager"),
+             ("cpu_fused", "cpu", "cpu_fused"), ("triton", "cpu", "flash"),
+             ("auto", "cuda", "flash"), ("eager", "cuda", "eager"), ("triton", "cuda", "flash"),
+             ("auto", "meta", "eager"), ("cpu_fused", "meta", "eager"),
+             ("triton", "meta", "eager")]
+
+
+@pytest.mark.parametrize(("impl", "device", "kernel"), _SELECTED,
+                         ids=[f"{impl.replace('triton', 'flash')}-on-{device}"
+                              for impl, device, _ in _SELECTED])
+def test_select_kernel_picks_each_impls_kernel_for_the_device(impl, device, kernel):
+    """`auto` is the flash kernel on CUDA and cpu_fused elsewhere; an impl named is that
+    kernel on every device (the flash kernel's own launch refuses a CPU tensor); a
+    shape-only pass on the meta device runs the reference whatever the impl. No GPU needed:
+    only the device's type is read."""
+    kernels = {"eager": metric_attention_eager, "cpu_fused": metric_attention_cpu}
+    if kernel == "flash":
+        pytest.importorskip("triton")
+        from moa.kernels.metric_triton import metric_attention_triton
+
+        kernels["flash"] = metric_attention_triton
+    assert select_kernel(impl, torch.device(device)) is kernels[kernel]
+
+
+def test_select_kernel_refuses_cpu_fused_off_the_cpu():
+    with pytest.raises(ValueError,
+                       match=r"^attention\.impl=cpu_fused runs on CPU only, not on cuda:1$"):
+        select_kernel("cpu_fused", torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("key_norm", ["free", "sphere", "ignore"])
+@pytest.mark.parametrize("balls", [False, True])
+def test_fused_module_equals_the_eager_module(key_norm, balls):
+    """impl=cpu_fused against impl=eager on the same weights, float64, forward and every
+    gradient: whichever kernel the module picks for the key scores and the gate (the
+    augmented fused heads, or PyTorch's dot-product attention when there are neither), the
+    key norms reach it. With balls, the radii keep about half of the keys."""
+    torch.manual_seed(20)
+    eager_config = _metric_config("eager", n_kv_heads=2, key_norm=key_norm, use_balls=balls,
+                                  alpha_init=0.5)
+    fused_config = _metric_config("cpu_fused", n_kv_heads=2, key_norm=key_norm,
+                                  use_balls=balls, alpha_init=0.5)
+    eager = _Attention(eager_config).double().train()
+    fused = _Attention(fused_config).double().train()
+    x = torch.randn(2, 11, eager_config.d_model, dtype=torch.float64, requires_grad=True)
+    if balls:
+        radii_keeping(eager, x.detach(), 0.5)
+    fused.load_state_dict(eager.state_dict())
+    want, got = eager(x), fused(x)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    names = [name for name, p in eager.named_parameters() if p.requires_grad]
+    mine = torch.autograd.grad(got, [x] + [fused.get_parameter(n) for n in names], grad)
+    reference = torch.autograd.grad(want, [x] + [eager.get_parameter(n) for n in names], grad)
+    for name, a, b in zip(["x", *names], mine, reference, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(("weight", "training", "recorded"),
+                         [(0.5, True, True), (0.0, True, False), (0.5, False, False)])
+def test_causal_ti_penalty_only_in_training_with_a_positive_weight(weight, training, recorded):
+    """The triangle-inequality penalty of the causal path, with every query and with none (a
+    path no token chose): recorded with its weight when training with a positive weight,
+    and then over the same points either way (every query is still projected)."""
+    torch.manual_seed(21)
+    config = _metric_config("cpu_fused", n_kv_heads=2, ti_reg_weight=weight,
+                            ti_reg_samples=32)
+    attention = ATTENTION.build(config.attention, config).double().train(training)
+    with torch.no_grad():
+        attention.log_alpha.normal_()
+    x = torch.randn(2, 6, config.d_model, dtype=torch.float64)
+    penalties = []
+    for wanted in (None, torch.zeros(2, 0, dtype=torch.long)):
+        record = AuxiliaryRecorder()
+        torch.manual_seed(22)  # the penalty's random triples
+        attention(x, dataclasses.replace(_context(config, 6, record), output_positions=wanted))
+        assert ("ti_penalty" in record.losses) == recorded
+        if recorded:
+            value, given = record.losses["ti_penalty"]
+            assert given == weight and value.requires_grad
+            penalties.append(value)
+    if recorded:
+        torch.testing.assert_close(penalties[1], penalties[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("weight", "training", "projected"),
+                         [(0.0, False, False), (0.5, False, False), (0.0, True, False),
+                          (0.5, True, True)])
+def test_a_step_with_no_query_projects_only_keys_and_values(weight, training, projected):
+    """output_positions of width 0 (a decoding step of a path no token chose: the mixture
+    calls it only to extend its cache): -> (B, 0, C), and no query is projected unless the
+    triangle-inequality penalty needs them (training with a positive weight)."""
+    torch.manual_seed(23)
+    config = _metric_config("cpu_fused", n_kv_heads=2, ti_reg_weight=weight)
+    attention = ATTENTION.build(config.attention, config).train(training)
+    calls = []
+    attention.heads.q.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, config.d_model)  # B != T
+    ctx = dataclasses.replace(_context(config, 3),
+                              output_positions=torch.zeros(2, 0, dtype=torch.long))
+    y = attention(x, ctx)
+    assert y.shape == (2, 0, config.d_model)
+    assert bool(calls) == projected
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("balls", [False, True])
+def test_causal_outputs_at_output_positions_are_the_full_outputs_there(K, balls):
+    """With ctx.output_positions (B, K) only those queries attend, as in a full forward:
+    one position per row (a last-token loss) as well as several, float64."""
+    torch.manual_seed(24)
+    config = _metric_config("cpu_fused", n_kv_heads=2, key_norm="free", use_balls=balls,
+                            alpha_init=0.5)
+    module = _Attention(config).double().eval()
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
+    if balls:
+        radii_keeping(module, x, 0.5)
+    wanted = torch.tensor([[6, 0, 3], [2, 5, 5]])[:, :K]  # (B, K)
+    with torch.no_grad():
+        full = module(x)
+        some = module.attention(x, dataclasses.replace(_context(config, 7),
+                                                       output_positions=wanted))
+    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
+
+
+def test_causal_attention_drops_probabilities_in_training_only():
+    """Against the fused path, which has no dropout: equal in evaluation only."""
+    torch.manual_seed(25)
+    config = _metric_config("eager", attn_drop=0.5)
+    attention = ATTENTION.build(config.attention, config).double()
+    plain = ATTENTION.build(_metric_config("cpu_fused").attention, config).double()
+    plain.load_state_dict(attention.state_dict())
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
+    ctx = _context(config, 7)
+    expected = plain.eval()(x, ctx)
+    torch.testing.assert_close(attention.eval()(x, ctx), expected)
+    assert not torch.allclose(attention.train()(x, ctx), expected)
+
+
+@pytest.mark.parametrize("key_norm", ["free", "ignore"])
+def test_key_norms_are_summed_in_at_least_float32(key_norm):
+    """||k||^2 of bfloat16 keys in float32 (the cache keeps them so: a bfloat16 sum of D
+    squares keeps 8 bits), of float64 keys in float64; zeros of those dtypes when ignored."""
+    torch.manual_seed(26)
+    config = _metric_config(key_norm=key_norm)
+    attention = ATTENTION.build(config.attention, config)
+    k = (torch.randn(2, 4, 5, 64) * 3).bfloat16()
+    want = k.double().pow(2).sum(-1) * (key_norm == "free")
+    for keys, dtype in ((k, torch.float32), (k.double(), torch.float64)):
+        norms = attention._key_norms(keys)
+        assert norms.dtype == dtype
+        torch.testing.assert_close(norms.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [None, 3])
+def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(K):
+    """Training with attn_drop and balls (about half the keys pruned), every query or K at
+    ctx.output_positions: the reference fed by hand, under the same random seed, drops the
+    same probabilities of the gated attention."""
+    torch.manual_seed(27)
+    config = _metric_config("eager", n_kv_heads=2, key_norm="free", use_balls=True,
+                            alpha_init=0.5, attn_drop=0.5)
+    module = _Attention(config).double().train()
+    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
+    radii_keeping(module, x, 0.5)
+    attention, ctx = module.attention, _context(config, 9)
+    wanted = None if K is None else torch.tensor([[8, 0, 4], [3, 3, 7]])
+    q, k, v = attention.heads.split(x)
+    q, k = attention.positioned_metric_space(q, k, ctx)
+    gate = attention.balls(k).gate
+    if wanted is not None:
+        q = torch.stack([q[b, :, wanted[b]] for b in range(2)])  # (B, Hq, K, D)
+    torch.manual_seed(28)
+    expected = metric_attention_eager(q, k, v, k.pow(2).sum(-1), attention.log_alpha.exp(), gate,
+                                      dropout=0.5, query_positions=wanted)
+    torch.manual_seed(28)
+    got = attention(x, dataclasses.replace(ctx, output_positions=wanted))
+    torch.testing.assert_close(got, attention.heads.merge(expected))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"dropout": 0.1}, "attention.dropout=0.1; allowed: 0.0 (metric attention: attn_drop)"),
+    ({"alpha_init": 0.0}, "attention.alpha_init=0.0; allowed: a positive float, or null for "
+                          "1 / (2 sqrt(head_dim))"),
+    ({"key_norm": "unit"}, "attention.key_norm='unit'; allowed: free | sphere | ignore"),
+    ({"radius_init": 0.0}, "attention.radius_init=0.0; allowed: a positive float"),
+    ({"ball_band": 0.0}, "attention.ball_band=0.0; allowed: a positive float"),
+    ({"use_balls": True, "ball_target_kept": 0.0},
+     "attention.ball_target_kept=0.0; allowed: 0.0 < ball_target_kept <= 1.0"),
+    ({"ball_target_kept": 0.5}, "attention.ball_target_kept=0.5 (the target moves the radius "
+                                "of a ball); allowed: null unless use_balls and learn_radius "
+                                "are true"),
+    ({"ball_target_rate": 1.5},
+     "attention.ball_target_rate=1.5; allowed: 0.0 < ball_target_rate <= 1.0"),
+    ({"origin_init_scale": -0.5}, "attention.origin_init_scale=-0.5; allowed: >= 0"),
+    ({"impl": "eager", "attn_drop": 1.0},
+     "attention.attn_drop=1.0; allowed: 0.0 <= attn_drop < 1.0"),
+    ({"impl": "eager", "attn_drop": -0.5},
+     "attention.attn_drop=-0.5; allowed: 0.0 <= attn_drop < 1.0"),
+    ({"proj_drop": 1.0}, "attention.proj_drop=1.0; allowed: 0.0 <= proj_drop < 1.0"),
+    ({"proj_drop": -0.5}, "attention.proj_drop=-0.5; allowed: 0.0 <= proj_drop < 1.0"),
+    ({"impl": "cpu_fused", "attn_drop": 0.1}, "attention.attn_drop=0.1 (the fused kernels have "
+                                              "no attention dropout); allowed: 0.0 unless "
+                                              "impl=eager"),
+    ({"ti_reg_weight": -0.5}, "attention.ti_reg_weight=-0.5; allowed: >= 0"),
+    ({"ti_reg_samples": 0}, "attention.ti_reg_samples=0; allowed: a positive integer"),
+    ({"metric": {"name": "maha_diag", "maha_init": 0.0}},
+     "attention.metric.maha_init=0.0; allowed: a positive float"),
+], ids=lambda case: "-".join(case) if isinstance(case, dict) else None)
+def test_each_refused_value_names_its_key_value_and_what_is_allowed(fields, message):
+    """The whole message, at the edge of each allowed range (0 where a value must be
+    positive, the open low end of a fraction, past its closed high end)."""
+    with pytest.raises(ConfigError, match=f"^invalid config {re.escape(message)}$"):
+        tiny_model_config({"name": "metric", **fields})
+
+
+@pytest.mark.parametrize("learn_alpha", [True, False])
+def test_alpha_init_is_alpha_learned_or_fixed(learn_alpha):
+    """alpha_init sets every head's alpha; with learn_alpha: false it is a buffer, saved with
+    the module and left out of the optimizer's parameters, and the outputs are the same."""
+    torch.manual_seed(29)
+    config = _metric_config("cpu_fused", alpha_init=0.7, learn_alpha=learn_alpha)
+    attention = ATTENTION.build(config.attention, config)
+    torch.testing.assert_close(attention.log_alpha, torch.full((4,), 0.7).log())
+    assert ("log_alpha" in dict(attention.named_parameters())) == learn_alpha
+    assert "log_alpha" in attention.state_dict()
+    learned = ATTENTION.build(_metric_config("cpu_fused", alpha_init=0.7).attention, config)
+    learned.load_state_dict(attention.state_dict())
+    x = torch.randn(2, 5, config.d_model)
+    torch.testing.assert_close(attention(x, _context(config, 5)), learned(x, _context(config, 5)))
+
+
+def test_the_closed_edges_of_each_range_are_allowed():
+    config = _metric_config(use_balls=True, ball_target_kept=1.0, ball_target_rate=1.0,
+                            origin_init_scale=0.0, ti_reg_weight=0.0, ti_reg_samples=1)
+    assert config.attention.ti_reg_samples == 1 and config.attention.ball_target_kept == 1.0
