@@ -224,3 +224,69 @@ def test_head_layout_errors_give_the_key_the_value_and_what_is_allowed(attention
     with pytest.raises(ConfigError) as error:
         tiny_model_config(attention)
     assert str(error.value) == f"invalid config {message}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("q_len", "k_len"), [(1, 1), (1, 5), (2, 2), (2, 5), (3, 3), (4, 6)])
+def test_attention_mask_is_the_visibility_written_out(q_len, k_len, causal, padded):
+    """What (mask, is_causal) lets each query see, as the kernel applies it (is_causal is
+    its top-left triangle), is the causal rule over the last q_len positions and the key
+    mask, by loops: two queries are causal too, and a key mask keeps the triangle."""
+    from moa.kernels.masks import attention_mask
+
+    torch.manual_seed(40)
+    key_mask = torch.rand(2, k_len) > 0.4 if padded else None
+    mask, is_causal = attention_mask(q_len, k_len, torch.device("cpu"), causal, key_mask)
+    seen = torch.ones(2, q_len, k_len, dtype=torch.bool)
+    if mask is not None:
+        seen &= mask.expand(2, 1, q_len, k_len)[:, 0]
+    if is_causal:
+        seen &= torch.ones(q_len, k_len, dtype=torch.bool).tril()
+    expected = torch.tensor([[[(not causal or j <= k_len - q_len + i)
+                               and (key_mask is None or bool(key_mask[b, j]))
+                               for j in range(k_len)] for i in range(q_len)] for b in range(2)])
+    assert torch.equal(seen, expected)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_projections_carry_a_bias_when_configured(bias):
+    config = tiny_model_config({"n_kv_heads": 2, "bias": bias})
+    heads = ATTENTION.build(config.attention, config).heads
+    assert [layer.bias is not None for layer in (heads.q, heads.kv, heads.out)] == [bias] * 3
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_dot_product_outputs_at_output_positions_are_the_full_outputs_there(memory):
+    """Queries rotated at their own positions and values gated at theirs (blackhole_rope,
+    its gate perturbed), or queries reading a memory: the outputs at ctx.output_positions
+    (B, K) are the full ones."""
+    torch.manual_seed(41)
+    config = tiny_model_config({"n_kv_heads": 2}, position="blackhole_rope")
+    attention = ATTENTION.build(config.attention, config).double().eval()
+    ctx = forward_context(config, 7)
+    ctx.position.double()
+    with torch.no_grad():
+        ctx.position.energy_coefficients.normal_()
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
+    if memory:
+        ctx = ctx.replace(causal=False, memory=torch.randn(2, 4, config.d_model,
+                                                           dtype=torch.float64))
+    wanted = torch.tensor([[6, 0, 3], [2, 5, 5]])  # (B, K)
+    with torch.no_grad():
+        full = attention(x, ctx)
+        some = attention(x, ctx.replace(output_positions=wanted))
+    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
+
+
+def test_dot_product_drops_probabilities_in_training_only():
+    torch.manual_seed(42)
+    config = tiny_model_config({"dropout": 0.5})
+    attention = ATTENTION.build(config.attention, config).double()
+    plain = ATTENTION.build(tiny_model_config().attention, config).double()
+    plain.load_state_dict(attention.state_dict())
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
+    ctx = forward_context(config, 7)
+    expected = plain.eval()(x, ctx)
+    torch.testing.assert_close(attention.eval()(x, ctx), expected)
+    assert not torch.allclose(attention.train()(x, ctx), expected)
