@@ -232,3 +232,11 @@ def test_scored_positions_loss_and_gradients_equal_the_full_logits(head):
     assert acc == full_acc and count == full_count == 18
     for scored_grad, full_grad in zip(scored_grads, full_grads, strict=True):
         torch.testing.assert_close(scored_grad, full_grad)
+
+
+@pytest.mark.parametrize("field", ["num_train_examples", "num_val_examples", "num_test_examples"])
+def test_each_split_needs_an_example(field):
+    with pytest.raises(ConfigError) as error:
+        CORPORA.parse({"name": "mqar", field: 0}, "data")
+    assert str(error.value) == f"invalid config data.{field}=0; allowed: 1 <= {field}"
+    assert getattr(CORPORA.parse({"name": "mqar", field: 1}, "data"), field) == 1
