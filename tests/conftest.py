@@ -153,6 +153,15 @@ def forward_context(config, T: int):
     return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
 
 
+def assert_dropout_in_training_only(module, plain, x, ctx) -> None:
+    """`module` (attention dropout on) equals `plain` (the same weights, no dropout) in
+    evaluation and differs from it in training."""
+    plain.load_state_dict(module.state_dict())
+    expected = plain.eval()(x, ctx)
+    torch.testing.assert_close(module.eval()(x, ctx), expected)
+    assert not torch.allclose(module.train()(x, ctx), expected)
+
+
 def assert_causal(module, config, T: int = 13, t: int = 6) -> None:
     """`module(x, ctx)` keeps x's shape, and new inputs after position t change no output
     at positions <= t (and do change later ones)."""

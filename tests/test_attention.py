@@ -7,7 +7,12 @@ import torch
 
 from moa.attention import ATTENTION
 from moa.models.language_model import build_model
-from tests.conftest import assert_causal, forward_context, tiny_model_config
+from tests.conftest import (
+    assert_causal,
+    assert_dropout_in_training_only,
+    forward_context,
+    tiny_model_config,
+)
 
 SCHEMES = {  # the head layouts of conf/attention/{mha,gqa,mqa,sqa}.yaml on 4 model heads
     "mha": {},
@@ -282,11 +287,7 @@ def test_dot_product_outputs_at_output_positions_are_the_full_outputs_there(memo
 def test_dot_product_drops_probabilities_in_training_only():
     torch.manual_seed(42)
     config = tiny_model_config({"dropout": 0.5})
-    attention = ATTENTION.build(config.attention, config).double()
-    plain = ATTENTION.build(tiny_model_config().attention, config).double()
-    plain.load_state_dict(attention.state_dict())
-    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
-    ctx = forward_context(config, 7)
-    expected = plain.eval()(x, ctx)
-    torch.testing.assert_close(attention.eval()(x, ctx), expected)
-    assert not torch.allclose(attention.train()(x, ctx), expected)
+    assert_dropout_in_training_only(
+        ATTENTION.build(config.attention, config).double(),
+        ATTENTION.build(tiny_model_config().attention, config).double(),
+        torch.randn(2, 7, config.d_model, dtype=torch.float64), forward_context(config, 7))

@@ -18,7 +18,12 @@ from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import ForwardContext
 from moa.layers.position import POSITION
 from moa.models.language_model import build_model
-from tests.conftest import pruned_fractions, radii_keeping, tiny_model_config
+from tests.conftest import (
+    assert_dropout_in_training_only,
+    pruned_fractions,
+    radii_keeping,
+    tiny_model_config,
+)
 
 
 def _metric_config(impl="eager", **attention):
@@ -460,20 +465,6 @@ def test_encoder_attention_rotates_and_gates_at_its_positions():
     torch.testing.assert_close(attention(x, ctx), attention.heads.merge(expected))
 
 
-def test_encoder_attention_drops_probabilities_in_training_only():
-    """Against the fused path, which has no dropout: equal in evaluation only."""
-    torch.manual_seed(10)
-    config = _metric_config("eager", attn_drop=0.5)
-    attention = ATTENTION.build(config.attention, config).double()
-    plain = ATTENTION.build(_metric_config("cpu_fused").attention, config).double()
-    plain.load_state_dict(attention.state_dict())
-    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
-    ctx = _encoder_context(config, 7)
-    expected = plain.eval()(x, ctx)
-    torch.testing.assert_close(attention.eval()(x, ctx), expected)
-    assert not torch.allclose(attention.train()(x, ctx), expected)
-
-
 @pytest.mark.parametrize(("weight", "memory", "training", "recorded"), [
     (0.5, False, True, True), (0.0, False, True, False), (0.5, True, True, False),
     (0.5, False, False, False)])
@@ -670,18 +661,16 @@ def test_causal_outputs_at_output_positions_are_the_full_outputs_there(K, balls)
     torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
 
 
-def test_causal_attention_drops_probabilities_in_training_only():
-    """Against the fused path, which has no dropout: equal in evaluation only."""
+@pytest.mark.parametrize("encoder", [False, True])
+def test_attention_drops_probabilities_in_training_only(encoder):
+    """Causal and bidirectional paths against the fused path, which has no dropout."""
     torch.manual_seed(25)
     config = _metric_config("eager", attn_drop=0.5)
-    attention = ATTENTION.build(config.attention, config).double()
-    plain = ATTENTION.build(_metric_config("cpu_fused").attention, config).double()
-    plain.load_state_dict(attention.state_dict())
     x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
-    ctx = _context(config, 7)
-    expected = plain.eval()(x, ctx)
-    torch.testing.assert_close(attention.eval()(x, ctx), expected)
-    assert not torch.allclose(attention.train()(x, ctx), expected)
+    assert_dropout_in_training_only(
+        ATTENTION.build(config.attention, config).double(),
+        ATTENTION.build(_metric_config("cpu_fused").attention, config).double(), x,
+        (_encoder_context if encoder else _context)(config, 7))
 
 
 @pytest.mark.parametrize("key_norm", ["free", "ignore"])
