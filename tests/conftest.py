@@ -143,6 +143,11 @@ def assert_same_outputs_and_gradients(actual, expected, inputs) -> None:
             torch.testing.assert_close(got, want)
 
 
+def metric_model_config(impl: str = "eager", **attention):
+    """tiny_model_config with metric attention (`impl`, and `attention` overrides)."""
+    return tiny_model_config({"name": "metric", "impl": impl, **attention})
+
+
 def forward_context(config, T: int):
     """A fresh ForwardContext for positions 0..T-1 of a model with `config`."""
     from moa.layers.auxiliary import AuxiliaryRecorder
