@@ -55,8 +55,11 @@ class Compaction:
         self.index = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :width]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, S, E) -> (B, Hkv, width, E)."""
-        return torch.gather(x, 2, self.index[..., None].expand(-1, -1, -1, x.size(-1)))
+        """(B, Hkv, S, E) -> (B, Hkv, width, E): rows of x, as index_select copies them
+        (torch.gather over an expanded index is several times slower on CPU)."""
+        B, Hkv, S = x.shape[:3]
+        rows = self.index + S * torch.arange(B * Hkv, device=x.device).view(B, Hkv, 1)
+        return x.flatten(0, 2).index_select(0, rows.flatten()).view(*self.index.shape, x.size(-1))
 
     def scatter_add_(self, total: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Add grad (B, Hkv, width, ...) into total (B, Hkv, S, ...) at the gathered keys."""
