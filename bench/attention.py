@@ -24,7 +24,9 @@ keeps a fraction p of the keys: key directions are random and their norms unifor
 (0, 1/p), so a fraction p lies inside. On CPU the unpruned and pruned calls take turns in
 each repeat (a loaded machine slows them alike). Each row carries the measured
 `kept_fraction` and `ratio_to_unpruned`, its time over the unpruned kernel's in the same
-run.
+run. `--window-blocks 1024,256,64` sets the CPU kernel's query-block levels
+(`moa/kernels/key_compaction.py`'s WINDOW_BLOCKS, each dividing the one before; the last
+is the diagonal blocks' size); each ball row records the levels it ran with.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa.attention.balls import BallPruning
+from moa.kernels import key_compaction
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.training.memory import peak_allocated_mb
@@ -87,6 +90,18 @@ def _fractions(text: str) -> list[float]:
     return fractions
 
 
+def _window_blocks(text: str) -> tuple[int, ...]:
+    """--window-blocks: comma-separated block sizes, each dividing the one before."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1 or any(a % b for a, b in zip(sizes, sizes[1:])):
+        raise argparse.ArgumentTypeError(
+            f"block sizes like 1024,256,64 (positive, each dividing the one before), got {text}")
+    return sizes
+
+
 def _ball_inputs(batch: int, L: int, kept: float, device: str, dtype: torch.dtype
                  ) -> tuple[list, BallPruning]:
     """q, k, v, alpha with key norms uniform on (0, 1/kept), and a ball of radius 1 at the
@@ -130,6 +145,7 @@ def _ball_rows(args, device: str, dtype: torch.dtype) -> list[dict]:
     """The fused kernel unpruned and at each kept fraction of --balls, per length."""
     impl = FUSED[device]
     fn, records = _kernel(impl), []
+    levels = {"window_blocks": list(key_compaction.WINDOW_BLOCKS)} if device == "cpu" else {}
     print(f"{'impl':>10} {'L':>6} {'kept':>6} {'fwd_ms':>9} {'fwd_bwd_ms':>11} {'ratio':>11}")
     for L in args.lengths or [2048, 4096]:
         setups, kept = [], []
@@ -147,7 +163,8 @@ def _ball_rows(args, device: str, dtype: torch.dtype) -> list[dict]:
             ratio = {"fwd": fwd / times[0][0], "fwd_bwd": fwd_bwd / times[0][1]}
             records.append(dict(impl=impl, L=L, device=device, dtype=str(dtype).split(".")[-1],
                                 batch=args.batch, H=H, D=D, kept_fraction=fraction,
-                                fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, ratio_to_unpruned=ratio))
+                                fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, ratio_to_unpruned=ratio,
+                                **levels))
             print(f"{impl:>10} {L:>6} {fraction:6.3f} {fwd:9.2f} {fwd_bwd:11.2f} "
                   f"{ratio['fwd']:5.2f}/{ratio['fwd_bwd']:4.2f}", flush=True)
     return records
@@ -237,8 +254,14 @@ def main() -> None:
                         help="CUDA: also each forward+backward's kernel times (torch profiler)")
     parser.add_argument("--balls", type=_fractions, default=None,
                         help="kept fractions, e.g. 0.25,0.5,0.75: time ball pruning instead")
+    parser.add_argument("--window-blocks", type=_window_blocks, default=None,
+                        help="with --balls on CPU: the kernel's block levels, e.g. 1024,256,64")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
+    if args.window_blocks and not (args.balls and args.device == "cpu"):
+        parser.error("--window-blocks sets the CPU kernel's levels: use it with --balls")
+    if args.window_blocks:
+        key_compaction.WINDOW_BLOCKS = args.window_blocks
     if args.profile and args.device != "cuda":
         parser.error("--profile reads GPU kernel times: use it with --device cuda")
     device = args.device
