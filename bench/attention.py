@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ def _window_blocks(text: str) -> tuple[int, ...]:
         sizes = tuple(int(size) for size in text.split(","))
     except ValueError:
         sizes = ()
-    if not sizes or min(sizes) < 1 or any(a % b for a, b in zip(sizes, sizes[1:])):
+    if not sizes or min(sizes) < 1 or any(a % b for a, b in pairwise(sizes)):
         raise argparse.ArgumentTypeError(
             f"block sizes like 1024,256,64 (positive, each dividing the one before), got {text}")
     return sizes
