@@ -72,7 +72,7 @@ bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results
 
 # Mutation testing (mutmut, in a venv of its own: never in CI nor `make test`). The modules
 # and the tests they run are [tool.mutmut] in pyproject.toml; each mutant runs only the
-# tests that execute its function. About an hour on 2 cores; MUTANTS narrows it, as
+# tests that execute its function. About 40 minutes on 2 free cores; MUTANTS narrows it, as
 # `make mutate MUTANTS='moa.layers.balance*'`. The report: docs/mutation.md's table.
 MUTATE_VENV := .venv-mutate
 MUTMUT_SPEC ?= mutmut==3.8.1
@@ -83,7 +83,7 @@ $(MUTATE_VENV)/.installed: pyproject.toml constraints.txt
 	$(MUTATE_VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]" "$(MUTMUT_SPEC)"
 	touch $@
 
-mutate: $(MUTATE_VENV)/.installed  ## mutation score of the math and guarantees (about an hour)
+mutate: $(MUTATE_VENV)/.installed  ## mutation score of the math and guarantees (about 40 minutes)
 	CI=true OMP_NUM_THREADS=1 $(MUTATE_VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(MUTATE_VENV)/bin/python tests/mutation_report.py --out mutants/report.md
 
