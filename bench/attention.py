@@ -9,7 +9,9 @@ forward+backward time (median of --repeats runs after a warm-up; on CUDA the med
 `triton.testing.do_bench`, timed with CUDA events) and the peak memory the
 call allocates above what was allocated before it. Implementations: `sdpa` (dot-product
 `F.scaled_dot_product_attention`, held to its flash backend on CUDA), `eager` (the metric
-reference), `cpu_fused` (CPU) or `triton` (CUDA). Each metric row carries
+reference), `cpu_fused` (CPU) or `triton` (CUDA), and on CUDA `flex` if asked for
+(`--impls sdpa triton flex`: FlexAttention with the metric's key bias as its `score_mod`,
+`moa/kernels/metric_flex.py`). Each metric row carries
 `ratio_to_sdpa`, its time over SDPA's in the same run. Peak memory (of one
 forward+backward): on CUDA, `torch.cuda.max_memory_allocated` after a reset, less what
 was allocated before; on CPU, torch's profiler with `profile_memory=True` records every
@@ -73,6 +75,10 @@ def _kernel(impl: str) -> Callable[..., torch.Tensor]:
         from moa.kernels.metric_triton import metric_attention_triton
 
         return metric_attention_triton
+    if impl == "flex":
+        from moa.kernels.metric_flex import metric_attention_flex
+
+        return metric_attention_flex
     return {"eager": metric_attention_eager, "cpu_fused": metric_attention_cpu}[impl]
 
 
@@ -273,6 +279,8 @@ def main() -> None:
         impls = args.impls or ["sdpa", "eager", FUSED[device]]
         if impls[0] != "sdpa":
             parser.error("--impls starts with sdpa, the baseline of every ratio")
+        if "flex" in impls and device != "cuda":
+            parser.error("--impls flex needs --device cuda: FlexAttention has no CPU backward")
         records = _sdpa_rows(args, impls, device, dtype)
     if args.json:
         with open(args.json, "w") as file:

@@ -53,3 +53,10 @@ def test_window_blocks_need_ball_rows(bench, capsys):
         bench("--device", "cpu", "--window-blocks", "64,16")
     assert exit_.value.code == 2
     assert "use it with --balls" in capsys.readouterr().err
+
+
+def test_flex_is_refused_on_cpu(bench, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench("--device", "cpu", "--impls", "sdpa", "flex")
+    assert exit_.value.code == 2
+    assert "--impls flex needs --device cuda" in capsys.readouterr().err
