@@ -20,7 +20,8 @@ maximum of their running sum, in time order, over the call. `--profile` (CUDA) a
 forward+backward's GPU kernel times and its host and device totals, from torch's profiler.
 
 `--balls P1,P2,...` times ball pruning instead (L 2048 and 4096 unless --lengths): the
-fused kernel of the device unpruned (gate None), then with a ball (`BallPruning`, origin 0,
+fused kernel of the device (or each of --impls, e.g. `triton flex` on CUDA) unpruned
+(gate None), then with a ball (`BallPruning`, origin 0,
 radius 1, band 0.5, the radius learned so the backward computes the gate's gradient) that
 keeps a fraction p of the keys: key directions are random and their norms uniform on
 (0, 1/p), so a fraction p lies inside. On CPU the unpruned and pruned calls take turns in
@@ -148,13 +149,13 @@ def _interleaved_ms(setups: list[tuple], device: str, repeats: int) -> list[tupl
             for fwd, fwd_bwd in times]
 
 
-def _ball_rows(args, device: str, dtype: torch.dtype) -> list[dict]:
-    """The fused kernel unpruned and at each kept fraction of --balls, per length."""
-    impl = FUSED[device]
-    fn, records = _kernel(impl), []
+def _ball_rows(args, impls: list[str], device: str, dtype: torch.dtype) -> list[dict]:
+    """Each kernel unpruned and at each kept fraction of --balls, per length."""
+    records = []
     levels = {"window_blocks": list(key_compaction.WINDOW_BLOCKS)} if device == "cpu" else {}
     print(f"{'impl':>10} {'L':>6} {'kept':>6} {'fwd_ms':>9} {'fwd_bwd_ms':>11} {'ratio':>11}")
-    for L in args.lengths or [2048, 4096]:
+    for impl, L in ((impl, L) for impl in impls for L in args.lengths or [2048, 4096]):
+        fn = _kernel(impl)
         setups, kept = [], []
         for target in [1.0, *args.balls]:
             torch.manual_seed(0)
@@ -273,14 +274,17 @@ def main() -> None:
         parser.error("--profile reads GPU kernel times: use it with --device cuda")
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if "flex" in (args.impls or []) and device != "cuda":
+        parser.error("--impls flex needs --device cuda: FlexAttention has no CPU backward")
     if args.balls:
-        records = _ball_rows(args, device, dtype)
+        impls = args.impls or [FUSED[device]]
+        if "sdpa" in impls:
+            parser.error("--balls times metric kernels: --impls without sdpa, e.g. triton flex")
+        records = _ball_rows(args, impls, device, dtype)
     else:
         impls = args.impls or ["sdpa", "eager", FUSED[device]]
         if impls[0] != "sdpa":
             parser.error("--impls starts with sdpa, the baseline of every ratio")
-        if "flex" in impls and device != "cuda":
-            parser.error("--impls flex needs --device cuda: FlexAttention has no CPU backward")
         records = _sdpa_rows(args, impls, device, dtype)
     if args.json:
         with open(args.json, "w") as file:

@@ -60,3 +60,19 @@ def test_flex_is_refused_on_cpu(bench, capsys):
         bench("--device", "cpu", "--impls", "sdpa", "flex")
     assert exit_.value.code == 2
     assert "--impls flex needs --device cuda" in capsys.readouterr().err
+
+
+def test_ball_rows_time_the_metric_kernels_only(bench, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench("--device", "cpu", "--balls", "0.5", "--impls", "sdpa", "cpu_fused")
+    assert exit_.value.code == 2
+    assert "--impls without sdpa" in capsys.readouterr().err
+
+
+def test_ball_rows_of_each_kernel_asked_for(bench, tmp_path):
+    output = tmp_path / "balls.json"
+    bench("--device", "cpu", "--balls", "0.5", "--lengths", "300", "--repeats", "1",
+          "--impls", "cpu_fused", "eager", "--json", str(output))
+    records = json.loads(output.read_text())
+    assert [(record["impl"], record["kept_fraction"] == 1.0) for record in records] == [
+        ("cpu_fused", True), ("cpu_fused", False), ("eager", True), ("eager", False)]
