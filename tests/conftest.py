@@ -148,14 +148,15 @@ def metric_model_config(impl: str = "eager", **attention):
     return tiny_model_config({"name": "metric", "impl": impl, **attention})
 
 
-def forward_context(config, T: int):
-    """A fresh ForwardContext for positions 0..T-1 of a model with `config`."""
+def forward_context(config, T: int, record=None):
+    """A fresh ForwardContext for positions 0..T-1 of a model with `config`, recording into
+    `record` (an AuxiliaryRecorder; a fresh one if None)."""
     from moa.layers.auxiliary import AuxiliaryRecorder
     from moa.layers.context import ForwardContext
     from moa.layers.position import POSITION
 
     position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
-    return ForwardContext(torch.arange(T), position, AuxiliaryRecorder())
+    return ForwardContext(torch.arange(T), position, record or AuxiliaryRecorder())
 
 
 def assert_dropout_in_training_only(module, plain, x, ctx) -> None:

@@ -20,8 +20,11 @@ def bench(monkeypatch):
                                                   ROOT / "bench" / "attention.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return lambda *arguments: monkeypatch.setattr("sys.argv", ["attention.py", *arguments]) \
-        or module.main()
+
+    def run(*arguments: str) -> None:
+        monkeypatch.setattr("sys.argv", ["attention.py", *arguments])
+        module.main()
+    return run
 
 
 def test_ball_rows_record_the_kept_fraction_and_the_block_levels(bench, tmp_path):

@@ -1,8 +1,9 @@
-"""Metric attention as a module: config, metrics, causality, KV cache, balls, training."""
+"""Metric attention as a module: metrics, causality, KV cache, the score forms, alpha,
+the fused path against the eager one, output positions, dropout, training. Its ball
+pruning: test_metric_balls.py; its bidirectional (encoder) path: test_metric_encoder.py;
+its configuration: test_metric_config.py."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -11,21 +12,15 @@ from moa.attention import ATTENTION
 from moa.attention.metric import dot_product_form
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
 from moa.layers.auxiliary import AuxiliaryRecorder
-from moa.layers.context import ForwardContext
-from moa.layers.position import POSITION
 from moa.models.language_model import build_model
 from tests.conftest import (
     assert_dropout_in_training_only,
+    forward_context,
     metric_model_config,
     pruned_fractions,
     radii_keeping,
     tiny_model_config,
 )
-
-
-def _context(config, T: int, record: AuxiliaryRecorder | None = None) -> ForwardContext:
-    position = POSITION.build(config.position, config.max_seq_len, config.d_model, config.head_dim)
-    return ForwardContext(torch.arange(T), position, record or AuxiliaryRecorder())
 
 
 def test_scores_are_negative_scaled_squared_distances():
@@ -86,7 +81,7 @@ class _Attention(torch.nn.Module):
         self.attention = ATTENTION.build(config.attention, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x, _context(self.config, x.size(1)))
+        return self.attention(x, forward_context(self.config, x.size(1)))
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine", "maha_diag"])
@@ -106,7 +101,7 @@ def test_metric_attention_is_causal(metric, impl, balls):
         radii_keeping(module, x, 0.5)
         record = AuxiliaryRecorder()
         with torch.no_grad():
-            module.attention(x, _context(config, 13, record))
+            module.attention(x, forward_context(config, 13, record))
         assert 0.3 < float(record.stats["pruned_fraction"]) < 0.7
     with torch.no_grad():
         y = module(x)
@@ -145,90 +140,6 @@ def test_cached_decoding_equals_uncached(impl, position, balls, key_norm):
     held = cache.layers[0].compact("kept_keys") if balls else cache.layers[0]
     kept_norms = {"k_norm"} if key_norm != "ignore" else set()  # ignore: zeros, never cached
     assert set(held.buffers) == {"k", "v"} | kept_norms
-
-
-def test_radius_gradient_is_the_straight_through_derivative():
-    """d loss / d log r is non-zero and equals the finite-difference derivative of the loss
-    with the surrogate gate hard(r0) + soft(r) - soft(r0) (the estimator's definition)."""
-    torch.manual_seed(3)
-    config = metric_model_config(use_balls=True, ball_band=0.5)
-    attention = ATTENTION.build(config.attention, config).double()
-    q = torch.randn(2, 4, 16, 8, dtype=torch.float64)
-    k = torch.randn(2, 4, 16, 8, dtype=torch.float64)
-    v = torch.randn(2, 4, 16, 8, dtype=torch.float64)
-    alpha = torch.full((4,), 0.05, dtype=torch.float64)
-    balls = attention.balls
-    distance = (k - balls.origin[None, :, None].detach()).norm(dim=-1)  # (B, H, S)
-    with torch.no_grad():  # radius at the median distance: keys on both sides of the sphere
-        balls.log_radius.copy_(distance.transpose(0, 1).flatten(1).median(1).values.log())
-    weights = torch.randn(2, 4, 16, 8, dtype=torch.float64)
-
-    def loss(gate):
-        return (metric_attention_eager(q, k, v, k.pow(2).sum(-1), alpha, gate) * weights).sum()
-
-    gate = balls(k).gate
-    grad = torch.autograd.grad(loss(gate), balls.log_radius)[0]
-    log_r0 = balls.log_radius.detach().clone()
-
-    def surrogate(log_r):
-        r = log_r.exp().view(1, -1, 1)
-        return (0.5 + (r - distance) / (balls.band * r)).clamp(0, 1)
-
-    hard = (distance <= log_r0.exp().view(1, -1, 1)).double()
-    eps = 1e-6
-    for h in range(4):
-        step = torch.zeros(4, dtype=torch.float64)
-        step[h] = eps
-        plus = loss(hard + surrogate(log_r0 + step) - surrogate(log_r0))
-        minus = loss(hard + surrogate(log_r0 - step) - surrogate(log_r0))
-        torch.testing.assert_close(grad[h], (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-8)
-    assert (grad != 0).all()
-
-
-def test_pruned_fraction_and_ti_penalty_are_recorded():
-    torch.manual_seed(4)
-    config = metric_model_config("cpu_fused", use_balls=True, radius_init=0.3, ti_reg_weight=0.5,
-                            ti_reg_samples=32)
-    attention = ATTENTION.build(config.attention, config).train()
-    record = AuxiliaryRecorder()
-    x = torch.randn(2, 10, config.d_model)
-    attention(x, _context(config, 10, record))
-    q, k, _ = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, _context(config, 10))
-    outside = (k - attention.balls.origin[None, :, None]).norm(dim=-1) > attention.balls.radius[
-        None, :, None]
-    torch.testing.assert_close(record.stats["pruned_fraction"], outside.float().mean())
-    value, weight = record.losses["ti_penalty"]
-    assert weight == 0.5 and value.requires_grad
-    assert record.stats["ti_violating_fraction"] == 0.0  # a true metric obeys the inequality
-
-
-def test_ball_target_moves_the_kept_fraction_to_the_target_and_the_loss_still_trains_it():
-    """Balls that keep every key (radius 8, far outside the surrogate's band) keep about the
-    target's 0.3 after a few training steps on random data (each closing half the gap), and
-    the loss's straight-through gradient still reaches the radius once keys sit near it."""
-    torch.manual_seed(8)
-    config = metric_model_config("cpu_fused", use_balls=True, radius_init=8.0, n_kv_heads=2,
-                            origin_init_scale=0.5, ball_target_kept=0.3, ball_target_rate=0.5)
-    attention = ATTENTION.build(config.attention, config).train()
-    optimiser = torch.optim.Adam(attention.parameters(), lr=1e-3)
-    kept = []
-    for _ in range(8):
-        record = AuxiliaryRecorder()
-        y = attention(torch.randn(4, 16, config.d_model), _context(config, 16, record))
-        y.pow(2).mean().backward()
-        optimiser.step()
-        optimiser.zero_grad()
-        kept.append(1.0 - float(record.stats["pruned_fraction"]))
-        gap = float(record.stats["ball_target_log_radius_gap"])
-    assert kept[0] == 1.0 and abs(kept[-1] - 0.3) < 0.1, kept
-    assert abs(gap) < 0.1
-    attention(torch.randn(4, 16, config.d_model), _context(config, 16)).pow(2).mean().backward()
-    assert (attention.balls.log_radius.grad != 0).all()
-    attention.eval()  # inference leaves the radii alone
-    radius = attention.balls.log_radius.detach().clone()
-    attention(torch.randn(4, 16, config.d_model), _context(config, 16))
-    assert torch.equal(attention.balls.log_radius, radius)
 
 
 def test_gpt_with_maha_diag_metric_attention_learns():
@@ -289,7 +200,7 @@ def test_ignoring_the_key_norm_is_dot_product_attention(impl, metric):
             attention.log_maha.normal_()
         attention.log_alpha.normal_()
     x = torch.randn(2, 11, config.d_model)
-    ctx = _context(config, 11)
+    ctx = forward_context(config, 11)
     q, k, v = attention.heads.split(x)
     q, k = attention.positioned_metric_space(q, k, ctx)
     alpha = attention.log_alpha.exp().view(1, -1, 1, 1)
@@ -348,12 +259,12 @@ def test_alpha_and_mahalanobis_spread_are_training_stats():
         attention.log_alpha.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]).log())
         attention.log_maha.normal_()
     record = AuxiliaryRecorder()
-    attention.train()(torch.randn(2, 5, config.d_model), _context(config, 5, record))
+    attention.train()(torch.randn(2, 5, config.d_model), forward_context(config, 5, record))
     torch.testing.assert_close(record.stats["alpha"], torch.tensor(1.5))
     torch.testing.assert_close(record.stats["maha_log_spread"],
                                attention.log_maha.detach().std(correction=0))
     record = AuxiliaryRecorder()
-    attention.eval()(torch.randn(2, 5, config.d_model), _context(config, 5, record))
+    attention.eval()(torch.randn(2, 5, config.d_model), forward_context(config, 5, record))
     assert "alpha" not in record.stats  # decoding pays for no statistics
 
 
@@ -376,97 +287,6 @@ def test_kept_alpha_and_mahalanobis_scales_follow_the_parameters():
     with torch.no_grad():
         wide = module.double()(x.double())
     torch.testing.assert_close(wide, moved.double(), rtol=1e-5, atol=1e-5)
-
-
-def _encoder_context(config, T: int, record: AuxiliaryRecorder | None = None, **fields
-                     ) -> ForwardContext:
-    """A context where every query sees every key (an encoder's), positions 0..T-1."""
-    return dataclasses.replace(_context(config, T, record), causal=False, **fields)
-
-
-def test_encoder_attention_rotates_and_gates_at_its_positions():
-    """The bidirectional path against the reference fed by hand: q and k mapped to the
-    metric space and rotated, values gated by blackhole_rope's (perturbed) energy gate at
-    their positions, masked keys dropped."""
-    torch.manual_seed(9)
-    config = tiny_model_config({"name": "metric", "impl": "cpu_fused", "n_kv_heads": 2,
-                                "key_norm": "free", "metric": {"name": "maha_diag"}},
-                               position="blackhole_rope")
-    attention = ATTENTION.build(config.attention, config).double()
-    with torch.no_grad():
-        attention.log_maha.normal_()
-    x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
-    key_mask = torch.ones(2, 9, dtype=torch.bool)
-    key_mask[0, :3] = False
-    ctx = _encoder_context(config, 9, key_mask=key_mask)
-    ctx.position.double()
-    with torch.no_grad():
-        ctx.position.energy_coefficients.normal_()
-    q = attention.queries_to_metric_space(attention.heads.queries(x))
-    k, v = attention.heads.keys_values(x)
-    q, k = ctx.position.rotate(q, attention.keys_to_metric_space(k), ctx.positions)
-    v = v * ctx.position.energy_gate(ctx.positions)  # (B, Hkv, T, D) * (T, D)
-    expected = metric_attention_eager(q, k, v, k.pow(2).sum(-1), attention.log_alpha.exp(),
-                                      None, causal=False, key_mask=key_mask)
-    torch.testing.assert_close(attention(x, ctx), attention.heads.merge(expected))
-
-
-@pytest.mark.parametrize(("weight", "memory", "training", "recorded"), [
-    (0.5, False, True, True), (0.0, False, True, False), (0.5, True, True, False),
-    (0.5, False, False, False)])
-def test_encoder_ti_penalty_only_in_training_over_its_own_keys(weight, memory, training,
-                                                               recorded):
-    """The triangle-inequality penalty of an encoder's queries and keys: recorded with its
-    weight when training with a positive weight; never for a memory read."""
-    torch.manual_seed(11)
-    config = metric_model_config("cpu_fused", n_kv_heads=2, ti_reg_weight=weight,
-                            ti_reg_samples=32)
-    attention = ATTENTION.build(config.attention, config).train(training)
-    record = AuxiliaryRecorder()
-    source = torch.randn(2, 5, config.d_model) if memory else None
-    attention(torch.randn(2, 6, config.d_model), _encoder_context(config, 6, record,
-                                                                  memory=source))
-    assert ("ti_penalty" in record.losses) == recorded
-    if recorded:
-        value, given = record.losses["ti_penalty"]
-        assert given == weight and value.requires_grad
-        assert record.stats["ti_violating_fraction"] == 0.0  # L2 obeys the inequality
-
-
-def test_encoder_outputs_at_output_positions_are_the_full_outputs_there():
-    torch.manual_seed(12)
-    config = metric_model_config("cpu_fused")
-    attention = ATTENTION.build(config.attention, config).double()
-    x = torch.randn(2, 7, config.d_model, dtype=torch.float64)
-    wanted = torch.tensor([[0, 4, 6], [5, 1, 1]])  # (B, K)
-    full = attention(x, _encoder_context(config, 7))
-    some = attention(x, _encoder_context(config, 7, output_positions=wanted))
-    torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_ball_target_under_a_process_group_moves_the_radii_as_without(tmp_path):
-    """Under DDP the target is averaged over the processes (`all_reduce`, then divided by
-    the world size); in a one-process gloo group that is the process's own target, so the
-    radii move exactly as without a group."""
-    from torch import distributed
-
-    torch.manual_seed(16)
-    config = metric_model_config("cpu_fused", use_balls=True, radius_init=8.0,
-                            ball_target_kept=0.3, ball_target_rate=0.5)
-    alone = ATTENTION.build(config.attention, config).train()
-    grouped = ATTENTION.build(config.attention, config).train()
-    grouped.load_state_dict(alone.state_dict())
-    x = torch.randn(2, 12, config.d_model)
-    alone(x, _context(config, 12))
-    distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
-                                   rank=0, world_size=1)
-    try:
-        grouped(x, _context(config, 12))
-    finally:
-        distributed.destroy_process_group()
-    assert (alone.balls.log_radius != torch.tensor(8.0).log()).all()  # the target moved them
-    torch.testing.assert_close(grouped.balls.log_radius, alone.balls.log_radius, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("key_norm", ["free", "sphere", "ignore"])
@@ -514,7 +334,7 @@ def test_causal_ti_penalty_only_in_training_with_a_positive_weight(weight, train
     for wanted in (None, torch.zeros(2, 0, dtype=torch.long)):
         record = AuxiliaryRecorder()
         torch.manual_seed(22)  # the penalty's random triples
-        attention(x, dataclasses.replace(_context(config, 6, record), output_positions=wanted))
+        attention(x, forward_context(config, 6, record).replace(output_positions=wanted))
         assert ("ti_penalty" in record.losses) == recorded
         if recorded:
             value, given = record.losses["ti_penalty"]
@@ -537,8 +357,8 @@ def test_a_step_with_no_query_projects_only_keys_and_values(weight, training, pr
     calls = []
     attention.heads.q.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(2, 3, config.d_model)  # B != T
-    ctx = dataclasses.replace(_context(config, 3),
-                              output_positions=torch.zeros(2, 0, dtype=torch.long))
+    ctx = forward_context(config, 3).replace(output_positions=torch.zeros(2, 0,
+                                                                    dtype=torch.long))
     y = attention(x, ctx)
     assert y.shape == (2, 0, config.d_model)
     assert bool(calls) == projected
@@ -559,8 +379,7 @@ def test_causal_outputs_at_output_positions_are_the_full_outputs_there(K, balls)
     wanted = torch.tensor([[6, 0, 3], [2, 5, 5]])[:, :K]  # (B, K)
     with torch.no_grad():
         full = module(x)
-        some = module.attention(x, dataclasses.replace(_context(config, 7),
-                                                       output_positions=wanted))
+        some = module.attention(x, forward_context(config, 7).replace(output_positions=wanted))
     torch.testing.assert_close(some, torch.stack([full[b, wanted[b]] for b in range(2)]))
 
 
@@ -573,7 +392,7 @@ def test_attention_drops_probabilities_in_training_only(encoder):
     assert_dropout_in_training_only(
         ATTENTION.build(config.attention, config).double(),
         ATTENTION.build(metric_model_config("cpu_fused").attention, config).double(), x,
-        (_encoder_context if encoder else _context)(config, 7))
+        forward_context(config, 7).replace(causal=not encoder))
 
 
 @pytest.mark.parametrize("key_norm", ["free", "ignore"])
@@ -602,7 +421,7 @@ def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(
     module = _Attention(config).double().train()
     x = torch.randn(2, 9, config.d_model, dtype=torch.float64)
     radii_keeping(module, x, 0.5)
-    attention, ctx = module.attention, _context(config, 9)
+    attention, ctx = module.attention, forward_context(config, 9)
     wanted = None if K is None else torch.tensor([[8, 0, 4], [3, 3, 7]])
     q, k, v = attention.heads.split(x)
     q, k = attention.positioned_metric_space(q, k, ctx)
@@ -613,7 +432,7 @@ def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(
     expected = metric_attention_eager(q, k, v, k.pow(2).sum(-1), attention.log_alpha.exp(), gate,
                                       dropout=0.5, query_positions=wanted)
     torch.manual_seed(28)
-    got = attention(x, dataclasses.replace(ctx, output_positions=wanted))
+    got = attention(x, ctx.replace(output_positions=wanted))
     torch.testing.assert_close(got, attention.heads.merge(expected))
 
 
@@ -630,4 +449,5 @@ def test_alpha_init_is_alpha_learned_or_fixed(learn_alpha):
     learned = ATTENTION.build(metric_model_config("cpu_fused", alpha_init=0.7).attention, config)
     learned.load_state_dict(attention.state_dict())
     x = torch.randn(2, 5, config.d_model)
-    torch.testing.assert_close(attention(x, _context(config, 5)), learned(x, _context(config, 5)))
+    ctx = forward_context(config, 5)
+    torch.testing.assert_close(attention(x, ctx), learned(x, ctx))
