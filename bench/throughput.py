@@ -7,9 +7,10 @@ Every preset in `conf/model/` (found there, so new presets join by themselves; `
 always, as the baseline) is composed with the same d_model, n_layers, n_heads, context and
 vocabulary, through the same checks as `train.py`. One training step is what the
 Lightning module does: forward, cross-entropy plus the auxiliary losses, backward, an
-AdamW step over moa's parameter groups, on random tokens. After `--warmup` steps each,
-the presets take turns, one step each per round for `--steps` rounds, so a slowdown of the
-shared machine hits them alike; a preset's step time is its median. tokens/s is
+AdamW step over moa's parameter groups (`optim.impl=auto`, as training runs it), on
+random tokens. After `--warmup` steps each, the presets take turns, one step each per
+round for `--steps` rounds, so a slowdown of the shared machine hits them alike; a
+preset's step time is its median. tokens/s is
 batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted once on a
 meta-device copy, as the training callback does; the optimizer step is not counted) over
 it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
@@ -22,7 +23,8 @@ After the presets, rows for the ways the trainer can run the gpt baseline (`--va
 trainer.accumulate_grad_batches=2 with half data.batch_size) and `scored=1/16` (loss on one
 position in 16, as mqar's 4 queries in 64 tokens: the batch carries `scored_positions`, so
 only those go through the last block's queries and the vocabulary projection; its FLOPs
-are counted for that forward).
+are counted for that forward), `adamw=foreach` and `adamw=for_loop` (AdamW's step run that
+way, as optim.impl=foreach or for_loop, instead of fused).
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ from pathlib import Path
 
 import torch
 
-from moa.config import ModelConfig
+from moa.config import ModelConfig, OptimConfig
 from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
 from moa.training.callbacks import training_flops
 from moa.training.objectives import scored_forward, token_metrics
-from moa.training.optim import parameter_groups
+from moa.training.optim import build_optimizer
 
 BASELINE = "gpt"
-VARIANTS = ("bf16-mixed", "compile", "accumulate=2", "scored=1/16")
+VARIANTS = ("bf16-mixed", "compile", "accumulate=2", "scored=1/16", "adamw=foreach",
+            "adamw=for_loop")
 SCORED_EVERY = 16  # the scored=1/16 variant: one labelled position per 16
 
 
@@ -74,7 +77,9 @@ class Trainee:
             self.model.compile()
         self.autocast = variant == "bf16-mixed"
         self.micro_batches = 2 if variant == "accumulate=2" else 1
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.1), lr=3e-4)
+        impl = variant.removeprefix("adamw=") if variant.startswith("adamw=") else "auto"
+        self.optimizer = build_optimizer(self.model, OptimConfig(warmup_steps=0, impl=impl),
+                                         1)[0]
         tokens = torch.randint(0, config.vocab_size, (batch_size, block_size + 1))
         self.batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
         if variant == "scored=1/16":
@@ -171,10 +176,10 @@ def main() -> None:
     print(f"d_model={args.d_model} n_layers={args.n_layers} n_heads={args.n_heads} "
           f"block={args.block_size} batch={args.batch_size} vocab={args.vocab_size} "
           f"threads={torch.get_num_threads()}; median of {args.steps} steps")
-    print(f"{'preset':<24} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+    print(f"{'preset':<26} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'ratio':>6} {'vs gpt same way':>15}")
     for r in records:
-        print(f"{r['preset']:<24} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
+        print(f"{r['preset']:<26} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
               f"{r['tokens_per_s']:>10,.0f} {_gflops(r):>8} {r['ratio_to_gpt']:>6.2f} "
               f"{_same_way(r):>15}")
     if args.json:

@@ -267,9 +267,11 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant (after warmup)
     min_lr_ratio: float = 0.1  # final lr of the cosine, as a fraction of lr
     nonfinite_patience: int = 10  # non-finite steps in a row (each skipped) that stop the run
+    impl: str = "auto"  # AdamW's step: auto | fused | foreach | for_loop (moa/training/optim.py)
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, ["adamw"])
+        check_choice("impl", self.impl, ["auto", "fused", "foreach", "for_loop"])
         check(self.lr > 0, "lr", self.lr, "a positive float")
         for i, beta in enumerate(self.betas):
             check(0 <= beta < 1, f"betas[{i}]", beta, "0 <= beta < 1")

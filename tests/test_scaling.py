@@ -72,6 +72,8 @@ def test_bf16_mixed_on_cpu_learns(compose_config, tmp_path):
         "trainer=smoke", *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=6",
         "trainer.val_check_interval=6", "trainer.limit_test_batches=1", "optim.lr=1e-2"))
     assert objects["trainer"].precision == "bf16-mixed"
+    # Lightning clips here (gradient_clip_val 1.0), which it refuses with a fused AdamW
+    assert objects["trainer"].optimizers[0].defaults["foreach"]
     losses = train_losses(tmp_path / "run")
     assert all(math.isfinite(loss) for loss in losses) and math.isfinite(metrics["val_loss"])
     assert losses[-1] < losses[0] - 0.5, losses

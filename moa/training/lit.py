@@ -19,7 +19,7 @@ from moa.models.language_model import build_model
 from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.schema import parse
 from moa.training.objectives import OBJECTIVES, ConversationScores
-from moa.training.optim import build_optimizer
+from moa.training.optim import build_optimizer, clips_under_mixed_precision
 
 
 class LanguageModelModule(pl.LightningModule):
@@ -118,8 +118,10 @@ class LanguageModelModule(pl.LightningModule):
         self._log_evaluation("test")
 
     def configure_optimizers(self):
+        trainer = self.trainer
         optimizer, scheduler = build_optimizer(
-            self.model, self.optim_config, int(self.trainer.estimated_stepping_batches)
+            self.model, self.optim_config, int(trainer.estimated_stepping_batches),
+            clips_under_mixed_precision(trainer.precision, trainer.gradient_clip_val),
         )
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,8 +1,20 @@
-"""AdamW with decay only on matrices, and a linear-warmup cosine schedule."""
+"""AdamW with decay only on matrices, and a linear-warmup cosine schedule.
+
+`optim.impl` says how AdamW's step runs, not what it computes: `for_loop` (PyTorch's
+reference: a dozen small ops per parameter tensor), `foreach` (the same ops, each over
+the list of tensors) or `fused` (one kernel over them all; CPU and CUDA). A MoA model
+holds several times a GPT's parameter tensors at the same width, so the per-tensor ops
+are most of its step's cost on CPU beside the math (`bench/optimizer.py`). `auto` is
+`fused` on CPU and CUDA, except where Lightning cannot clip its gradients: under mixed
+precision (`16-mixed`, `bf16-mixed`) Lightning refuses to clip the gradients of an
+optimizer that unscales them in its step, which a fused one does; there `auto` is
+`foreach`, and `fused` with `trainer.gradient_clip_val` > 0 is a config error.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,10 +52,31 @@ def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int):
+def clips_under_mixed_precision(precision: Any, gradient_clip_val: float | None) -> bool:
+    """Whether Lightning clips gradients under mixed precision, where it refuses a fused
+    optimizer (`precision` as the trainer takes it: `16-mixed`, `bf16-mixed`, 16, ...)."""
+    mixed = str(precision) in ("16-mixed", "bf16-mixed", "16", "bf16")
+    return mixed and bool(gradient_clip_val)
+
+
+def step_keywords(impl: str, parameters: list[torch.Tensor], clips_mixed: bool) -> dict:
+    """AdamW's `fused` and `foreach` for `impl` (`auto`: fused when every parameter is on
+    CPU or CUDA and Lightning need not clip under mixed precision, else foreach)."""
+    if impl == "auto":
+        fusable = all(p.device.type in ("cpu", "cuda") for p in parameters)
+        impl = "fused" if fusable and not clips_mixed else "foreach"
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int,
+                    clips_mixed: bool = False):
+    """AdamW (run as `config.impl` says) and its schedule; `clips_mixed`: the trainer
+    clips gradients under mixed precision (`clips_under_mixed_precision`)."""
+    groups = parameter_groups(model, config.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay),
-        lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+        groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+        **step_keywords(config.impl, parameters, clips_mixed),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config, total_steps)

@@ -24,6 +24,7 @@ from moa.schema import check_choice, parse
 from moa.training.card import apply_card_config
 from moa.training.freeze import check_freeze
 from moa.training.objectives import OBJECTIVES
+from moa.training.optim import clips_under_mixed_precision
 from moa.training.values import check_sizes, check_targets, check_top_level
 
 TOP_LEVEL_KEYS = {
@@ -105,7 +106,14 @@ def parse_run(cfg: DictConfig) -> RunSpec:
         raise ConfigError("data.block_size", data.block_size,
                           f"<= model.max_seq_len ({model.max_seq_len})",
                           "a training block longer than the model's context")
-    check_trainer(resolved(cfg, "trainer"))
+    trainer = resolved(cfg, "trainer")
+    check_trainer(trainer)
+    if optim.impl == "fused" and clips_under_mixed_precision(
+            trainer.get("precision"), trainer.get("gradient_clip_val")):
+        raise ConfigError("optim.impl", optim.impl, "auto | foreach | for_loop with "
+                          f"trainer.precision={trainer.get('precision')} and "
+                          "trainer.gradient_clip_val > 0", "Lightning does not clip the "
+                          "gradients of a fused optimizer under mixed precision")
     sampling = parse(SamplingConfig, resolved(cfg, "sampling"), "sampling")
     objective = OBJECTIVES.parse(resolved(cfg, "objective") if "objective" in cfg
                                  else {"name": "lm"}, "objective")
