@@ -289,6 +289,24 @@ def test_kept_alpha_and_mahalanobis_scales_follow_the_parameters():
     torch.testing.assert_close(wide, moved.double(), rtol=1e-5, atol=1e-5)
 
 
+def test_kept_values_follow_a_fused_optimizer_step():
+    """A fused AdamW step (training's default) writes the parameters without bumping their
+    version counters: the next call without autograd still computes alpha and sqrt(w)
+    again, as one with autograd does."""
+    torch.manual_seed(10)
+    config = metric_model_config("cpu_fused", metric={"name": "maha_diag"})
+    module = _Attention(config).eval()
+    x = torch.randn(2, 9, config.d_model)
+    with torch.no_grad():
+        module(x)  # keeps alpha and the scales
+    for parameter in module.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    torch.optim.AdamW(module.parameters(), lr=0.1, fused=True).step()
+    with torch.no_grad():
+        stepped = module(x)
+    torch.testing.assert_close(stepped, module(x), rtol=0, atol=0)  # with autograd: computed
+
+
 @pytest.mark.parametrize("key_norm", ["free", "sphere", "ignore"])
 @pytest.mark.parametrize("balls", [False, True])
 def test_fused_module_equals_the_eager_module(key_norm, balls):

@@ -4,9 +4,12 @@ A decoding step runs without autograd on the weights of the step before, yet wou
 recompute what depends on the parameters alone (metric attention's alpha and Mahalanobis
 scales) or on them and the positions that every layer of a forward shares (BlackHoleRoPE's
 tables). `KeptValues` keeps such a value under a name and computes it again when a
-parameter changes (an optimizer step, a load, a move: its storage or its version counter)
-or when the `given` input is another tensor object. With autograd every call computes, so
-that no kept value carries one forward's graph into another.
+parameter changes (a load, a move, an in-place write: its storage or its version counter),
+after any optimizer step in the process, or when the `given` input is another tensor
+object. Optimizer steps are counted apart because a fused one (`torch.optim.AdamW(fused=
+True)`, moa's default) writes the parameters without bumping their version counters.
+With autograd every call computes, so that no kept value carries one forward's graph into
+another.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
+
+_optimizer_steps = [0]  # optimizer steps taken in this process, by any optimizer
+
+
+def _count_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class KeptValues:
@@ -26,8 +39,8 @@ class KeptValues:
         """compute(), or the value it gave while `parameters` and `given` stand."""
         if torch.is_grad_enabled():
             return compute()
-        state = tuple((p.data_ptr(), 0 if p.is_inference() else p._version)  # inference
-                      for p in parameters)  # tensors keep no version counter
+        state = (_optimizer_steps[0], *((p.data_ptr(), 0 if p.is_inference() else p._version)
+                                        for p in parameters))  # inference tensors: no version
         kept = self.values.get(name)
         if kept is None or kept[0] is not given or kept[1] != state:
             kept = self.values[name] = (given, state, compute())

@@ -3,8 +3,8 @@
 `optim.impl` says how AdamW's step runs, not what it computes: `for_loop` (PyTorch's
 reference: a dozen small ops per parameter tensor), `foreach` (the same ops, each over
 the list of tensors) or `fused` (one kernel over them all; CPU and CUDA). A MoA model
-holds several times a GPT's parameter tensors at the same width, so the per-tensor ops
-are most of its step's cost on CPU beside the math (`bench/optimizer.py`). `auto` is
+holds several times a GPT's parameter tensors at the same width, and the for_loop step
+costs by the tensor (`bench/optimizer.py`). `auto` is
 `fused` on CPU and CUDA, except where Lightning cannot clip its gradients: under mixed
 precision (`16-mixed`, `bf16-mixed`) Lightning refuses to clip the gradients of an
 optimizer that unscales them in its step, which a fused one does; there `auto` is
