@@ -8,12 +8,13 @@ always, as the baseline) is composed with the same d_model, n_layers, n_heads, c
 vocabulary, through the same checks as `train.py`. One training step is what the
 Lightning module does: forward, cross-entropy plus the auxiliary losses, backward, an
 AdamW step over moa's parameter groups (`optim.impl=auto`, as training runs it), on
-random tokens. After `--warmup` steps each, the presets take turns, one step each per
-round for `--steps` rounds, so a slowdown of the shared machine hits them alike; a
-preset's step time is its median. tokens/s is
-batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted once on a
-meta-device copy, as the training callback does; the optimizer step is not counted) over
-it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
+random tokens, without the model's stats (router usage, alpha), as the trainer's steps
+between two written logs run (9 in 10 at trainer.log_every_n_steps=10). After `--warmup`
+steps each, the presets take turns, one step each per round for `--steps` rounds, so a
+slowdown of the shared machine hits them alike; a preset's step time is its median.
+tokens/s is batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted
+once on a meta-device copy, as the training callback does; the optimizer step is not
+counted) over it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
 
 After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`;
 `--variants-of` names other presets to run them too, each variant row then also giving
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from moa.config import ModelConfig, OptimConfig
+from moa.layers.auxiliary import statistics_recorded
 from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
 from moa.training.callbacks import training_flops
@@ -92,7 +94,8 @@ class Trainee:
         start = time.perf_counter()
         chunks = {key: value.chunk(self.micro_batches) for key, value in self.batch.items()}
         for index in range(self.micro_batches):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast),
+                  statistics_recorded(False)):
                 output, labels = scored_forward(
                     self.model, {key: value[index] for key, value in chunks.items()})
                 loss = token_metrics(output.logits, labels)[0]

@@ -10,7 +10,8 @@ import torch
 
 from moa.attention import ATTENTION
 from moa.errors import ConfigError
-from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers import router as router_module
+from moa.layers.auxiliary import AuxiliaryRecorder, statistics_recorded
 from moa.models.language_model import build_model
 from moa.training import train
 from moa.training.run_config import parse_run
@@ -126,6 +127,25 @@ def test_model_records_router_stats_per_layer_and_path():
     torch.testing.assert_close(output.aux_loss, total)
 
 
+def test_a_step_without_stats_has_the_same_losses_and_output():
+    """Under statistics_recorded(False) (a training step whose logs nobody writes) the model
+    records no stats, and its logits and auxiliary losses are those of a recorded step."""
+    torch.manual_seed(7)
+    router = {**ROUTERS["topk"], "mse_uniform_weight": 0.01, "z_loss_weight": 0.001}
+    paths = [MOA_PATHS[0], {"name": "metric", "metric": {"name": "maha_diag"}}, *MOA_PATHS[2:]]
+    model = build_model(mixture_config(router, paths=paths))
+    ids = torch.randint(0, 50, (2, 9))
+    recorded = model(ids)
+    with statistics_recorded(False):
+        unrecorded = model(ids)
+    assert AuxiliaryRecorder().wants_stats  # the context put it back
+    assert unrecorded.stats == {} and {"layers.0.attention.paths.1.alpha",
+                                       "layers.0.attention.router.entropy"} <= set(recorded.stats)
+    torch.testing.assert_close(unrecorded.logits, recorded.logits, rtol=0, atol=0)
+    assert unrecorded.aux_losses.keys() == recorded.aux_losses.keys()
+    torch.testing.assert_close(unrecorded.aux_loss, recorded.aux_loss, rtol=0, atol=0)
+
+
 def test_moas_has_mha_gqa_and_mqa_paths_of_the_same_size():
     config = mixture_config({"name": "softmax", "router_hidden": 8}, paths=[
         {"name": "dot_product"}, {"name": "dot_product", "n_kv_heads": 2},
@@ -162,12 +182,22 @@ def test_balance_regularizers_compose_as_a_list(compose_config):
 
 
 @pytest.mark.parametrize("preset", ["moas", "moas_static"])
-def test_preset_smoke_train_saves_router_stats(compose_config, tmp_path, preset):
+def test_preset_smoke_train_saves_router_stats(compose_config, tmp_path, preset, monkeypatch):
+    """Every logged step has the router's stats, and only the logged steps compute them
+    (3 of 6 at log_every_n_steps=2; the FLOP count's forward on the meta device aside)."""
+    devices = []
+    record_usage = router_module.record_usage
+
+    def counted(routing, record) -> None:
+        devices.append(routing.weights.device.type)
+        record_usage(routing, record)
+    monkeypatch.setattr(router_module, "record_usage", counted)
     cfg = compose_config("trainer=smoke", f"model={preset}", "trainer.max_steps=6",
                          "trainer.log_every_n_steps=2", "evaluate=false", "tokenizer=byte",
                          "model.n_layers=1")
     _, objects = train(cfg)
     assert objects["module"].model_config.attention.name == "mixture"
+    assert devices.count("cpu") == 3  # one router
     with open(tmp_path / "run" / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
     assert rows and all(math.isfinite(float(row["train/loss"])) for row in rows)

@@ -30,7 +30,8 @@ def _module() -> LanguageModelModule:
     module = LanguageModelModule(config.to_dict(), {})
     module.log = module.log_dict = lambda *args, **kwargs: None
     optimiser = SimpleNamespace(param_groups=[{"lr": 1e-3}])
-    module._trainer = SimpleNamespace(optimizers=[optimiser], global_step=0)
+    module._trainer = SimpleNamespace(optimizers=[optimiser], global_step=0,
+                                      _logger_connector=SimpleNamespace(should_update_logs=True))
     return module
 
 

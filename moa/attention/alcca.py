@@ -123,7 +123,8 @@ class AlccaAttention(MetricAttention):
 
         queries = q.unflatten(1, (-1, G)).transpose(2, 3)  # (B, Hkv, T, G, D)
         near = (queries - centre[:, :, :, None].to(q.dtype)).norm(dim=-1) < self.alcca.theta
-        ctx.record.stat("centre_fraction", near.float().mean())  # (B, Hkv, T, G) averaged
+        if ctx.record.wants_stats:
+            ctx.record.stat("centre_fraction", near.float().mean())  # (B, Hkv, T, G) averaged
         positions = (start + torch.arange(T, device=x.device)).repeat_interleave(G)  # (T*G,)
         if ctx.output_positions is not None:  # (B, K): those queries only
 

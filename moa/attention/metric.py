@@ -232,7 +232,7 @@ class MetricAttention(nn.Module):
     def _record_scale(self, ctx: ForwardContext) -> None:
         """alpha (mean over the heads) and, under maha_diag, the spread of the weights (the
         standard deviation of log w over heads and channels: 0 while every w is equal)."""
-        if not self.training:
+        if not self.training or not ctx.record.wants_stats:
             return
         ctx.record.stat("alpha", self.log_alpha.detach().exp().mean())
         if self.log_maha is not None:

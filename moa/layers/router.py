@@ -125,7 +125,7 @@ class StaticRouter(nn.Module):
         weights = x.new_full((*x.shape[:-1], self.n_paths), 1.0 / self.n_paths,
                              dtype=torch.float32)
         routing = Routing(weights, weights)
-        if self.training:
+        if self.training and record.wants_stats:
             record_usage(routing, record)
         return routing
 
@@ -172,7 +172,8 @@ class TokenRouter(nn.Module):
         for name, weight in self.config.weights.items():
             if weight > 0:
                 record.loss(name, losses[name](), weight)
-        record_usage(routing, record)
+        if record.wants_stats:
+            record_usage(routing, record)
         return routing
 
 

@@ -15,6 +15,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from moa.config import ModelConfig, OptimConfig
 from moa.errors import TrainingStopped
+from moa.layers.auxiliary import statistics_recorded
 from moa.models.language_model import build_model
 from moa.models.weights_format import WEIGHTS_FORMAT
 from moa.schema import parse
@@ -52,7 +53,10 @@ class LanguageModelModule(pl.LightningModule):
         self.objective.on_train_step_start(self.model, self.global_step / total)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        output = self.objective.training_step(self.model, batch, self.global_step)
+        # the model's stats only for a step whose logs Lightning writes (the same test as
+        # its LearningRateMonitor's): the others would compute them for nothing
+        with statistics_recorded(self.trainer._logger_connector.should_update_logs):
+            output = self.objective.training_step(self.model, batch, self.global_step)
         self.log_dict({f"train/{name}": value for name, value in output.logs.items()
                        if name in output.progress_bar}, prog_bar=True)
         self.log_dict({f"train/{name}": value for name, value in output.logs.items()
