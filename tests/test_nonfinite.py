@@ -13,6 +13,7 @@ from moa.errors import TrainingStopped
 from moa.training import train
 from moa.training.lit import LanguageModelModule
 from moa.training.run_status import read_status
+from tests.conftest import tiny_model_config
 
 RUN = ("trainer=smoke", "model=gpt", "tokenizer=byte", "evaluate=false", "model.n_layers=1",
        "data.batch_size=8", "trainer.log_every_n_steps=1", "optim.nonfinite_patience=3")
@@ -62,3 +63,20 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
     assert saved["global_step"] == 5 and saved["skipped_steps"] == 1
     assert all(v.isfinite().all() for v in saved["state_dict"].values())
 
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_one_nonfinite_gradient_value_skips_the_step(bad):
+    """A finite loss, and one value of one parameter's gradient not finite: the step's
+    gradients are dropped; all finite, they are kept."""
+    module = LanguageModelModule(tiny_model_config().to_dict(), {})
+    module.log = lambda *args, **kwargs: None
+    optimizer = torch.optim.AdamW(module.parameters())
+    parameters = list(module.parameters())
+    for parameter in parameters:
+        parameter.grad = torch.full_like(parameter, 3e38)  # large, finite
+    module.on_before_optimizer_step(optimizer)
+    assert all(p.grad is not None for p in parameters) and module.skipped_steps == 0
+    parameters[len(parameters) // 2].grad.view(-1)[-1] = bad
+    module.on_before_optimizer_step(optimizer)
+    assert all(p.grad is None for p in parameters) and module.skipped_steps == 1

@@ -69,8 +69,9 @@ class LanguageModelModule(pl.LightningModule):
         """Skip a step whose loss or gradient is not finite: its gradients are dropped, so the
         optimizer leaves the weights as they were (and no checkpoint ever holds NaN weights).
         `optim.nonfinite_patience` such steps in a row stop the run."""
-        grads = [p.grad.isfinite().all() for p in self.parameters() if p.grad is not None]
-        if bool(torch.stack([self._loss_finite.to(self.device), *grads]).all()):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        largest = torch.nn.utils.get_total_norm(grads, float("inf"), foreach=True)  # nan, inf
+        if bool(self._loss_finite.to(self.device) & largest.to(self.device).isfinite()):
             self._nonfinite_in_a_row = 0
         else:
             optimizer.zero_grad(set_to_none=True)
