@@ -16,6 +16,7 @@ from torch import nn
 
 from moa.attention.registry import ATTENTION
 from moa.layers.context import select_positions
+from moa.layers.residual import Dropout
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class ChannelMix(nn.Module):
         self.up = nn.Linear(model.d_model, hidden, bias=config.bias)
         self.down = nn.Linear(hidden, model.d_model, bias=config.bias)
         self.down.residual = True  # scaled at init as a residual-stream projection
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def sequence_part(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return x  # (B, T, C): nothing to do across positions
