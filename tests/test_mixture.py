@@ -139,6 +139,9 @@ def test_a_step_without_stats_has_the_same_losses_and_output():
     with statistics_recorded(False):
         unrecorded = model(ids)
     assert AuxiliaryRecorder().wants_stats  # the context put it back
+    view = AuxiliaryRecorder(wants_stats=False).scoped("layers.0")  # a view wants as its
+    view.stat("alpha", 1.0)  # recorder does, wherever it is made
+    assert not view.wants_stats and view.stats == {}
     assert unrecorded.stats == {} and {"layers.0.attention.paths.1.alpha",
                                        "layers.0.attention.router.entropy"} <= set(recorded.stats)
     torch.testing.assert_close(unrecorded.logits, recorded.logits, rtol=0, atol=0)
