@@ -159,6 +159,21 @@ def forward_context(config, T: int, record=None):
     return ForwardContext(torch.arange(T), position, record or AuxiliaryRecorder())
 
 
+class PositionedAttention(torch.nn.Module):
+    """An attention module of `config` with its positions as a model sees them:
+    x (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from moa.attention import ATTENTION
+
+        self.config = config
+        self.attention = ATTENTION.build(config.attention, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, forward_context(self.config, x.size(1)))
+
+
 def assert_dropout_in_training_only(module, plain, x, ctx) -> None:
     """`module` (attention dropout on) equals `plain` (the same weights, no dropout) in
     evaluation and differs from it in training."""
