@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from throughput import preset_config
+from torch import nn
 
 from moa.config import OptimConfig
 from moa.models.language_model import build_model
@@ -31,8 +32,9 @@ from moa.training.optim import build_optimizer
 IMPLS = ("fused", "foreach", "for_loop")
 
 
-def step_times(preset: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per AdamW step of each implementation over the preset's parameters."""
+def step_times(preset: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], nn.Module]:
+    """Seconds per AdamW step of each implementation over the preset's parameters, and
+    one of the models."""
     torch.manual_seed(0)
     models = {impl: build_model(preset_config(preset, args)).to(args.device) for impl in IMPLS}
     optimizers = {}
@@ -49,7 +51,7 @@ def step_times(preset: str, args: argparse.Namespace) -> dict[str, list[float]]:
             synchronize(args.device)
             if round_ >= args.warmup:
                 times[impl].append(time.perf_counter() - start)
-    return times
+    return times, models["fused"]
 
 
 def synchronize(device: str) -> None:
@@ -73,8 +75,7 @@ def main() -> None:
 
     records = []
     for preset in args.presets:
-        times = step_times(preset, args)
-        model = build_model(preset_config(preset, args))
+        times, model = step_times(preset, args)
         tensors = sum(1 for _ in model.parameters())
         medians = {impl: statistics.median(seconds) for impl, seconds in times.items()}
         records += [{

@@ -4,11 +4,11 @@
 reference: a dozen small ops per parameter tensor), `foreach` (the same ops, each over
 the list of tensors) or `fused` (one kernel over them all; CPU and CUDA). A MoA model
 holds several times a GPT's parameter tensors at the same width, and the for_loop step
-costs by the tensor (`bench/optimizer.py`). `auto` is
-`fused` on CPU and CUDA, except where Lightning cannot clip its gradients: under mixed
-precision (`16-mixed`, `bf16-mixed`) Lightning refuses to clip the gradients of an
-optimizer that unscales them in its step, which a fused one does; there `auto` is
-`foreach`, and `fused` with `trainer.gradient_clip_val` > 0 is a config error.
+costs by the tensor (`bench/optimizer.py`). `auto` is `fused` on CPU and CUDA, except
+where Lightning cannot clip its gradients: under mixed precision (`16-mixed`,
+`bf16-mixed`) Lightning refuses to clip the gradients of an optimizer that unscales them
+in its step, which a fused one does; there `auto` is `foreach`, and `fused` with
+`trainer.gradient_clip_val` > 0 is a config error.
 """
 
 from __future__ import annotations
