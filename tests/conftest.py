@@ -174,6 +174,14 @@ class PositionedAttention(torch.nn.Module):
         return self.attention(x, forward_context(self.config, x.size(1)))
 
 
+def metric_heads_reference(attention, x: torch.Tensor, ctx):
+    """A metric attention's q, k (metric space, then rotated) and v (unscaled) from x,
+    each map applied to the projected heads as written (`to_metric_space`), not folded
+    into the projections' weights as the module does."""
+    q, k, v = attention.heads.split(x)
+    return (*ctx.position.rotate(*attention.to_metric_space(q, k), ctx.positions), v)
+
+
 def assert_dropout_in_training_only(module, plain, x, ctx) -> None:
     """`module` (attention dropout on) equals `plain` (the same weights, no dropout) in
     evaluation and differs from it in training."""

@@ -18,7 +18,12 @@ from moa.kernels.alcca_reference import alcca_attention_eager, alcca_probabiliti
 from moa.layers.context import at_output_positions
 from moa.models.language_model import build_model
 from moa.models.retrofit import swap_attention, transfer_weights
-from tests.conftest import assert_causal, forward_context, tiny_model_config
+from tests.conftest import (
+    assert_causal,
+    forward_context,
+    metric_heads_reference,
+    tiny_model_config,
+)
 
 
 def _alcca_config(position="rope", **attention):
@@ -27,20 +32,32 @@ def _alcca_config(position="rope", **attention):
 
 def _reference_forward(attention, x, ctx):
     """The module's projections and metric map around the brute-force reference."""
-    q, k, v = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, ctx)
+    q, k, v = metric_heads_reference(attention, x, ctx)
     c = attention.alcca
     y = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,
                               c.weighting, c.key_norm)
     return attention.heads.merge(y)
 
 
+def _centre_distances(attention, x, ctx):
+    """Each query's distance to the mean of the keys up to it: (B, Hq, T)."""
+    q, k, _ = metric_heads_reference(attention, x, ctx)
+    centre = k.cumsum(2) / torch.arange(1, k.size(2) + 1, dtype=k.dtype)[:, None]
+    return (q - centre.repeat_interleave(attention.group, 1)).norm(dim=-1)
+
+
+def _between_halves(distances):
+    """A theta halfway between the two middle distances, so that about half the queries
+    take the centre-of-mass branch and none sits on theta, where the module's and the
+    reference's roundings could send it to different branches."""
+    ordered = distances.detach().flatten().sort().values
+    middle = ordered.numel() // 2
+    return float((ordered[middle - 1] + ordered[middle]) / 2)
+
+
 def _median_centre_distance(attention, x, ctx):
     """A theta that sends about half the queries to the centre-of-mass branch."""
-    q, k, _ = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, ctx)
-    centre = k.cumsum(2) / torch.arange(1, k.size(2) + 1, dtype=k.dtype)[:, None]
-    return float((q - centre.repeat_interleave(attention.group, 1)).norm(dim=-1).median())
+    return _between_halves(_centre_distances(attention, x, ctx))
 
 
 @pytest.mark.parametrize("T", [1, 17, 113])
@@ -186,11 +203,7 @@ def _thetas_at_median_distance(model: torch.nn.Module, ids: torch.Tensor, decode
         handle.remove()
         x, ctx = seen[0]
         with torch.no_grad():
-            q, k, _ = attention.heads.split(x)
-            q, k = attention.positioned_metric_space(q, k, ctx)
-        centre = k.cumsum(2) / torch.arange(1, k.size(2) + 1, dtype=k.dtype)[:, None]
-        distance = (q - centre.repeat_interleave(attention.group, 1)).norm(dim=-1)  # (B, Hq, T)
-        theta = float(distance[:, :, decoded:].median())
+            theta = _between_halves(_centre_distances(attention, x, ctx)[:, :, decoded:])
         attention.alcca = dataclasses.replace(attention.alcca, theta=theta)
 
 
@@ -305,8 +318,7 @@ def test_values_are_gated_at_their_positions():
     with torch.no_grad():
         ctx.position.energy_coefficients.normal_()
         attention.alcca.theta = _median_centre_distance(attention, x, ctx)
-    q, k, v = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, ctx)
+    q, k, v = metric_heads_reference(attention, x, ctx)
     v = v * ctx.position.energy_gate(ctx.positions)  # (B, Hkv, T, D) * (T, D)
     c = attention.alcca
     want = alcca_attention_eager(q, k, v, attention.log_alpha.exp(), c.k, c.theta, c.eps,

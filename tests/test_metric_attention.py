@@ -8,15 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moa.attention.metric as metric_module
 from moa.attention import ATTENTION
 from moa.attention.metric import dot_product_form
 from moa.kernels.metric_reference import metric_attention_eager, metric_scores
 from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.regularizers import triangle_inequality_penalty
 from moa.models.language_model import build_model
 from tests.conftest import (
     PositionedAttention,
     assert_dropout_in_training_only,
     forward_context,
+    metric_heads_reference,
     metric_model_config,
     pruned_fractions,
     radii_keeping,
@@ -174,8 +177,7 @@ def test_ignoring_the_key_norm_is_dot_product_attention(impl, metric):
         attention.log_alpha.normal_()
     x = torch.randn(2, 11, config.d_model)
     ctx = forward_context(config, 11)
-    q, k, v = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, ctx)
+    q, k, v = metric_heads_reference(attention, x, ctx)
     alpha = attention.log_alpha.exp().view(1, -1, 1, 1)
     want = attention.heads.merge(torch.nn.functional.scaled_dot_product_attention(
         q * 2 * alpha, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True,
@@ -234,10 +236,12 @@ def test_fused_module_equals_the_eager_module(key_norm, balls):
 
 @pytest.mark.parametrize(("weight", "training", "recorded"),
                          [(0.5, True, True), (0.0, True, False), (0.5, False, False)])
-def test_causal_ti_penalty_only_in_training_with_a_positive_weight(weight, training, recorded):
+def test_causal_ti_penalty_only_in_training_with_a_positive_weight(weight, training, recorded,
+                                                                   monkeypatch):
     """The triangle-inequality penalty of the causal path, with every query and with none (a
     path no token chose): recorded with its weight when training with a positive weight,
-    and then over the same points either way (every query is still projected)."""
+    and then over the same points either way (every query is still projected), those of
+    the reference kernel's module (the CPU kernel folds no 2 alpha into them)."""
     torch.manual_seed(21)
     config = metric_model_config("cpu_fused", n_kv_heads=2, ti_reg_weight=weight,
                             ti_reg_samples=32)
@@ -257,6 +261,14 @@ def test_causal_ti_penalty_only_in_training_with_a_positive_weight(weight, train
             penalties.append(value)
     if recorded:
         torch.testing.assert_close(penalties[1], penalties[0], rtol=0, atol=0)
+        points = []
+        monkeypatch.setattr(metric_module, "triangle_inequality_penalty",
+                            lambda p, n: points.append(p) or triangle_inequality_penalty(p, n))
+        eager = metric_model_config("eager", n_kv_heads=2, ti_reg_weight=weight)
+        for kind in (attention, ATTENTION.build(eager.attention, config).double().train()):
+            kind.load_state_dict(attention.state_dict())
+            kind(x, forward_context(config, 6))
+        torch.testing.assert_close(points[0], points[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("weight", "training", "projected"),
@@ -338,8 +350,7 @@ def test_causal_dropout_is_the_references_with_the_gate_and_at_output_positions(
     radii_keeping(module, x, 0.5)
     attention, ctx = module.attention, forward_context(config, 9)
     wanted = None if K is None else torch.tensor([[8, 0, 4], [3, 3, 7]])
-    q, k, v = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, ctx)
+    q, k, v = metric_heads_reference(attention, x, ctx)
     gate = attention.balls(k).gate
     if wanted is not None:
         q = torch.stack([q[b, :, wanted[b]] for b in range(2)])  # (B, Hq, K, D)

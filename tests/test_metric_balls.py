@@ -11,7 +11,7 @@ import torch
 from moa.attention import ATTENTION
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.auxiliary import AuxiliaryRecorder
-from tests.conftest import forward_context, metric_model_config
+from tests.conftest import forward_context, metric_heads_reference, metric_model_config
 
 
 def test_radius_gradient_is_the_straight_through_derivative():
@@ -60,8 +60,7 @@ def test_pruned_fraction_and_ti_penalty_are_recorded():
     record = AuxiliaryRecorder()
     x = torch.randn(2, 10, config.d_model)
     attention(x, forward_context(config, 10, record))
-    q, k, _ = attention.heads.split(x)
-    q, k = attention.positioned_metric_space(q, k, forward_context(config, 10))
+    q, k, _ = metric_heads_reference(attention, x, forward_context(config, 10))
     outside = (k - attention.balls.origin[None, :, None]).norm(dim=-1) > attention.balls.radius[
         None, :, None]
     torch.testing.assert_close(record.stats["pruned_fraction"], outside.float().mean())

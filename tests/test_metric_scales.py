@@ -12,10 +12,38 @@ from moa.kernels.metric_reference import metric_scores
 from moa.layers.auxiliary import AuxiliaryRecorder
 from tests.conftest import (
     PositionedAttention,
+    assert_same_outputs_and_gradients,
     forward_context,
     metric_model_config,
     tiny_model_config,
 )
+
+
+@pytest.mark.parametrize(("metric", "key_norm"), [("l2", "ignore"), ("maha_diag", "ignore"),
+                                                  ("maha_diag", "free"), ("maha_diag", "sphere"),
+                                                  ("cosine", "ignore")])
+@pytest.mark.parametrize("fold_alpha", [False, True])
+def test_metric_heads_fold_the_maps_into_the_projections(metric, key_norm, fold_alpha):
+    """`metric_heads` folds the diagonal maps (sqrt(w); 2 alpha with fold_alpha) into the
+    projections' weights and biases: the same q, k and v as the maps applied to the
+    projected heads (`to_metric_space`), in float64, and the same gradients of x and of
+    every parameter; GQA, with biases."""
+    torch.manual_seed(30)
+    config = metric_model_config(metric={"name": metric}, key_norm=key_norm, n_kv_heads=2,
+                                 bias=True)
+    attention = ATTENTION.build(config.attention, config).double()
+    with torch.no_grad():
+        attention.log_alpha.normal_()
+        if attention.log_maha is not None:
+            attention.log_maha.normal_()
+    x = torch.randn(2, 7, config.d_model, dtype=torch.float64, requires_grad=True)
+    q, k, v = attention.heads.split(x)
+    q, k = attention.to_metric_space(q, k)
+    if fold_alpha:
+        q = q * 2 * attention.log_alpha.exp().view(-1, 1, 1)
+    got = torch.cat([t.flatten() for t in attention.metric_heads(x, fold_alpha)])
+    want = torch.cat([t.flatten() for t in (q, k, v)])
+    assert_same_outputs_and_gradients(got, want, [x, *attention.parameters()])
 
 
 @torch.no_grad()

@@ -72,6 +72,10 @@ def test_the_check_sees_absolute_positions():
     assert shift_changes_outputs(attention, encoding, x)
 
     attention, encoding, config = attention_and_position("metric", "maha_diag", ("rope",))
-    attention.positioned_metric_space = lambda q, k, ctx: attention.to_metric_space(
-        *ctx.position.rotate(q, k, ctx.positions))  # the format-1 order
+    def format_one(x, ctx, fold_alpha=False):  # Mahalanobis weights after the rotation
+        q, k, v = attention.heads.split(x)
+        q, k = attention.to_metric_space(*ctx.position.rotate(q, k, ctx.positions))
+        return q * attention._query_factor(q.dtype) if fold_alpha else q, k, v
+
+    attention.positioned_heads = format_one
     assert shift_changes_outputs(attention, encoding, x)

@@ -103,9 +103,7 @@ class AlccaAttention(MetricAttention):
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
         ctx.output_positions (B, K) (exact index), only those positions search and average:
         -> (B, K, C); the centre-of-mass statistic is still every query's."""
-        q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-        q, k = self.positioned_metric_space(q, k, ctx)
-        v = ctx.position.scale_values(v, ctx.positions)
+        q, k, v = self.positioned_heads(x, ctx)  # (B, Hq, T, D), (B, Hkv, T, D) x2
         self._record_scale(ctx)
         B, Hq, T, D = q.shape
         G, Hkv = self.group, k.size(1)

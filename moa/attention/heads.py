@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moa.errors import ConfigError
@@ -70,26 +71,45 @@ class QKVProjection(nn.Module):
         self.out = nn.Linear(self.n_q_heads * self.head_dim, model.d_model, bias=config.bias)
         self.out.residual = True  # scaled at init as a residual-stream projection
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D)."""
-        return (self.queries(x), *self.keys_values(x))
+    def split(self, x: torch.Tensor, q_rows: torch.Tensor | None = None,
+              kv_rows: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D). q_rows (Hq * D,) and kv_rows
+        (2 * Hkv * D,: the keys' then the values') multiply the output channels
+        (`scaled_linear`)."""
+        return (self.queries(x, rows=q_rows), *self.keys_values(x, kv_rows))
 
-    def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """x (B, T, C) -> q (B, Hq, T, D), or (B, Hq, K, D) at query_positions (B, K)."""
+    def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> q (B, Hq, T, D), or (B, Hq, K, D) at query_positions (B, K); rows
+        as `split`'s q_rows."""
         x_q = x if query_positions is None else select_positions(x, query_positions)
         B, T, _ = x_q.shape
-        return self.q(x_q).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
+        q = scaled_linear(x_q, self.q, rows)
+        return q.view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
 
-    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """source (B, S, C) -> k, v (B, Hkv, S, D): the input itself, or a memory."""
+    def keys_values(self, source: torch.Tensor, kv_rows: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, S, C) -> k, v (B, Hkv, S, D): the input itself, or a memory; kv_rows
+        as `split`'s."""
         B, S, _ = source.shape
-        k, v = self.kv(source).view(B, S, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = scaled_linear(source, self.kv, kv_rows).view(B, S, 2, self.n_kv_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4)
         return k, v
 
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, D = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def scaled_linear(x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor | None) -> torch.Tensor:
+    """linear(x) * rows (per output channel), with rows folded into the weight and bias: a
+    product the size of the weight, forward and backward, instead of one the size of the
+    activations (metric attention's Mahalanobis scales and query factor)."""
+    if rows is None:
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias * rows
+    return F.linear(x, linear.weight * rows[:, None], bias)
 
 
 def memory_keys_values(ctx: ForwardContext, project: Callable[[torch.Tensor], tuple]) -> tuple:

@@ -151,8 +151,13 @@ def dot_product_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: 
     softmax(2 alpha q.k), PyTorch's dot-product attention at scale 1 over 2 alpha q. On CPU
     it skips `metric_attention_cpu`'s augmented heads (their copy of every cached key, and
     a head width of D + 4 rounded up to 8)."""
+    return scaled_dot_product((2 * alpha.view(1, -1, 1, 1) * q).to(q.dtype), k, v)
+
+
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`dot_product_form` of q (B, Hq, T, D) that already carries its 2 alpha (a module
+    folds it into the query projection): causal SDPA at scale 1, queries the last T of S."""
     mask, is_causal = attention_mask(q.size(2), k.size(2), q.device)
-    q = (2 * alpha.view(1, -1, 1, 1) * q).to(q.dtype)  # (B, Hq, T, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           scale=1.0, enable_gqa=q.size(1) != k.size(1))
 
@@ -201,9 +206,13 @@ class MetricAttention(nn.Module):
             return F.normalize(k, dim=-1)
         if self.log_maha is not None:
             k = k * self._maha_scales(k.dtype)[1]
-        if self.config.key_norm == "sphere":  # ||k||^2 = D: no key scores without a query
-            k = F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
-        return k
+        return self._on_sphere(k)
+
+    def _on_sphere(self, k: torch.Tensor) -> torch.Tensor:
+        """key_norm=sphere: ||k||^2 = D, no key scores without a query."""
+        if self.config.key_norm != "sphere":
+            return k
+        return F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
 
     def _maha_scales(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(w) in `dtype` for the queries (Hq, 1, D), each key head's over its group,
@@ -219,15 +228,64 @@ class MetricAttention(nn.Module):
         """alpha (Hq,) = exp(log alpha)."""
         return self.kept.get("alpha", (self.log_alpha,), self.log_alpha.exp)
 
-    def positioned_metric_space(self, q: torch.Tensor, k: torch.Tensor, ctx: ForwardContext
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, Hq, T, D) and k (B, Hkv, T, D) mapped to the metric space, then rotated by
-        the position encoding. In this order a score depends on relative positions only:
-        a rotation keeps Euclidean distances, so ||R_i q - R_j k|| = ||q - R_(j-i) k||,
-        whereas Mahalanobis weights applied after the rotation weigh the two channels of a
-        rotated pair differently at each absolute position. (L2 and cosine commute with
-        the rotation; the order matters for maha_diag.)"""
-        return ctx.position.rotate(*self.to_metric_space(q, k), ctx.positions)
+    def _query_factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """2 alpha (Hq, 1, 1) in `dtype`: the dot-product form's query scale."""
+        return (2 * self._alpha()).to(dtype)[:, None, None]
+
+    def _projection_rows(self, fold_alpha: bool
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The factors of the q and kv projections' output channels (`QKVProjection.split`)
+        that map q and k to the metric space under l2 and maha_diag: sqrt(w) for q (each
+        key head's over its group) and k, 1 for v; with fold_alpha, q's also times 2 alpha
+        of its head. (Hq * D,) and (2 * Hkv * D,) in the weights' dtype, None where all 1."""
+        dtype = self.heads.q.weight.dtype
+
+        def compute() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            q_rows = kv_rows = None
+            if self.log_maha is not None:
+                q_scale, k_scale = (scale.flatten() for scale in self._maha_scales(dtype))
+                q_rows, kv_rows = q_scale, torch.cat([k_scale, torch.ones_like(k_scale)])
+            if fold_alpha:
+                factor = self._query_factor(dtype).repeat_interleave(self.heads.head_dim)
+                q_rows = factor if q_rows is None else q_rows * factor
+            return q_rows, kv_rows
+
+        parameters = [p for p in (self.log_maha, self.log_alpha) if p is not None]
+        return self.kept.get(f"rows {dtype} {fold_alpha}", parameters, compute)
+
+    def metric_heads(self, x: torch.Tensor, fold_alpha: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D), q and k as
+        `to_metric_space` maps them, q also times 2 alpha with fold_alpha. Under l2 and
+        maha_diag the maps are diagonal, folded into the projections' weights: a product
+        the size of a weight in place of one the size of q or k, forward and backward."""
+        if self.config.metric.name == "cosine":
+            q, k, v = self.heads.split(x)
+            q, k = self.to_metric_space(q, k)
+            return (q * self._query_factor(q.dtype) if fold_alpha else q), k, v
+        q_rows, kv_rows = self._projection_rows(fold_alpha)
+        q, k, v = self.heads.split(x, q_rows, kv_rows)
+        return q, self._on_sphere(k), v
+
+    def metric_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, S, C) -> metric-space keys, values (B, Hkv, S, D), as `metric_heads`."""
+        if self.config.metric.name == "cosine":
+            k, v = self.heads.keys_values(source)
+            return self.keys_to_metric_space(k), v
+        k, v = self.heads.keys_values(source, self._projection_rows(False)[1])
+        return self._on_sphere(k), v
+
+    def positioned_heads(self, x: torch.Tensor, ctx: ForwardContext, fold_alpha: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`metric_heads`, then q and k rotated and v scaled by the position encoding. In
+        this order a score depends on relative positions only: a rotation keeps Euclidean
+        distances, so ||R_i q - R_j k|| = ||q - R_(j-i) k||, whereas Mahalanobis weights
+        applied after the rotation weigh the two channels of a rotated pair differently at
+        each absolute position. (L2 and cosine commute with the rotation; the order matters
+        for maha_diag.)"""
+        q, k, v = self.metric_heads(x, fold_alpha)
+        q, k = ctx.position.rotate(q, k, ctx.positions)
+        return q, k, ctx.position.scale_values(v, ctx.positions)
 
     def _record_scale(self, ctx: ForwardContext) -> None:
         """alpha (mean over the heads) and, under maha_diag, the spread of the weights (the
@@ -249,16 +307,19 @@ class MetricAttention(nn.Module):
             return self._bidirectional(x, ctx)
         wanted = ctx.output_positions
         no_query = wanted is not None and wanted.size(1) == 0
-        if no_query and not (self.training and self.config.ti_reg_weight > 0):
-            q, (k, v) = None, self.heads.keys_values(x)  # (B, Hkv, T, D) x2
-            k = ctx.position.rotate_keys(self.keys_to_metric_space(k), ctx.positions)
-        else:
-            q, k, v = self.heads.split(x)  # (B, Hq, T, D), (B, Hkv, T, D) x2
-            q, k = self.positioned_metric_space(q, k, ctx)
-        v = ctx.position.scale_values(v, ctx.positions)
+        penalised = self.training and self.config.ti_reg_weight > 0
+        dropout = self.config.attn_drop if self.training else 0.0
+        kernel = self._kernel(x.device, wanted, dropout)
+        fold_alpha = kernel is dot_product_form and not penalised  # the penalty's q has none
+        if no_query and not penalised:
+            q, (k, v) = None, self.metric_keys_values(x)  # (B, Hkv, T, D) x2
+            k = ctx.position.rotate_keys(k, ctx.positions)
+            v = ctx.position.scale_values(v, ctx.positions)
+        else:  # (B, Hq, T, D), (B, Hkv, T, D) x2
+            q, k, v = self.positioned_heads(x, ctx, fold_alpha)
         self._record_scale(ctx)
         k_norm = None if self.config.key_norm == "ignore" else self._key_norms(k)
-        if self.training and self.config.ti_reg_weight > 0:
+        if penalised:
             self._triangle_penalty(q, k, ctx)
         gate = band = None
         if self.balls is not None:
@@ -275,15 +336,11 @@ class MetricAttention(nn.Module):
                 commit()
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
         alpha = self._alpha()
-        dropout = self.config.attn_drop if self.training else 0.0
-        kernel = metric_attention_eager
-        if wanted is None and dropout == 0:
-            kernel = select_kernel(self.config.impl, x.device)
-            if kernel is metric_attention_cpu and gate is None and k_norm is None:
-                kernel = dot_product_form
         if k_norm is None and kernel is not dot_product_form:
             k_norm = self._key_norms(k)  # (B, Hkv, S) zeros
-        if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
+        if fold_alpha:
+            y = scaled_dot_product(q, k, v)
+        elif wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
             columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
             q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
             y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout, query_positions=columns)
@@ -294,6 +351,19 @@ class MetricAttention(nn.Module):
         if commit is not None:
             commit()
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
+
+    def _kernel(self, device: torch.device, wanted: torch.Tensor | None, dropout: float
+                ) -> Kernel:
+        """The kernel of this call, chosen before q is made (`dot_product_form`'s query scale
+        goes into the projection): the reference for K queries or dropout, else `impl`'s,
+        or on CPU `dot_product_form` where there are no key scores and no balls."""
+        if wanted is not None or dropout > 0:
+            return metric_attention_eager
+        kernel = select_kernel(self.config.impl, device)
+        if kernel is metric_attention_cpu and self.balls is None \
+                and self.config.key_norm == "ignore":
+            return dot_product_form
+        return kernel
 
     def _cached(self, cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
                 k_norm: torch.Tensor | None, gate: torch.Tensor | None
@@ -331,21 +401,18 @@ class MetricAttention(nn.Module):
     def _memory_keys(self, memory: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A memory (B, M, C) -> metric-space keys, values (B, Hkv, M, D), key norms."""
-        k, v = self.heads.keys_values(memory)
-        k = self.keys_to_metric_space(k)
+        k, v = self.metric_keys_values(memory)
         return k, v, self._key_norms(k)
 
     def _bidirectional(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Every query over every key ctx.key_mask keeps: the input's own keys (an
         encoder) or, with ctx.memory, the memory's, without positions (queries rotated
         only). The KV cache keeps the memory's keys, projected once."""
-        q = self.queries_to_metric_space(self.heads.queries(x))  # (B, Hq, T, D)
         if ctx.memory is None:
-            k, v = self.heads.keys_values(x)
-            q, k = ctx.position.rotate(q, self.keys_to_metric_space(k), ctx.positions)
-            v = ctx.position.scale_values(v, ctx.positions)
+            q, k, v = self.positioned_heads(x, ctx)  # (B, Hq, T, D), (B, Hkv, T, D) x2
             k_norm = self._key_norms(k)
         else:
+            q = self.queries_to_metric_space(self.heads.queries(x))  # (B, Hq, T, D)
             q = ctx.position.rotate_queries(q, ctx.positions)
             k, v, k_norm = memory_keys_values(ctx, self._memory_keys)  # (B, Hkv, M, D) ...
         self._record_scale(ctx)
