@@ -175,10 +175,10 @@ class PositionedAttention(torch.nn.Module):
 
 
 def metric_heads_reference(attention, x: torch.Tensor, ctx):
-    """A metric attention's q, k (metric space, then rotated) and v (unscaled) from x,
-    each map applied to the projected heads as written (`to_metric_space`), not folded
-    into the projections' weights as the module does."""
-    q, k, v = attention.heads.split(x)
+    """A metric attention's q, k (metric space, then rotated) and v (unscaled) from x:
+    the q and kv projections apart, each map applied to their heads as written
+    (`to_metric_space`), not folded into a stacked weight as the module does."""
+    q, (k, v) = attention.heads.queries(x), attention.heads.keys_values(x)
     return (*ctx.position.rotate(*attention.to_metric_space(q, k), ctx.positions), v)
 
 

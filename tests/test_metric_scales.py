@@ -14,6 +14,7 @@ from tests.conftest import (
     PositionedAttention,
     assert_same_outputs_and_gradients,
     forward_context,
+    metric_heads_reference,
     metric_model_config,
     tiny_model_config,
 )
@@ -23,27 +24,30 @@ from tests.conftest import (
                                                   ("maha_diag", "free"), ("maha_diag", "sphere"),
                                                   ("cosine", "ignore")])
 @pytest.mark.parametrize("fold_alpha", [False, True])
-def test_metric_heads_fold_the_maps_into_the_projections(metric, key_norm, fold_alpha):
-    """`metric_heads` folds the diagonal maps (sqrt(w); 2 alpha with fold_alpha) into the
-    projections' weights and biases: the same q, k and v as the maps applied to the
-    projected heads (`to_metric_space`), in float64, and the same gradients of x and of
-    every parameter; GQA, with biases."""
+def test_positioned_heads_fold_the_maps_into_one_projection(metric, key_norm, fold_alpha):
+    """`positioned_heads` projects q, k and v in one product, folds the diagonal maps
+    (sqrt(w); 2 alpha with fold_alpha) into its weight and bias and rotates q and k as one
+    tensor: the same q, k and v as the q and kv projections apart with the maps and
+    BlackHoleRoPE applied to their heads, in float64, and the same gradients of x and of
+    every parameter (the encoding's too); GQA, with biases."""
     torch.manual_seed(30)
-    config = metric_model_config(metric={"name": metric}, key_norm=key_norm, n_kv_heads=2,
-                                 bias=True)
+    config = tiny_model_config({"name": "metric", "metric": {"name": metric},
+                                "key_norm": key_norm, "n_kv_heads": 2, "bias": True},
+                               position="blackhole_rope")
     attention = ATTENTION.build(config.attention, config).double()
+    ctx = forward_context(config, 7)
+    ctx.position.double()
     with torch.no_grad():
-        attention.log_alpha.normal_()
-        if attention.log_maha is not None:
-            attention.log_maha.normal_()
+        for parameter in (*attention.parameters(), *ctx.position.parameters()):
+            parameter.normal_()
     x = torch.randn(2, 7, config.d_model, dtype=torch.float64, requires_grad=True)
-    q, k, v = attention.heads.split(x)
-    q, k = attention.to_metric_space(q, k)
+    q, k, v = metric_heads_reference(attention, x, ctx)
     if fold_alpha:
         q = q * 2 * attention.log_alpha.exp().view(-1, 1, 1)
-    got = torch.cat([t.flatten() for t in attention.metric_heads(x, fold_alpha)])
-    want = torch.cat([t.flatten() for t in (q, k, v)])
-    assert_same_outputs_and_gradients(got, want, [x, *attention.parameters()])
+    want = torch.cat([t.flatten() for t in (q, k, ctx.position.scale_values(v, ctx.positions))])
+    got = torch.cat([t.flatten() for t in attention.positioned_heads(x, ctx, fold_alpha)])
+    assert_same_outputs_and_gradients(
+        got, want, [x, *attention.parameters(), *ctx.position.parameters()])
 
 
 @torch.no_grad()

@@ -159,9 +159,12 @@ def test_the_last_block_queries_only_the_wanted_positions(attention):
     rows = {0: [], 1: []}  # block -> the rows each projection saw
     for index, block in enumerate(model.blocks):
         for name, module in block.attention.named_modules():
-            if name.split(".")[-1] in ("q", "up"):
+            if name.split(".")[-1] in ("q", "up"):  # queries apart, channel mix
                 module.register_forward_hook(lambda module, args, out, index=index:
                                              rows[index].append(args[0].shape[:-1].numel()))
+            if name.split(".")[-1] == "heads":  # queries stacked with the keys and values
+                module.stacked = lambda x, *a, stacked=module.stacked, index=index: (
+                    rows[index].append(x.shape[:-1].numel()) or stacked(x, *a))
     model(torch.randint(0, 50, (2, 30)), output_positions=_wanted(2, 30, 3))
     assert rows[0] and set(rows[0]) == {2 * 30}
     assert len(rows[1]) == len(rows[0]) and set(rows[1]) == {2 * 3}

@@ -40,14 +40,17 @@ class SelfAttention(nn.Module):
         With ctx.output_positions (B, K), only those positions query: -> (B, K, C)."""
         wanted = ctx.output_positions
         at = None if wanted is None else ctx.positions[wanted]  # (B, K) absolute positions
-        q = self.heads.queries(x, wanted)  # (B, Hq, T or K, D)
         if ctx.memory is None:
-            k, v = self.heads.keys_values(x)  # (B, Hkv, T, D) x2
-            q, k = ctx.position.rotate(q, k, ctx.positions, at)
-            v = ctx.position.scale_values(v, ctx.positions)
+            if wanted is None:  # (B, Hq, T, D), (B, Hkv, T, D) x2
+                q, k, v = self.heads.positioned(x, ctx)
+            else:  # (B, Hq, K, D)
+                q, (k, v) = self.heads.queries(x, wanted), self.heads.keys_values(x)
+                q, k = ctx.position.rotate(q, k, ctx.positions, at)
+                v = ctx.position.scale_values(v, ctx.positions)
             if ctx.cache is not None:
                 k, v = ctx.cache.append("k", k), ctx.cache.append("v", v)  # (B, Hkv, S, D)
         else:
+            q = self.heads.queries(x, wanted)  # (B, Hq, T or K, D)
             q = ctx.position.rotate_queries(q, ctx.positions if at is None else at)
             k, v = memory_keys_values(ctx, self.heads.keys_values)  # (B, Hkv, M, D)
         mask, is_causal = attention_mask(q.size(2), k.size(2), x.device,

@@ -19,6 +19,7 @@ from torch import nn
 
 from moa.errors import ConfigError
 from moa.layers.context import ForwardContext, select_positions
+from moa.layers.kept import KeptValues
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
@@ -70,30 +71,55 @@ class QKVProjection(nn.Module):
         self.kv = nn.Linear(model.d_model, 2 * self.n_kv_heads * self.head_dim, bias=config.bias)
         self.out = nn.Linear(self.n_q_heads * self.head_dim, model.d_model, bias=config.bias)
         self.out.residual = True  # scaled at init as a residual-stream projection
+        self.kept = KeptValues()  # the stacked q and kv weights between decoding steps
 
-    def split(self, x: torch.Tensor, q_rows: torch.Tensor | None = None,
-              kv_rows: torch.Tensor | None = None
+    def split(self, x: torch.Tensor, rows: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D). q_rows (Hq * D,) and kv_rows
-        (2 * Hkv * D,: the keys' then the values') multiply the output channels
-        (`scaled_linear`)."""
-        return (self.queries(x, rows=q_rows), *self.keys_values(x, kv_rows))
+        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D), views of `stacked`."""
+        heads = self.stacked(x, rows).transpose(1, 2)  # (B, Hq + 2 Hkv, T, D)
+        return heads.split([self.n_q_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
 
-    def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C) -> q (B, Hq, T, D), or (B, Hq, K, D) at query_positions (B, K); rows
-        as `split`'s q_rows."""
+    def positioned(self, x: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`split`, then q and k rotated and v scaled by the position encoding at
+        ctx.positions. Queries and keys at the same positions rotate alike, so one rotation
+        of the stacked heads serves both (half the ops of two, forward and backward)."""
+        heads = self.stacked(x, rows).transpose(1, 2)  # (B, Hq + 2 Hkv, T, D)
+        Hqk = self.n_q_heads + self.n_kv_heads
+        q, k = ctx.position.rotate_keys(heads[:, :Hqk], ctx.positions).split(
+            [self.n_q_heads, self.n_kv_heads], dim=1)
+        return q, k, ctx.position.scale_values(heads[:, Hqk:], ctx.positions)
+
+    def stacked(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, Hq + 2 Hkv, D): the query, key and value heads side by
+        side, from one product with the q and kv weights stacked. rows ((Hq + 2 Hkv) D,)
+        multiply the output channels, folded into the weight and bias (`scaled_linear`).
+        Without autograd the stacked weight is kept between calls (`KeptValues`)."""
+        def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = torch.cat([self.q.weight, self.kv.weight])
+            bias = None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias])
+            if rows is None:
+                return weight, bias
+            return weight * rows[:, None], None if bias is None else bias * rows
+
+        weight, bias = self.kept.get("stacked", [*self.q.parameters(), *self.kv.parameters()],
+                                     stack, given=rows)
+        B, T, _ = x.shape
+        return F.linear(x, weight, bias).view(B, T, -1, self.head_dim)
+
+    def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (B, T, C) -> q (B, Hq, T, D), or (B, Hq, K, D) at query_positions (B, K)."""
         x_q = x if query_positions is None else select_positions(x, query_positions)
         B, T, _ = x_q.shape
-        q = scaled_linear(x_q, self.q, rows)
-        return q.view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
+        return self.q(x_q).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
 
-    def keys_values(self, source: torch.Tensor, kv_rows: torch.Tensor | None = None
+    def keys_values(self, source: torch.Tensor, rows: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """source (B, S, C) -> k, v (B, Hkv, S, D): the input itself, or a memory; kv_rows
-        as `split`'s."""
+        """source (B, S, C) -> k, v (B, Hkv, S, D): the input itself, or a memory. rows
+        (2 Hkv D,: the keys' then the values') multiply the output channels."""
         B, S, _ = source.shape
-        kv = scaled_linear(source, self.kv, kv_rows).view(B, S, 2, self.n_kv_heads, self.head_dim)
+        kv = scaled_linear(source, self.kv, rows).view(B, S, 2, self.n_kv_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4)
         return k, v
 

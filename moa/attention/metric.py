@@ -232,59 +232,59 @@ class MetricAttention(nn.Module):
         """2 alpha (Hq, 1, 1) in `dtype`: the dot-product form's query scale."""
         return (2 * self._alpha()).to(dtype)[:, None, None]
 
-    def _projection_rows(self, fold_alpha: bool
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The factors of the q and kv projections' output channels (`QKVProjection.split`)
+    def _projection_rows(self, fold_alpha: bool) -> torch.Tensor | None:
+        """The factors of the stacked projection's output channels (`QKVProjection.stacked`)
         that map q and k to the metric space under l2 and maha_diag: sqrt(w) for q (each
         key head's over its group) and k, 1 for v; with fold_alpha, q's also times 2 alpha
-        of its head. (Hq * D,) and (2 * Hkv * D,) in the weights' dtype, None where all 1."""
-        dtype = self.heads.q.weight.dtype
+        of its head. ((Hq + 2 Hkv) D,) in the weights' dtype; None where all are 1."""
+        if self.log_maha is None and not fold_alpha:
+            return None
+        weight = self.heads.q.weight
+        Hq, Hkv, D = self.heads.n_q_heads, self.heads.n_kv_heads, self.heads.head_dim
 
-        def compute() -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            q_rows = kv_rows = None
-            if self.log_maha is not None:
-                q_scale, k_scale = (scale.flatten() for scale in self._maha_scales(dtype))
-                q_rows, kv_rows = q_scale, torch.cat([k_scale, torch.ones_like(k_scale)])
+        def compute() -> torch.Tensor:
+            if self.log_maha is None:
+                q_scale, k_scale = weight.new_ones(Hq * D), weight.new_ones(Hkv * D)
+            else:
+                q_scale, k_scale = (scale.flatten() for scale in self._maha_scales(weight.dtype))
             if fold_alpha:
-                factor = self._query_factor(dtype).repeat_interleave(self.heads.head_dim)
-                q_rows = factor if q_rows is None else q_rows * factor
-            return q_rows, kv_rows
+                q_scale = q_scale * self._query_factor(weight.dtype).repeat_interleave(D)
+            return torch.cat([q_scale, k_scale, torch.ones_like(k_scale)])
 
         parameters = [p for p in (self.log_maha, self.log_alpha) if p is not None]
-        return self.kept.get(f"rows {dtype} {fold_alpha}", parameters, compute)
-
-    def metric_heads(self, x: torch.Tensor, fold_alpha: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D), q and k as
-        `to_metric_space` maps them, q also times 2 alpha with fold_alpha. Under l2 and
-        maha_diag the maps are diagonal, folded into the projections' weights: a product
-        the size of a weight in place of one the size of q or k, forward and backward."""
-        if self.config.metric.name == "cosine":
-            q, k, v = self.heads.split(x)
-            q, k = self.to_metric_space(q, k)
-            return (q * self._query_factor(q.dtype) if fold_alpha else q), k, v
-        q_rows, kv_rows = self._projection_rows(fold_alpha)
-        q, k, v = self.heads.split(x, q_rows, kv_rows)
-        return q, self._on_sphere(k), v
+        return self.kept.get(f"rows {weight.dtype} {fold_alpha}", parameters, compute)
 
     def metric_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """source (B, S, C) -> metric-space keys, values (B, Hkv, S, D), as `metric_heads`."""
+        """source (B, S, C) -> metric-space keys, values (B, Hkv, S, D), as
+        `positioned_heads` makes them, before the position encoding."""
         if self.config.metric.name == "cosine":
             k, v = self.heads.keys_values(source)
             return self.keys_to_metric_space(k), v
-        k, v = self.heads.keys_values(source, self._projection_rows(False)[1])
+        rows = self._projection_rows(False)
+        if rows is not None:
+            rows = rows[self.heads.q.out_features:]
+        k, v = self.heads.keys_values(source, rows)
         return self._on_sphere(k), v
 
     def positioned_heads(self, x: torch.Tensor, ctx: ForwardContext, fold_alpha: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`metric_heads`, then q and k rotated and v scaled by the position encoding. In
-        this order a score depends on relative positions only: a rotation keeps Euclidean
-        distances, so ||R_i q - R_j k|| = ||q - R_(j-i) k||, whereas Mahalanobis weights
-        applied after the rotation weigh the two channels of a rotated pair differently at
-        each absolute position. (L2 and cosine commute with the rotation; the order matters
-        for maha_diag.)"""
-        q, k, v = self.metric_heads(x, fold_alpha)
-        q, k = ctx.position.rotate(q, k, ctx.positions)
+        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D): q and k mapped to the
+        metric space (`to_metric_space`), q also times 2 alpha with fold_alpha, then q and k
+        rotated and v scaled by the position encoding. In this order a score depends on
+        relative positions only: a rotation keeps Euclidean distances, so
+        ||R_i q - R_j k|| = ||q - R_(j-i) k||, whereas Mahalanobis weights applied after
+        the rotation weigh the two channels of a rotated pair differently at each absolute
+        position. (L2 and cosine commute with the rotation; the order matters for
+        maha_diag.) Under l2 and maha_diag the maps are diagonal, folded into the
+        projection's weights (`_projection_rows`): a product the size of a weight in place
+        of one the size of q or k, forward and backward."""
+        if self.config.metric.name != "cosine":
+            q, k, v = self.heads.positioned(x, ctx, self._projection_rows(fold_alpha))
+            return q, self._on_sphere(k), v
+        q, k, v = self.heads.split(x)
+        q, k = self.to_metric_space(q, k)
+        q, k = ctx.position.rotate(q * self._query_factor(q.dtype) if fold_alpha else q, k,
+                                   ctx.positions)
         return q, k, ctx.position.scale_values(v, ctx.positions)
 
     def _record_scale(self, ctx: ForwardContext) -> None:
