@@ -3,6 +3,7 @@ value gate bounded; causal and cached == uncached in the model; gradients; a smo
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -188,6 +189,39 @@ def test_gradients_reach_perturbation_and_gate(attention):
                                       torch.randint(0, 50, (32,))).backward()
     assert model.position.phase_coefficients.grad.abs().sum() > 0
     assert model.position.energy_coefficients.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", [{}, {"name": "metric", "n_kv_heads": 1}])
+def test_a_forward_computes_the_tables_once_for_every_layer(attention, monkeypatch):
+    """Within a model's forward, with autograd, the layers share the tables (angles, value
+    gate) computed once from the positions; the logits and every gradient are those of
+    a forward whose every layer computes its own, in float64. Two forwards share none:
+    the tables, with their graph, are dropped when the forward ends."""
+    torch.manual_seed(0)
+    model = blackhole_model(attention).double().train()
+    ids = torch.randint(0, 50, (2, 13))
+    calls = []
+    for name in ("angles", "energy_gate"):
+        compute = getattr(model.position, name)
+        monkeypatch.setattr(model.position, name,
+                            lambda at, compute=compute, name=name: calls.append(name)
+                            or compute(at))
+
+    def logits_and_gradients():
+        logits = model(ids).logits
+        return (logits, *torch.autograd.grad(logits.square().sum(), list(model.parameters())))
+
+    shared = logits_and_gradients()
+    assert sorted(calls) == ["angles", "energy_gate"]
+    assert not model.position._tables.values  # none outlives its forward, nor its graph
+    again = logits_and_gradients()
+    monkeypatch.setattr(model.position, "one_forward", contextlib.nullcontext)
+    calls.clear()
+    apart = logits_and_gradients()
+    assert len(calls) == 2 * len(model.blocks)
+    for got, repeated, want in zip(shared, again, apart, strict=True):
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(repeated, got, rtol=0, atol=0)
 
 
 def test_smoke_train(compose_config):

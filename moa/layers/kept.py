@@ -9,12 +9,15 @@ after any optimizer step in the process, or when the `given` input is another te
 object. Optimizer steps are counted apart because a fused one (`torch.optim.AdamW(fused=
 True)`, moa's default) writes the parameters without bumping their version counters.
 With autograd every call computes, so that no kept value carries one forward's graph into
-another.
+another; except within `one_forward()`, around one forward of a model, where its layers
+share one value and one graph (the value's gradient is then the sum of theirs), dropped
+when the forward ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,11 +36,22 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 class KeptValues:
     def __init__(self) -> None:
         self.values: dict[str, tuple] = {}  # name -> (given, parameters' state, value)
+        self.in_one_forward = False
+
+    @contextmanager
+    def one_forward(self) -> Iterator[None]:
+        """Keep values with autograd too until the end of the block: one forward's."""
+        self.in_one_forward = True
+        try:
+            yield
+        finally:
+            self.in_one_forward = False
+            self.values.clear()
 
     def get(self, name: str, parameters: Iterable[torch.Tensor], compute: Callable[[], Any],
             given: torch.Tensor | None = None) -> Any:
         """compute(), or the value it gave while `parameters` and `given` stand."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not self.in_one_forward:
             return compute()
         state = (_optimizer_steps[0], *((p.data_ptr(), 0 if p.is_inference() else p._version)
                                         for p in parameters))  # inference tensors: no version

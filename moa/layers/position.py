@@ -11,6 +11,7 @@ positions only (`ForwardContext.output_positions`) has queries at those.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,16 @@ POSITION: Registry[nn.Module] = Registry("position")
 
 
 class PositionEncoding(nn.Module):
+    """Queries and keys at the same positions rotate alike (`rotate_keys` rotates either),
+    which keeps every score a function of relative position."""
+
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x
+
+    def one_forward(self) -> AbstractContextManager:
+        """Around one forward of a model, whose layers may then share the tables computed
+        from its positions, with autograd too."""
+        return nullcontext()
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -160,6 +169,9 @@ class BlackHoleRoPE(PositionEncoding):
         self.energy_amplification = config.energy_amplification
         self._tables = KeptValues()
 
+    def one_forward(self) -> AbstractContextManager:
+        return self._tables.one_forward()
+
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         query_positions: torch.Tensor | None = None,
@@ -189,8 +201,9 @@ class BlackHoleRoPE(PositionEncoding):
     def _kept(self, name: str, positions: torch.Tensor, compute: Callable) -> Any:
         """compute(positions), kept while the same `positions` tensor comes back: every layer
         and every path of one forward encodes the same positions (a MoA decoding step
-        computed these tables eight times). Only without autograd (`KeptValues`). The model
-        makes a new positions tensor for each forward and never writes into it."""
+        computed these tables eight times). Without autograd, or with it within
+        `one_forward` (`KeptValues`). The model makes a new positions tensor for each
+        forward and never writes into it."""
         return self._tables.get(name, self._parameters.values(), lambda: compute(positions),
                                 given=positions)
 

@@ -128,11 +128,12 @@ class LanguageModel(nn.Module):
         ctx = ForwardContext(positions=positions, position=self.position, record=record)
         last_block_at = output_positions if self.last_block_at_outputs else None
         x = self.dropout(self.position.embed(self.embedding(input_ids), positions))
-        for index, block in enumerate(self.blocks):
-            layer_ctx = ctx.for_layer(index, cache)
-            if index == len(self.blocks) - 1:
-                layer_ctx = layer_ctx.replace(output_positions=last_block_at)
-            x = block(x, layer_ctx)  # (B, K, C) after the last block where it selects
+        with self.position.one_forward():  # the layers share its tables
+            for index, block in enumerate(self.blocks):
+                layer_ctx = ctx.for_layer(index, cache)
+                if index == len(self.blocks) - 1:
+                    layer_ctx = layer_ctx.replace(output_positions=last_block_at)
+                x = block(x, layer_ctx)  # (B, K, C) after the last block where it selects
         if self.shared_ffn is not None:
             x = self.shared_ffn(x, _slot(ctx, cache, "ffn"))
         head_ctx = _slot(ctx, cache, "head").replace(

@@ -99,7 +99,8 @@ class ReactiveTransformer(nn.Module):
         ctx = self._context(0, ids.size(1), ids.device, causal=False, key_mask=pad_mask)
         if self.config.encoder_reads_memory and memory is None:
             memory = self.initial_memory(ids.size(0), ids.device, self.embedding.weight.dtype)
-        layers = self.encoder.layers(self._embed(ids, ctx.positions), ctx, memory, None)
+        with self.position.one_forward():  # the layers share its tables
+            layers = self.encoder.layers(self._embed(ids, ctx.positions), ctx, memory, None)
         return EncoderOutput(self.encoder.norm(layers[-1]), torch.stack(layers))
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -115,8 +116,9 @@ class ReactiveTransformer(nn.Module):
         tokens continue it, and the memory's keys and values are those of its first call."""
         start = cache.length if cache is not None else 0
         ctx = self._context(start, ids.size(1), ids.device, causal=True)
-        layers = self.decoder.layers(self._embed(ids, ctx.positions), ctx, memory, memory_mask,
-                                     cache)
+        with self.position.one_forward():  # the layers share its tables
+            layers = self.decoder.layers(self._embed(ids, ctx.positions), ctx, memory,
+                                         memory_mask, cache)
         logits = self.decoder.lm_head(self.decoder.norm(layers[-1]), ctx.scoped("head"))
         if cache is not None:
             cache.length += ids.size(1)
