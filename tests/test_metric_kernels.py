@@ -317,8 +317,9 @@ def test_pruned_keys_cost_nothing(monkeypatch):
     """The forward calls read the kept keys (plus each query's diagonal block), and the
     backward's extra pass for the gate gradient gathers the band's keys only (its pruned
     keys for the windows, all of them for the diagonal blocks): far keys are never read
-    there, and no key outside the band gets a gate gradient. Seeded: how many kept keys
-    precede each block varies with the draw (about 0.4 T^2 / 2 here, 0.52 at worst)."""
+    there, and no key outside the band gets a gate gradient. The draw is fresh each run
+    (`_inputs`), and how many kept keys precede each block varies with it: 0.44 T^2 / 2 on
+    average over 300 draws, 0.52 at most."""
     torch.manual_seed(0)
     B, Hq, Hkv, T, D = 1, 4, 2, 96, 8
     inputs, balls = _ball_inputs(B, Hq, Hkv, T, T, D, kept=0.25)
@@ -341,7 +342,7 @@ def test_pruned_keys_cost_nothing(monkeypatch):
     # and its diagonal block, and the diagonal block (8): about 0.25 T^2 / 2 + 8 T.
     kept_before = kept.sum(-1).max().item()
     assert sum(pairs) <= T * kept_before + 2 * 8 * T
-    assert sum(pairs) < 0.5 * T * T / 2  # far below the unpruned causal T^2 / 2
+    assert sum(pairs) < 0.6 * T * T / 2  # well below the unpruned causal T^2 / 2
     assert [keep.sum().item() for keep in gathered] == [
         kept.sum().item(), (band & ~kept).sum().item(), band.sum().item()]
     assert torch.equal(gathered[1], band & ~kept) and torch.equal(gathered[2], band)

@@ -29,7 +29,7 @@ def test_positioned_heads_fold_the_maps_into_one_projection(metric, key_norm, fo
     (sqrt(w); 2 alpha with fold_alpha) into its weight and bias and rotates q and k as one
     tensor: the same q, k and v as the q and kv projections apart with the maps and
     BlackHoleRoPE applied to their heads, in float64, and the same gradients of x and of
-    every parameter (the encoding's too); GQA, with biases."""
+    every parameter (the encoding's too); GQA, with biases. Without autograd too."""
     torch.manual_seed(30)
     config = tiny_model_config({"name": "metric", "metric": {"name": metric},
                                 "key_norm": key_norm, "n_kv_heads": 2, "bias": True},
@@ -48,6 +48,9 @@ def test_positioned_heads_fold_the_maps_into_one_projection(metric, key_norm, fo
     got = torch.cat([t.flatten() for t in attention.positioned_heads(x, ctx, fold_alpha)])
     assert_same_outputs_and_gradients(
         got, want, [x, *attention.parameters(), *ctx.position.parameters()])
+    with torch.no_grad():  # the inference path: the products apart, the maps on their outputs
+        inferred = torch.cat([t.flatten() for t in attention.positioned_heads(x, ctx, fold_alpha)])
+    torch.testing.assert_close(inferred, want)
 
 
 @torch.no_grad()
@@ -116,7 +119,7 @@ def test_kept_alpha_and_mahalanobis_scales_follow_the_parameters():
         module.attention.log_alpha.add_(0.3)
         module.attention.log_maha.normal_()
         moved = module(x)
-    torch.testing.assert_close(moved, module(x), rtol=0, atol=0)  # with autograd: computed
+    torch.testing.assert_close(moved, module(x))  # with autograd: computed, in one product
     assert not torch.allclose(moved, before)
     with torch.no_grad():
         wide = module.double()(x.double())
@@ -138,7 +141,7 @@ def test_kept_values_follow_a_fused_optimizer_step():
     torch.optim.AdamW(module.parameters(), lr=0.1, fused=True).step()
     with torch.no_grad():
         stepped = module(x)
-    torch.testing.assert_close(stepped, module(x), rtol=0, atol=0)  # with autograd: computed
+    torch.testing.assert_close(stepped, module(x))  # with autograd: computed, in one product
 
 @pytest.mark.parametrize("learn_alpha", [True, False])
 def test_alpha_init_is_alpha_learned_or_fixed(learn_alpha):

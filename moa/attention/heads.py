@@ -19,7 +19,6 @@ from torch import nn
 
 from moa.errors import ConfigError
 from moa.layers.context import ForwardContext, select_positions
-from moa.layers.kept import KeptValues
 from moa.schema import check, check_range
 
 if TYPE_CHECKING:
@@ -71,7 +70,6 @@ class QKVProjection(nn.Module):
         self.kv = nn.Linear(model.d_model, 2 * self.n_kv_heads * self.head_dim, bias=config.bias)
         self.out = nn.Linear(self.n_q_heads * self.head_dim, model.d_model, bias=config.bias)
         self.out.residual = True  # scaled at init as a residual-stream projection
-        self.kept = KeptValues()  # the stacked q and kv weights between decoding steps
 
     def split(self, x: torch.Tensor, rows: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,20 +90,22 @@ class QKVProjection(nn.Module):
 
     def stacked(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, Hq + 2 Hkv, D): the query, key and value heads side by
-        side, from one product with the q and kv weights stacked. rows ((Hq + 2 Hkv) D,)
-        multiply the output channels, folded into the weight and bias (`scaled_linear`).
-        Without autograd the stacked weight is kept between calls (`KeptValues`)."""
-        def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
+        side. rows ((Hq + 2 Hkv) D,) multiply the output channels. With autograd (training):
+        one product with the q and kv weights stacked, rows folded into the weight and bias
+        (`scaled_linear`), so that each weight-sized copy saves passes over q and k.
+        Without (inference): the two products apart and rows on their outputs, which keeps
+        no second copy of the weights and costs little at a decoding step's one token."""
+        B, T, _ = x.shape
+        if torch.is_grad_enabled():
             weight = torch.cat([self.q.weight, self.kv.weight])
             bias = None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias])
-            if rows is None:
-                return weight, bias
-            return weight * rows[:, None], None if bias is None else bias * rows
-
-        weight, bias = self.kept.get("stacked", [*self.q.parameters(), *self.kv.parameters()],
-                                     stack, given=rows)
-        B, T, _ = x.shape
-        return F.linear(x, weight, bias).view(B, T, -1, self.head_dim)
+            if rows is not None:
+                weight, bias = weight * rows[:, None], None if bias is None else bias * rows
+            heads = F.linear(x, weight, bias)
+        else:
+            heads = torch.cat([self.q(x), self.kv(x)], dim=-1)
+            heads = heads if rows is None else heads * rows
+        return heads.view(B, T, -1, self.head_dim)
 
     def queries(self, x: torch.Tensor, query_positions: torch.Tensor | None = None
                 ) -> torch.Tensor:
