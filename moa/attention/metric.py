@@ -335,22 +335,30 @@ class MetricAttention(nn.Module):
             if commit is not None:
                 commit()
             return x.new_zeros(x.size(0), 0, x.size(2))  # (B, 0, C)
-        alpha = self._alpha()
-        if k_norm is None and kernel is not dot_product_form:
-            k_norm = self._key_norms(k)  # (B, Hkv, S) zeros
-        if fold_alpha:
-            y = scaled_dot_product(q, k, v)
-        elif wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
-            columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
-            q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
-            y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout, query_positions=columns)
-        elif dropout > 0:
-            y = kernel(q, k, v, k_norm, alpha, gate, dropout=dropout)
+        if fold_alpha:  # q carries its 2 alpha
+            y = scaled_dot_product(q, k, v)  # (B, Hq, T, D)
         else:
-            y = kernel(q, k, v, k_norm, alpha, gate, band)
+            y = self._attend(kernel, q, k, v, k_norm, gate, band, wanted, dropout)
         if commit is not None:
             commit()
         return self.proj_drop(self.heads.merge(y))  # (B, T or K, C)
+
+    def _attend(self, kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_norm: torch.Tensor | None, gate: torch.Tensor | None,
+                band: torch.Tensor | None, wanted: torch.Tensor | None, dropout: float
+                ) -> torch.Tensor:
+        """`kernel` over q (B, Hq, T, D) and the keys k, v (B, Hkv, S, D) with alpha: every
+        query, or those at `wanted` (B, K) -> (B, Hq, T or K, D)."""
+        alpha = self._alpha()
+        if k_norm is None and kernel is not dot_product_form:
+            k_norm = self._key_norms(k)  # (B, Hkv, S) zeros
+        if wanted is not None:  # K queries: the reference's (B, Hq, K, S) scores are small
+            columns = k.size(2) - q.size(2) + wanted  # the queries' own keys among the S
+            q = select_positions(q.transpose(1, 2), wanted).transpose(1, 2)  # (B, Hq, K, D)
+            return kernel(q, k, v, k_norm, alpha, gate, dropout=dropout, query_positions=columns)
+        if dropout > 0:
+            return kernel(q, k, v, k_norm, alpha, gate, dropout=dropout)
+        return kernel(q, k, v, k_norm, alpha, gate, band)
 
     def _kernel(self, device: torch.device, wanted: torch.Tensor | None, dropout: float
                 ) -> Kernel:
