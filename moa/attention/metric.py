@@ -2,10 +2,12 @@
 
 `metric` picks d: `l2` (Euclidean), `cosine` (Euclidean between unit vectors: q and k are
 normalised first) or `maha_diag` (diagonal Mahalanobis, `sum_c w_c (q_c - k_c)^2` with
-learned positive w per key head: q and k are scaled by sqrt(w) first). After that map
-every metric is Euclidean, so one kernel serves all three (`moa/kernels/`), chosen by
-`impl`: `eager` (the reference, O(L^2)), `cpu_fused` (PyTorch's fused CPU flash kernel),
-`triton` (flash-style Triton kernels) or `auto` (triton on CUDA, cpu_fused otherwise).
+learned positive w per key head: q and k are scaled by sqrt(w) first; the map, alpha and
+the weights are `MetricSpace`, moa/attention/metric_space.py, which `MetricAttention`
+extends). After that map every metric is Euclidean, so one kernel serves all three
+(`moa/kernels/`), chosen by `impl`: `eager` (the reference, O(L^2)), `cpu_fused`
+(PyTorch's fused CPU flash kernel), `triton` (flash-style Triton kernels) or `auto`
+(triton on CUDA, cpu_fused otherwise).
 
 Since -alpha ||q - k||^2 = 2 alpha q.k - alpha ||k||^2 - alpha ||q||^2 and the last term
 cancels in the softmax, `key_norm` says what becomes of the middle one, a score for each
@@ -26,24 +28,22 @@ those of the keys inside their ball (`_cached`), so its bytes follow the kept fr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from moa.attention.balls import BallPruning
-from moa.attention.heads import HeadsConfig, QKVProjection, memory_keys_values
+from moa.attention.heads import HeadsConfig, memory_keys_values
+from moa.attention.metric_space import MetricSpace
 from moa.attention.registry import ATTENTION
 from moa.kernels.masks import attention_mask
 from moa.kernels.metric_bidirectional import metric_attention_bidirectional
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
-from moa.layers.kept import KeptValues
 from moa.layers.kv_cache import LayerCache
 from moa.layers.regularizers import ball_target_log_radius, triangle_inequality_penalty
 from moa.layers.residual import Dropout
@@ -56,13 +56,6 @@ if TYPE_CHECKING:
 METRICS = ("l2", "cosine", "maha_diag")
 IMPLS = ("auto", "eager", "cpu_fused", "triton")
 KEY_NORMS = ("free", "sphere", "ignore")
-
-
-def default_alpha(head_dim: int) -> float:
-    """alpha_init: null. -alpha ||q - k||^2 = 2 alpha q.k - alpha ||k||^2 - alpha ||q||^2,
-    and the last term cancels in the softmax: alpha = 1 / (2 sqrt(D)) gives the q.k part
-    SDPA's scale q.k / sqrt(D)."""
-    return 1.0 / (2.0 * math.sqrt(head_dim))
 
 
 @dataclass
@@ -81,7 +74,7 @@ class MetricAttentionConfig(HeadsConfig):
     name: str = "metric"
     metric: MetricConfig = field(default_factory=MetricConfig)
     impl: str = "auto"
-    alpha_init: float | None = None  # None: default_alpha(head_dim)
+    alpha_init: float | None = None  # None: metric_space.default_alpha(head_dim)
     learn_alpha: bool = True
     key_norm: str = "ignore"  # no -alpha ||k||^2 term; free: the distance; sphere: ||k|| = sqrt(D)
     use_balls: bool = False
@@ -163,138 +156,18 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
 
 @ATTENTION.register("metric", MetricAttentionConfig)
-class MetricAttention(nn.Module):
+class MetricAttention(MetricSpace):
     computes_output_positions = True  # queries at ctx.output_positions only, when given
     bidirectional = True  # honours ctx.causal=False and ctx.memory (encoders, memory reads)
 
     def __init__(self, config: MetricAttentionConfig, model: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.heads = QKVProjection(config, model)
-        n_q, n_kv, D = self.heads.n_q_heads, self.heads.n_kv_heads, self.heads.head_dim
-        self.group = n_q // n_kv
-        alpha = default_alpha(D) if config.alpha_init is None else config.alpha_init
-        log_alpha = torch.full((n_q,), math.log(alpha))
-        if config.learn_alpha:
-            self.log_alpha = nn.Parameter(log_alpha)
-        else:
-            self.register_buffer("log_alpha", log_alpha)
-        self.log_maha = None
-        if config.metric.name == "maha_diag":
-            self.log_maha = nn.Parameter(torch.full((n_kv, D), math.log(config.metric.maha_init)))
+        super().__init__(config, model)
         self.balls = None
         if config.use_balls:
-            self.balls = BallPruning(n_kv, D, config.radius_init, config.learn_radius,
+            self.balls = BallPruning(self.heads.n_kv_heads, self.heads.head_dim,
+                                     config.radius_init, config.learn_radius,
                                      config.origin_init_scale, config.ball_band)
         self.proj_drop = Dropout(config.proj_drop)
-        self.kept = KeptValues()  # alpha and the Mahalanobis scales between decoding steps
-
-    def to_metric_space(self, q: torch.Tensor, k: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map q (B, Hq, T, D) and k (B, Hkv, T, D) to where the metric is Euclidean."""
-        return self.queries_to_metric_space(q), self.keys_to_metric_space(k)
-
-    def queries_to_metric_space(self, q: torch.Tensor) -> torch.Tensor:
-        if self.config.metric.name == "cosine":
-            return F.normalize(q, dim=-1)
-        if self.log_maha is not None:
-            q = q * self._maha_scales(q.dtype)[0]
-        return q
-
-    def keys_to_metric_space(self, k: torch.Tensor) -> torch.Tensor:
-        if self.config.metric.name == "cosine":
-            return F.normalize(k, dim=-1)
-        if self.log_maha is not None:
-            k = k * self._maha_scales(k.dtype)[1]
-        return self._on_sphere(k)
-
-    def _on_sphere(self, k: torch.Tensor) -> torch.Tensor:
-        """key_norm=sphere: ||k||^2 = D, no key scores without a query."""
-        if self.config.key_norm != "sphere":
-            return k
-        return F.normalize(k, dim=-1) * math.sqrt(k.size(-1))
-
-    def _maha_scales(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """sqrt(w) in `dtype` for the queries (Hq, 1, D), each key head's over its group,
-        and for the keys (Hkv, 1, D)."""
-        def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            scale = (0.5 * self.log_maha).exp().to(dtype)  # (Hkv, D)
-            queries = scale if self.group == 1 else scale.repeat_interleave(self.group, 0)
-            return queries[:, None], scale[:, None]
-
-        return self.kept.get(f"maha {dtype}", (self.log_maha,), compute)
-
-    def _alpha(self) -> torch.Tensor:
-        """alpha (Hq,) = exp(log alpha)."""
-        return self.kept.get("alpha", (self.log_alpha,), self.log_alpha.exp)
-
-    def _query_factor(self, dtype: torch.dtype) -> torch.Tensor:
-        """2 alpha (Hq, 1, 1) in `dtype`: the dot-product form's query scale."""
-        return (2 * self._alpha()).to(dtype)[:, None, None]
-
-    def _projection_rows(self, fold_alpha: bool) -> torch.Tensor | None:
-        """The factors of the stacked projection's output channels (`QKVProjection.stacked`)
-        that map q and k to the metric space under l2 and maha_diag: sqrt(w) for q (each
-        key head's over its group) and k, 1 for v; with fold_alpha, q's also times 2 alpha
-        of its head. ((Hq + 2 Hkv) D,) in the weights' dtype; None where all are 1."""
-        if self.log_maha is None and not fold_alpha:
-            return None
-        weight = self.heads.q.weight
-        Hq, Hkv, D = self.heads.n_q_heads, self.heads.n_kv_heads, self.heads.head_dim
-
-        def compute() -> torch.Tensor:
-            if self.log_maha is None:
-                q_scale, k_scale = weight.new_ones(Hq * D), weight.new_ones(Hkv * D)
-            else:
-                q_scale, k_scale = (scale.flatten() for scale in self._maha_scales(weight.dtype))
-            if fold_alpha:
-                q_scale = q_scale * self._query_factor(weight.dtype).repeat_interleave(D)
-            return torch.cat([q_scale, k_scale, torch.ones_like(k_scale)])
-
-        parameters = [p for p in (self.log_maha, self.log_alpha) if p is not None]
-        return self.kept.get(f"rows {weight.dtype} {fold_alpha}", parameters, compute)
-
-    def metric_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """source (B, S, C) -> metric-space keys, values (B, Hkv, S, D), as
-        `positioned_heads` makes them, before the position encoding."""
-        if self.config.metric.name == "cosine":
-            k, v = self.heads.keys_values(source)
-            return self.keys_to_metric_space(k), v
-        rows = self._projection_rows(False)
-        if rows is not None:
-            rows = rows[self.heads.q.out_features:]
-        k, v = self.heads.keys_values(source, rows)
-        return self._on_sphere(k), v
-
-    def positioned_heads(self, x: torch.Tensor, ctx: ForwardContext, fold_alpha: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, Hq, T, D), k, v (B, Hkv, T, D): q and k mapped to the
-        metric space (`to_metric_space`), q also times 2 alpha with fold_alpha, then q and k
-        rotated and v scaled by the position encoding. In this order a score depends on
-        relative positions only: a rotation keeps Euclidean distances, so
-        ||R_i q - R_j k|| = ||q - R_(j-i) k||, whereas Mahalanobis weights applied after
-        the rotation weigh the two channels of a rotated pair differently at each absolute
-        position. (L2 and cosine commute with the rotation; the order matters for
-        maha_diag.) Under l2 and maha_diag the maps are diagonal, folded into the
-        projection's weights (`_projection_rows`): a product the size of a weight in place
-        of one the size of q or k, forward and backward."""
-        if self.config.metric.name != "cosine":
-            q, k, v = self.heads.positioned(x, ctx, self._projection_rows(fold_alpha))
-            return q, self._on_sphere(k), v
-        q, k, v = self.heads.split(x)
-        q, k = self.to_metric_space(q, k)
-        q, k = ctx.position.rotate(q * self._query_factor(q.dtype) if fold_alpha else q, k,
-                                   ctx.positions)
-        return q, k, ctx.position.scale_values(v, ctx.positions)
-
-    def _record_scale(self, ctx: ForwardContext) -> None:
-        """alpha (mean over the heads) and, under maha_diag, the spread of the weights (the
-        standard deviation of log w over heads and channels: 0 while every w is equal)."""
-        if not self.training or not ctx.record.wants_stats:
-            return
-        ctx.record.stat("alpha", self.log_alpha.detach().exp().mean())
-        if self.log_maha is not None:
-            ctx.record.stat("maha_log_spread", self.log_maha.detach().std(correction=0))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); causal over the cached and the new positions. With
