@@ -24,6 +24,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(call venv_with_torch,$(VENV))
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	# the CPU ball-pruning kernel, compiled now rather than at the first pruned call
+	$(BIN)/python -c "from moa.kernels.pruned_attention import compiled; compiled()"
 	touch $(STAMP)
 
 LOCK_VENV := .venv-lock

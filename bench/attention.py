@@ -27,9 +27,8 @@ keeps a fraction p of the keys: key directions are random and their norms unifor
 (0, 1/p), so a fraction p lies inside. On CPU the unpruned and pruned calls take turns in
 each repeat (a loaded machine slows them alike). Each row carries the measured
 `kept_fraction` and `ratio_to_unpruned`, its time over the unpruned kernel's in the same
-run. `--window-blocks 1024,256,64` sets the CPU kernel's query-block levels
-(`moa/kernels/key_compaction.py`'s WINDOW_BLOCKS, each dividing the one before; the last
-is the diagonal blocks' size); each ball row records the levels it ran with.
+run. `--block-rows N` sets the CPU kernel's queries per block
+(`moa/kernels/pruned_attention.py`'s ROWS); each CPU ball row records the value it ran with.
 """
 
 from __future__ import annotations
@@ -41,14 +40,13 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
-from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa.attention.balls import BallPruning
-from moa.kernels import key_compaction
+from moa.kernels import pruned_attention
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.training.memory import peak_allocated_mb
@@ -98,18 +96,6 @@ def _fractions(text: str) -> list[float]:
     return fractions
 
 
-def _window_blocks(text: str) -> tuple[int, ...]:
-    """--window-blocks: comma-separated block sizes, each dividing the one before."""
-    try:
-        sizes = tuple(int(size) for size in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1 or any(a % b for a, b in pairwise(sizes)):
-        raise argparse.ArgumentTypeError(
-            f"block sizes like 1024,256,64 (positive, each dividing the one before), got {text}")
-    return sizes
-
-
 def _ball_inputs(batch: int, L: int, kept: float, device: str, dtype: torch.dtype
                  ) -> tuple[list, BallPruning]:
     """q, k, v, alpha with key norms uniform on (0, 1/kept), and a ball of radius 1 at the
@@ -152,7 +138,7 @@ def _interleaved_ms(setups: list[tuple], device: str, repeats: int) -> list[tupl
 def _ball_rows(args, impls: list[str], device: str, dtype: torch.dtype) -> list[dict]:
     """Each kernel unpruned and at each kept fraction of --balls, per length."""
     records = []
-    levels = {"window_blocks": list(key_compaction.WINDOW_BLOCKS)} if device == "cpu" else {}
+    levels = {"block_rows": pruned_attention.ROWS} if device == "cpu" else {}
     print(f"{'impl':>10} {'L':>6} {'kept':>6} {'fwd_ms':>9} {'fwd_bwd_ms':>11} {'ratio':>11}")
     for impl, L in ((impl, L) for impl in impls for L in args.lengths or [2048, 4096]):
         fn = _kernel(impl)
@@ -262,14 +248,16 @@ def main() -> None:
                         help="CUDA: also each forward+backward's kernel times (torch profiler)")
     parser.add_argument("--balls", type=_fractions, default=None,
                         help="kept fractions, e.g. 0.25,0.5,0.75: time ball pruning instead")
-    parser.add_argument("--window-blocks", type=_window_blocks, default=None,
-                        help="with --balls on CPU: the kernel's block levels, e.g. 1024,256,64")
+    parser.add_argument("--block-rows", type=int, default=None,
+                        help="with --balls on CPU: the kernel's queries per block")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
-    if args.window_blocks and not (args.balls and args.device == "cpu"):
-        parser.error("--window-blocks sets the CPU kernel's levels: use it with --balls")
-    if args.window_blocks:
-        key_compaction.WINDOW_BLOCKS = args.window_blocks
+    if args.block_rows is not None:
+        if not (args.balls and args.device == "cpu"):
+            parser.error("--block-rows sets the CPU kernel's blocks: use it with --balls")
+        if args.block_rows < 1:
+            parser.error(f"--block-rows must be positive, got {args.block_rows}")
+        pruned_attention.ROWS = args.block_rows
     if args.profile and args.device != "cuda":
         parser.error("--profile reads GPU kernel times: use it with --device cuda")
     device = args.device

@@ -1,5 +1,5 @@
 """bench/attention.py's ball-pruning rows: the measured kept fraction, the ratio to the
-unpruned kernel, and the CPU kernel's block levels that `--window-blocks` sets."""
+unpruned kernel, and the CPU kernel's queries per block that `--block-rows` sets."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from moa.kernels import key_compaction
+from moa.kernels import pruned_attention
 from tests.conftest import ROOT
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    """The script as a module; the block levels it sets are put back afterwards."""
-    monkeypatch.setattr(key_compaction, "WINDOW_BLOCKS", key_compaction.WINDOW_BLOCKS)
+    """The script as a module; the block size it sets is put back afterwards."""
+    monkeypatch.setattr(pruned_attention, "ROWS", pruned_attention.ROWS)
     spec = importlib.util.spec_from_file_location("bench_attention",
                                                   ROOT / "bench" / "attention.py")
     module = importlib.util.module_from_spec(spec)
@@ -27,10 +27,10 @@ def bench(monkeypatch):
     return run
 
 
-def test_ball_rows_record_the_kept_fraction_and_the_block_levels(bench, tmp_path):
+def test_ball_rows_record_the_kept_fraction_and_the_block_rows(bench, tmp_path):
     output = tmp_path / "balls.json"
     bench("--device", "cpu", "--balls", "0.25,0.5", "--lengths", "300", "--repeats", "1",
-          "--window-blocks", "64,16", "--json", str(output))
+          "--block-rows", "16", "--json", str(output))
     records = json.loads(output.read_text())
     assert [record["L"] for record in records] == [300] * 3
     assert records[0]["kept_fraction"] == 1.0
@@ -39,21 +39,21 @@ def test_ball_rows_record_the_kept_fraction_and_the_block_levels(bench, tmp_path
         assert abs(record["kept_fraction"] - target) < 0.1
         assert record["ratio_to_unpruned"]["fwd"] == pytest.approx(
             record["fwd_ms"] / records[0]["fwd_ms"])
-    assert all(record["window_blocks"] == [64, 16] for record in records)
-    assert key_compaction.WINDOW_BLOCKS == (64, 16)  # the kernel ran with them
+    assert all(record["block_rows"] == 16 for record in records)
+    assert pruned_attention.ROWS == 16  # the kernel ran with them
 
 
-@pytest.mark.parametrize("levels", ["64,24", "0,16", "64,x", ""])
-def test_window_blocks_that_do_not_nest_are_refused(bench, capsys, levels):
+@pytest.mark.parametrize("rows", ["0", "-4"])
+def test_block_rows_must_be_positive(bench, capsys, rows):
     with pytest.raises(SystemExit) as exit_:
-        bench("--device", "cpu", "--balls", "0.5", "--window-blocks", levels)
+        bench("--device", "cpu", "--balls", "0.5", "--block-rows", rows)
     assert exit_.value.code == 2
-    assert "--window-blocks: block sizes like 1024,256,64" in capsys.readouterr().err
+    assert "--block-rows must be positive" in capsys.readouterr().err
 
 
-def test_window_blocks_need_ball_rows(bench, capsys):
+def test_block_rows_need_ball_rows(bench, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench("--device", "cpu", "--window-blocks", "64,16")
+        bench("--device", "cpu", "--block-rows", "16")
     assert exit_.value.code == 2
     assert "use it with --balls" in capsys.readouterr().err
 

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 from moa.attention.balls import BallPruning  # noqa: E402
-from moa.kernels import key_compaction, metric_cpu  # noqa: E402
+from moa.kernels import metric_cpu, pruned_attention  # noqa: E402
 from moa.kernels.metric_cpu import metric_attention_cpu  # noqa: E402
 from moa.kernels.metric_reference import metric_attention_eager  # noqa: E402
 
@@ -229,17 +229,16 @@ def test_bidirectional_matches_reference(case, masked):
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=f"d{name} differs")
 
 
-# Ball pruning: the fused kernels drop pruned keys (`moa/kernels/key_compaction.py`) and
-# compute the gate's gradient at the band's keys only. Small blocks and no short-sequence
-# path, so that short sequences cross many blocks.
+# Ball pruning: the fused kernels drop pruned keys (`moa/kernels/pruned_attention.py` on
+# CPU) and compute the gate's gradient at the band's keys only. Blocks of 4 queries, so
+# that short sequences cross many blocks.
 @contextmanager
-def small_blocks(sizes: tuple[int, ...] = (16, 8, 4)):
-    saved = key_compaction.WINDOW_BLOCKS, key_compaction.SHORT
-    key_compaction.WINDOW_BLOCKS, key_compaction.SHORT = sizes, 0
+def small_blocks(rows: int = 4):
+    saved, pruned_attention.ROWS = pruned_attention.ROWS, rows
     try:
         yield
     finally:
-        key_compaction.WINDOW_BLOCKS, key_compaction.SHORT = saved
+        pruned_attention.ROWS = saved
 
 
 def _ball_inputs(B, Hq, Hkv, T, S, D, kept, device="cpu"):
@@ -284,24 +283,27 @@ KEPT_FRACTIONS = [0.1, 0.25, 0.5, 0.75, 1.0]
 
 @st.composite
 def ball_shapes(draw) -> tuple[int, ...]:
-    """(B, Hq, Hkv, T, S, D): Hq = 4 over Hkv 4, 2 or 1; odd lengths; T <= S."""
+    """(B, Hq, Hkv, T, S, D): Hq = 4 over Hkv 4, 2 or 1; odd lengths; T <= S; at D = 13 the
+    augmented q' and k' (D + 3 = 16 wide) have no zero column."""
     n_kv = draw(st.sampled_from([1, 2, 4]))
     T = draw(st.integers(1, 15)) * 2 + 1
     S = draw(st.one_of(st.just(T), st.integers(T, T + 30)))
-    return draw(st.integers(1, 2)), 4, n_kv, T, S, draw(st.sampled_from([8, 16]))
+    return draw(st.integers(1, 2)), 4, n_kv, T, S, draw(st.sampled_from([8, 13, 16]))
 
 
 @settings(max_examples=30)
-@given(case=ball_shapes(), kept=st.sampled_from(KEPT_FRACTIONS), compacted=st.booleans())
-@example(case=(2, 4, 2, 33, 33, 16), kept=0.1, compacted=True)
-@example(case=(2, 4, 1, 17, 40, 8), kept=0.25, compacted=True)
-@example(case=(1, 4, 4, 1, 23, 8), kept=0.5, compacted=True)
-@example(case=(2, 4, 2, 33, 33, 16), kept=0.25, compacted=False)
-def test_cpu_fused_ball_pruning_matches_reference(case, kept, compacted):
+@given(case=ball_shapes(), kept=st.sampled_from(KEPT_FRACTIONS), blocks=st.booleans())
+@example(case=(2, 4, 2, 33, 33, 16), kept=0.1, blocks=True)
+@example(case=(2, 4, 1, 17, 40, 8), kept=0.25, blocks=True)
+@example(case=(1, 4, 4, 1, 23, 8), kept=0.5, blocks=True)
+@example(case=(1, 4, 2, 18, 18, 8), kept=0.5, blocks=True)  # a last block of 2 queries
+@example(case=(2, 4, 2, 33, 33, 16), kept=0.25, blocks=False)
+@example(case=(1, 4, 2, 21, 21, 13), kept=0.5, blocks=True)
+def test_cpu_fused_ball_pruning_matches_reference(case, kept, blocks):
     """Outputs and every gradient, through the ball (radius, origin), equal the gated
-    reference in float64 at kept fractions 0.1 to 1, self-attention and T < S: the
-    compacted calls, and the one masked call of short sequences."""
-    with small_blocks() if compacted else nullcontext():
+    reference in float64 at kept fractions 0.1 to 1, self-attention and T < S, over many
+    query blocks (of 4) and over one."""
+    with small_blocks() if blocks else nullcontext():
         _check_balls(metric_attention_cpu, case, kept)
 
 
@@ -313,44 +315,8 @@ def test_triton_ball_pruning_matches_reference(case, kept):
     _check_balls(metric_triton.metric_attention_triton, case, kept, DEVICE)
 
 
-def test_pruned_keys_cost_nothing(monkeypatch):
-    """The forward calls read the kept keys (plus each query's diagonal block), and the
-    backward's extra pass for the gate gradient gathers the band's keys only (its pruned
-    keys for the windows, all of them for the diagonal blocks): far keys are never read
-    there, and no key outside the band gets a gate gradient. The draw is fresh each run
-    (`_inputs`), and how many kept keys precede each block varies with it: 0.44 T^2 / 2 on
-    average over 300 draws, 0.52 at most."""
-    torch.manual_seed(0)
-    B, Hq, Hkv, T, D = 1, 4, 2, 96, 8
-    inputs, balls = _ball_inputs(B, Hq, Hkv, T, T, D, kept=0.25)
-    q, k, v, alpha = inputs
-    gate, band, _ = balls(k)
-    kept = gate.detach() > 0
-    far = ~kept & ~band
-    assert far.any() and (band & ~kept).any()
-    pairs, gathered = [], []
-    flash = metric_cpu.FLASH
-    monkeypatch.setattr(metric_cpu, "FLASH", lambda q, k, *args, **kwargs: pairs.append(
-        q.size(2) * k.size(2)) or flash(q, k, *args, **kwargs))
-    compaction = metric_cpu.Compaction
-    monkeypatch.setattr(metric_cpu, "Compaction",
-                        lambda keep: gathered.append(keep.clone()) or compaction(keep))
-    with small_blocks((32, 8)):
-        out = metric_attention_cpu(q, k, v, k.pow(2).sum(-1), alpha, gate, band)
-        d_gate, = torch.autograd.grad(out, gate, torch.randn_like(out))
-    # Each query reads at most the kept keys before its outer block, those between that
-    # and its diagonal block, and the diagonal block (8): about 0.25 T^2 / 2 + 8 T.
-    kept_before = kept.sum(-1).max().item()
-    assert sum(pairs) <= T * kept_before + 2 * 8 * T
-    assert sum(pairs) < 0.6 * T * T / 2  # well below the unpruned causal T^2 / 2
-    assert [keep.sum().item() for keep in gathered] == [
-        kept.sum().item(), (band & ~kept).sum().item(), band.sum().item()]
-    assert torch.equal(gathered[1], band & ~kept) and torch.equal(gathered[2], band)
-    assert (d_gate[~band] == 0).all() and (d_gate[band] != 0).any()
-
-
-@pytest.mark.parametrize("compacted", [False, True])
-def test_cpu_fused_gate_gradient_is_the_references_on_the_band_and_zero_off_it(compacted):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_cpu_fused_gate_gradient_is_the_references_on_the_band_and_zero_off_it(blocks):
     """A band (the keys near a ball's surface) given with the gate: the gate's gradient is the
     reference's at the band's keys, kept or pruned, and zero at every other key."""
     case = (2, 4, 2, 19, 27, 8)
@@ -359,41 +325,7 @@ def test_cpu_fused_gate_gradient_is_the_references_on_the_band_and_zero_off_it(c
     assert (band & (inputs[5] == 0)).any() and (band & (inputs[5] == 1)).any()
     d_out = torch.randn_like(inputs[0])
     want = torch.autograd.grad(metric_attention_eager(*inputs), inputs[5], d_out)[0]
-    with small_blocks() if compacted else nullcontext():
+    with small_blocks() if blocks else nullcontext():
         got = torch.autograd.grad(metric_attention_cpu(*inputs, band), inputs[5], d_out)[0]
     torch.testing.assert_close(got[band], want[band], rtol=1e-8, atol=1e-8)
     assert (got[~band] == 0).all()
-
-
-def test_cpu_fused_compacted_calls_in_bfloat16_within_twice_eager():
-    """The compacted calls' merge (windows and diagonal blocks by log-sum-exp) keeps out
-    and lse in float32 and returns q's dtype: against float64, the output's error is at
-    most twice eager's in bfloat16, keys with large norms included. The backward (whose
-    flash calls take that float32 lse) gives every input its dtype back, within 4x eager's
-    error (the calls sum in another order: 2x at worst over 24 draws)."""
-    inputs = _inputs(2, 4, 2, 41, 41, 32, gated=True)
-    with torch.no_grad():
-        inputs[1].mul_(4.0)  # ||k||^2 ~ 130: the key-norm bias needs its hi/lo split
-        inputs[3].copy_(inputs[1].pow(2).sum(-1))
-        inputs[4].fill_(0.05)
-    low = [t.detach().bfloat16().requires_grad_() for t in inputs]
-    low[3] = inputs[3].detach().float().requires_grad_()  # the module's key norms: float32
-    d_out = torch.randn_like(inputs[0])
-    exact, exact_grads = _run(metric_attention_eager, inputs, d_out)
-    eager, eager_grads = _run(metric_attention_eager, low, d_out.bfloat16())
-    with small_blocks():
-        fused, fused_grads = _run(metric_attention_cpu, low, d_out.bfloat16())
-    assert fused.dtype == torch.bfloat16
-    assert (fused.double() - exact).abs().max() <= 2 * (eager.double() - exact).abs().max()
-    for name, got, eager_grad, want, leaf in zip(["q", "k", "v"], fused_grads, eager_grads,
-                                                 exact_grads, low, strict=False):
-        assert got.dtype == leaf.dtype, name
-        error, eager_error = ((x.double() - want).abs().max() for x in (got, eager_grad))
-        assert error <= 4 * eager_error, f"d{name}"
-
-
-def test_cpu_fused_ball_pruning_with_a_last_diagonal_block_of_two_queries():
-    """T = 18 over blocks of 4 ends in a block of 2 queries (the drawn shapes have odd T): its
-    call must still be causal."""
-    with small_blocks():
-        _check_balls(metric_attention_cpu, (1, 4, 2, 18, 18, 8), 0.5)

@@ -18,7 +18,7 @@ too: how much the loss would change if key j were let back in). Only keys within
 `band * r / 2` of the sphere carry gradient, so a key far outside the ball costs nothing
 in the backward pass either: the gate says which keys those are (`BallGate.band`), and the
 fused kernels compute the gate's gradient at the kept and band keys only, skipping the far
-ones (`moa/kernels/key_compaction.py`). `learn_radius: false` keeps the radius fixed.
+ones (`moa/kernels/pruned_attention.py`). `learn_radius: false` keeps the radius fixed.
 """
 
 from __future__ import annotations

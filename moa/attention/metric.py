@@ -33,15 +33,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from moa.attention.balls import BallPruning
 from moa.attention.heads import HeadsConfig, memory_keys_values
 from moa.attention.metric_space import MetricSpace
 from moa.attention.registry import ATTENTION
-from moa.kernels.masks import attention_mask
 from moa.kernels.metric_bidirectional import metric_attention_bidirectional
-from moa.kernels.metric_cpu import metric_attention_cpu
+from moa.kernels.metric_cpu import metric_attention_cpu, scaled_dot_product
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.context import select_positions
 from moa.layers.kv_cache import LayerCache
@@ -143,16 +141,8 @@ def dot_product_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: 
     """Metric attention with no key score (key_norm=ignore: k_norm is zero) and no balls:
     softmax(2 alpha q.k), PyTorch's dot-product attention at scale 1 over 2 alpha q. On CPU
     it skips `metric_attention_cpu`'s augmented heads (their copy of every cached key, and
-    a head width of D + 4 rounded up to 8)."""
+    a head width of D + 3 rounded up to 8)."""
     return scaled_dot_product((2 * alpha.view(1, -1, 1, 1) * q).to(q.dtype), k, v)
-
-
-def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`dot_product_form` of q (B, Hq, T, D) that already carries its 2 alpha (a module
-    folds it into the query projection): causal SDPA at scale 1, queries the last T of S."""
-    mask, is_causal = attention_mask(q.size(2), k.size(2), q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          scale=1.0, enable_gqa=q.size(1) != k.size(1))
 
 
 @ATTENTION.register("metric", MetricAttentionConfig)

@@ -3,6 +3,6 @@
 `metric_reference` (eager), `metric_cpu` (PyTorch's fused CPU flash kernel),
 `metric_triton` (Triton; imported only where used, as triton is an optional extra) and
 `metric_flex` (FlexAttention, benchmarked against Triton on GPU; no kernel choice selects
-it yet) share one signature: see `metric_reference.py`. `key_compaction` plans the CPU
-kernel's calls over the keys a ball keeps.
+it yet) share one signature: see `metric_reference.py`. `pruned_attention` is the CPU
+kernel over the keys a ball keeps (C++, compiled on first use).
 """

@@ -1,0 +1,116 @@
+"""The CPU kernel over the keys a ball keeps (`moa/kernels/pruned_attention.py`): what it
+reads, its dtypes, its checks, and the fallback where it cannot be built. Its exactness
+against the reference, through the balls, is in test_metric_kernels.py."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from moa.kernels import metric_cpu, pruned_attention
+from moa.kernels.metric_cpu import metric_attention_cpu
+from moa.kernels.metric_reference import metric_attention_eager
+from moa.kernels.pruned_attention import KeptKeys, compiled
+from tests.test_metric_kernels import _ball_inputs, _inputs, _run, small_blocks
+
+
+def _gradients(inputs, gate, band, d_out):
+    q, k, v, alpha = inputs
+    out = metric_attention_cpu(q, k, v, k.pow(2).sum(-1), alpha, gate, band)
+    return [out, *torch.autograd.grad(out, [q, k, v, alpha, gate], d_out)]
+
+
+@pytest.mark.parametrize("rows", [4, 128])
+def test_far_keys_are_never_read(rows, monkeypatch):
+    """Decoding shapes (T < S), so the first S - T keys are no query's own key. NaN in the
+    far ones (neither kept nor in the band) changes nothing: not the output, not a
+    gradient. The forward gathers the kept keys, the backward's extra pass the band's
+    pruned keys, and nothing else is gathered."""
+    B, Hq, Hkv, T, S, D = 2, 4, 2, 24, 96, 8
+    inputs, balls = _ball_inputs(B, Hq, Hkv, T, S, D, kept=0.25)
+    gate, band, _ = balls(inputs[1])
+    gate = gate.detach().requires_grad_()
+    kept = gate.detach() > 0
+    far = ~kept & ~band
+    far[..., S - T:] = False  # own keys are read, kept or not
+    assert far.any() and (band & ~kept).any()
+    d_out = torch.randn_like(inputs[0])
+    with small_blocks(rows):
+        clean = _gradients(inputs, gate, band, d_out)
+        poisoned_inputs = [x.detach().clone().requires_grad_() for x in inputs]
+        with torch.no_grad():
+            for x in poisoned_inputs[1:3]:
+                x[far] = float("nan")
+        marked = []
+        original = KeptKeys.marked.__func__
+        monkeypatch.setattr(KeptKeys, "marked", classmethod(
+            lambda cls, keep: marked.append(keep.clone()) or original(cls, keep)))
+        poisoned = _gradients(poisoned_inputs, gate, band, d_out)
+    for name, got, want in zip(["out", "q", "k", "v", "alpha", "gate"], poisoned, clean,
+                               strict=True):
+        if name == "k":  # ||k||^2's own backward makes 2 NaN x 0 at the far keys
+            got, want = got[~far], want[~far]
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert len(marked) == 2
+    assert torch.equal(marked[0], kept) and torch.equal(marked[1], band & ~kept)
+
+
+def test_bfloat16_within_twice_eager():
+    """bfloat16 heads run in float32 and come back in bfloat16: against float64, the
+    output's error is at most twice eager's in bfloat16, keys with large norms included,
+    and every input gets its dtype back, its gradient within twice eager's error."""
+    inputs = _inputs(2, 4, 2, 41, 41, 32, gated=True)
+    with torch.no_grad():
+        inputs[1].mul_(4.0)  # ||k||^2 ~ 130: the key-norm bias needs its hi/lo split
+        inputs[3].copy_(inputs[1].pow(2).sum(-1))
+        inputs[4].fill_(0.05)
+    low = [t.detach().bfloat16().requires_grad_() for t in inputs]
+    low[3] = inputs[3].detach().float().requires_grad_()  # the module's key norms: float32
+    d_out = torch.randn_like(inputs[0])
+    exact, exact_grads = _run(metric_attention_eager, inputs, d_out)
+    eager, eager_grads = _run(metric_attention_eager, low, d_out.bfloat16())
+    with small_blocks():
+        fused, fused_grads = _run(metric_attention_cpu, low, d_out.bfloat16())
+    assert fused.dtype == torch.bfloat16
+    assert (fused.double() - exact).abs().max() <= 2 * (eager.double() - exact).abs().max()
+    for name, got, eager_grad, want, leaf in zip(["q", "k", "v"], fused_grads, eager_grads,
+                                                 exact_grads, low, strict=False):
+        assert got.dtype == leaf.dtype, name
+        error, eager_error = ((x.double() - want).abs().max() for x in (got, eager_grad))
+        assert error <= 2 * eager_error, f"d{name}"
+
+
+def test_the_kernel_refuses_what_it_cannot_read():
+    """Heads of two dtypes, positions of another shape, or no rows per block: an error that
+    says what was expected, before anything is read."""
+    q = torch.randn(1, 2, 5, 8)
+    k = torch.randn(1, 1, 5, 8)
+    positions = torch.arange(5).view(1, 1, 5)
+    ops = compiled()
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.forward(q, k.double(), k, positions, k, k, 4)
+    with pytest.raises(RuntimeError, match=r"positions \(B, Hkv, W\) int64"):
+        ops.forward(q, k, k, positions[..., :3], k, k, 4)
+    with pytest.raises(RuntimeError, match="block_rows must be positive"):
+        ops.forward(q, k, k, positions, k, k, 0)
+
+
+def test_without_a_compiler_ball_pruning_runs_the_reference(monkeypatch):
+    """A build that fails warns, once, and the gated calls run the eager reference: the
+    same numbers, the gate's gradient included."""
+    def failed_build(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["c++"])
+
+    monkeypatch.setattr(pruned_attention, "load", failed_build)
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert compiled.__wrapped__() is None
+    monkeypatch.setattr(metric_cpu, "compiled", lambda: None)
+    inputs = _inputs(1, 2, 1, 9, 9, 8, gated=True)
+    d_out = torch.randn_like(inputs[0])
+    got, got_grads = _run(metric_attention_cpu, inputs, d_out)
+    want, want_grads = _run(metric_attention_eager, inputs, d_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
