@@ -4,6 +4,7 @@ against the reference, through the balls, is in test_metric_kernels.py."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 
 import pytest
@@ -13,7 +14,7 @@ from moa.kernels import metric_cpu, pruned_attention
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.kernels.pruned_attention import KeptKeys, compiled
-from tests.test_metric_kernels import _ball_inputs, _inputs, _run, small_blocks
+from tests.test_metric_kernels import _ball_inputs, _ball_run, _inputs, _run, small_blocks
 
 
 def _gradients(inputs, gate, band, d_out):
@@ -80,6 +81,29 @@ def test_bfloat16_within_twice_eager():
         assert got.dtype == leaf.dtype, name
         error, eager_error = ((x.double() - want).abs().max() for x in (got, eager_grad))
         assert error <= 2 * eager_error, f"d{name}"
+
+
+@pytest.mark.parametrize("rows", [4, 128])
+def test_float32_through_the_balls_within_twice_eager(rows):
+    """In float32 (the vectorised exp of the kernel's float path, which float64 does not
+    take), the output and every gradient, the radius's and the origin's included, err
+    against float64 within 4x of eager code in float32, which sums in another order (2.04x
+    at worst, the radius's, over 20 draws), plus 1e-7 of the largest value."""
+    inputs, balls = _ball_inputs(2, 4, 2, 45, 45, 16, kept=0.4)
+    d_out = torch.randn_like(inputs[0])
+    exact = _ball_run(metric_attention_eager, inputs, balls, d_out)
+    low_inputs = [x.detach().float().requires_grad_() for x in inputs]
+    low_balls = copy.deepcopy(balls).float()
+    eager = _ball_run(metric_attention_eager, low_inputs, low_balls, d_out.float())
+    with small_blocks(rows):
+        fused = _ball_run(metric_attention_cpu, low_inputs, low_balls, d_out.float())
+    assert torch.equal(fused[2], eager[2])  # the same gate
+    names = ["out", "q", "k", "v", "alpha", "radius", "origin"]
+    for name, got, eager_value, want in zip(names, [fused[0], *fused[1]],
+                                            [eager[0], *eager[1]], [exact[0], *exact[1]],
+                                            strict=True):
+        error, eager_error = ((x.double() - want).abs().max() for x in (got, eager_value))
+        assert error <= 4 * (eager_error + 1e-7 * want.abs().max()), name
 
 
 def test_the_kernel_refuses_what_it_cannot_read():
