@@ -5,8 +5,12 @@ against the reference, through the balls, is in test_metric_kernels.py."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import subprocess
+from pathlib import Path
 
+import ninja
 import pytest
 import torch
 
@@ -119,6 +123,18 @@ def test_the_kernel_refuses_what_it_cannot_read():
         ops.forward(q, k, k, positions[..., :3], k, k, 4)
     with pytest.raises(RuntimeError, match="block_rows must be positive"):
         ops.forward(q, k, k, positions, k, k, 0)
+
+
+def test_the_build_finds_ninja_where_the_system_has_none(monkeypatch, tmp_path):
+    """An environment that is not activated: PATH without ninja. The loader finds the
+    PyPI package's ninja during the build, and PATH is as it was afterwards."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    found = []
+    monkeypatch.setattr(pruned_attention, "load",
+                        lambda *args, **kwargs: found.append(shutil.which("ninja")))
+    assert compiled.__wrapped__() is not None
+    assert found[0] is not None and Path(found[0]).parent == Path(ninja.BIN_DIR)
+    assert os.environ["PATH"] == str(tmp_path)
 
 
 def test_without_a_compiler_ball_pruning_runs_the_reference(monkeypatch):

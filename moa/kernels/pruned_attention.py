@@ -16,20 +16,23 @@ band's pruned keys one more backward pass gathers them and computes that alone. 
 (neither kept nor in the band) cost nothing.
 
 The kernel is compiled by PyTorch's extension loader on first use (about 25 s, cached
-under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), for float32 and
-float64; other dtypes run in float32. Without a C++ compiler `compiled()` warns once and
-is None, and the callers fall back to the eager reference. The forward runs its query
+under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; ninja from PyPI, a
+dependency, runs the build), for float32 and float64; other dtypes run in float32.
+Without a C++ compiler `compiled()` warns once and is None, and the callers fall back to
+the eager reference. The forward runs its query
 blocks in parallel on torch's threads, the backward its (batch, key head) pairs.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
 
+import ninja
 import torch
 from torch.utils.cpp_extension import load
 
@@ -44,6 +47,10 @@ def compiled() -> Any | None:
     vector = (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]
               if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
               else ["-DCPU_CAPABILITY=DEFAULT"])
+    path = os.environ.get("PATH", "")
+    # The loader runs `ninja` from PATH: the PyPI package's, where the system has none
+    # (an environment that is not activated leaves its bin folder off PATH).
+    os.environ["PATH"] = os.pathsep.join([path, ninja.BIN_DIR])
     try:
         load("moa_pruned_attention", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *vector],
              extra_ldflags=["-fopenmp"], is_python_module=False)
@@ -51,6 +58,8 @@ def compiled() -> Any | None:
         warnings.warn(f"the pruned-attention kernel could not be built ({error}); ball "
                       "pruning on CPU runs the eager reference instead", stacklevel=2)
         return None
+    finally:
+        os.environ["PATH"] = path
     return torch.ops.moa_pruned
 
 
