@@ -208,9 +208,9 @@ void backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& kc
             T* p_row = probs.data_ptr<T>() + r * n;
             T* ds_row = grads.data_ptr<T>() + r * n;
             score_gradients(p_row, ds_row, gate.data(), m, row_lse, delta);
+            if (gate_only) continue;  // the products below, which read the tails, are skipped
             std::fill(p_row + m, p_row + n, T(0));
             std::fill(ds_row + m, ds_row + n, T(0));
-            if (gate_only) continue;
             const int64_t own = (s.offset + i) * s.E;
             const T own_prob = std::exp(dot(qi, k_own + own, s.E) - row_lse);
             const T own_grad = own_prob * (dot(d_oi, v_own + own, s.E) - delta);
