@@ -50,11 +50,13 @@ DIRS ?= outputs
 dashboard: $(STAMP)  ## compare the runs under DIRS (default outputs/) in dashboard.html
 	$(BIN)/python -m moa.dashboard $(DIRS) --out dashboard.html
 
+# Tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one, for pdb or -s).
+TEST_WORKERS ?= 2
 test: $(STAMP)  ## the fast suite (what CI runs)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-all: $(STAMP)  ## everything, slow tests included
-	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not gpu" $(ARGS)
 
 # The dashboard's browser test runs where `chromium` is on PATH and is skipped elsewhere;
 # this installs Debian's package for it (as root; a machine without apt says so and stops).
