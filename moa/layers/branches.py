@@ -8,7 +8,9 @@ share cache names (two dot-product paths both append "k"/"v").
 chooses (top-k), a branch that splits into a `sequence_part(x, ctx)` over all tokens and
 a `token_part(h)` acting on each row alone runs its `token_part` on the routed tokens
 only, gathered into one (N, C) batch and scattered back (no gather when every row chose
-it). Other branches (attention) are computed for every token, since later tokens and the
+it). The gather is `index_select`, whose backward is an `index_add`: indexing by a tensor
+would backpropagate through an accumulating `index_put`, several times slower on two
+threads. Other branches (attention) are computed for every token, since later tokens and the
 cache need every key and value, and their output is weighted by 0 where unrouted. Such a
 branch that no token of the batch chose is skipped entirely when no cache is kept; with a
 cache (a decoding step) it runs with no output position wanted, so it only extends its
@@ -79,9 +81,10 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
                 out = add(columns[i].to(y.dtype) * y)
             elif routed[i]:
                 rows = torch.nonzero_static(chosen[:, i], size=routed[i]).squeeze(1)  # (N,)
-                y = gate(i, rows_x[rows], branch.token_part(h[rows]))  # (N, C)
+                y = gate(i, rows_x.index_select(0, rows),
+                         branch.token_part(h.index_select(0, rows)))  # (N, C)
                 base = torch.zeros_like(rows_x) if out is None else out
-                out = base.index_add(0, rows, (columns[i][rows] * y).to(base.dtype))
+                out = base.index_add(0, rows, (columns[i].index_select(0, rows) * y).to(base.dtype))
         elif chosen is None or used[i]:
             y = gate(i, rows_x, at_output_positions(branch, x, branch_ctx).flatten(0, 1))
             out = add(columns[i].to(y.dtype) * y)  # (B*T, C)
