@@ -17,6 +17,9 @@ and recomputed (a forward over the whole context), median of `--steps` steps, th
 taking turns step by step (so their ratio holds on a loaded machine). `cached_step_ops`
 counts the top-level aten ops of one cached decode step after a `--prompt`-token prefill
 (torch.profiler): a figure that, unlike the milliseconds, the machine's load leaves alone.
+`--breakdown` adds, per preset, the ms of a cached step spent in each part of the model
+(each block's attention and its router and paths, FFN, norms; the head's parts), summed
+over the blocks (`step_breakdown`).
 
 KV-cache bytes per token: after the prompt, every tensor the cache holds for the
 sequence, per position (our buffers are preallocated to the capacity, so bytes over
@@ -28,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
@@ -125,6 +131,47 @@ def cached_step_ops(model: MoaForCausalLM, prompt: int, vocab_size: int) -> int:
         event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
 
 
+# The parts `--breakdown` times: the blocks' and the head's children (each block's as
+# `blocks.*.`), and within them a mixture's router and paths and a HyperFFN's router.
+PARTS = re.compile(r"embedding|norm|lm_head|(blocks\.\*|lm_head)\.[^.]+(\.(router|paths\.\d+))?")
+
+
+@torch.no_grad()
+def step_breakdown(model: MoaForCausalLM, args: argparse.Namespace) -> dict[str, float]:
+    """ms per cached decode step spent in each of the model's `PARTS` (a part's time holds
+    its sub-parts'), timed by forward hooks over `--new-tokens` steps after a
+    `--prompt`-token prefill, and `step`, the whole step's with the hooks in it. The hooks
+    take time of their own (a few microseconds a module): read the parts against each
+    other and against `step`, not against an unhooked step."""
+    spent: dict[str, float] = defaultdict(float)
+    started: dict[str, float] = {}
+    handles = []
+    for name, module in model.model.named_modules():
+        part = re.sub(r"blocks\.\d+", "blocks.*", name)
+        if not PARTS.fullmatch(part):
+            continue
+
+        def before(module: nn.Module, inputs: Any, name: str = name) -> None:
+            started[name] = time.perf_counter()
+
+        def after(module: nn.Module, inputs: Any, output: Any, name: str = name,
+                  part: str = part) -> None:
+            spent[part] += time.perf_counter() - started[name]
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    ids = torch.randint(0, args.vocab_size, (1, args.prompt + args.new_tokens))
+    cache = model.model.new_cache()
+    model.model(ids[:, :args.prompt], cache)
+    spent.clear()
+    for t in range(args.prompt, args.prompt + args.new_tokens):
+        start = time.perf_counter()
+        model.model(ids[:, t:t + 1], cache)
+        spent["step"] += time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    return {part: 1e3 * seconds / args.new_tokens for part, seconds in sorted(spent.items())}
+
+
 def cache_bytes(model: MoaForCausalLM, prompt: int, vocab_size: int) -> dict[str, float]:
     """What the cache holds after a random prompt: bytes per position (`held_bytes`: a
     ball-aware cache holds only its kept keys) and the bytes that do not grow with it."""
@@ -164,6 +211,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per latency point")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's); 1 on a shared machine keeps small ops from thrashing")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each part of a cached step (`step_breakdown`)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
     if args.threads:
@@ -192,6 +241,12 @@ def main() -> None:
               f"{record['recompute_tokens_per_s']:>16.1f} {record['speedup']:>8.1f} "
               f"{record['kv_bytes_per_token']:>11,.0f} {record['cached_step_ops']:>8}  "
               f"{cached} | {recompute}")
+    for name, model in models.items() if args.breakdown else ():
+        record = next(r for r in records["presets"] if r["preset"] == name)
+        record["breakdown_ms"] = step_breakdown(model, args)
+        print(f"\n{name}: ms per cached step (hooked), by part")
+        for part, ms in record["breakdown_ms"].items():
+            print(f"{ms:8.3f}  {part}")
 
     print(f"\n{'scheme':<12} {'KV bytes/token':>15} {'state bytes':>12}   (model=gpt)")
     for scheme in args.schemes:
