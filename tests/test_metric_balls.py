@@ -15,8 +15,10 @@ from tests.conftest import forward_context, metric_heads_reference, metric_model
 
 
 def test_radius_gradient_is_the_straight_through_derivative():
-    """d loss / d log r is non-zero and equals the finite-difference derivative of the loss
-    with the surrogate gate hard(r0) + soft(r) - soft(r0) (the estimator's definition)."""
+    """d loss / d log r is non-zero and is the chain rule through the surrogate gate: each
+    key's gate gradient (the reference's, its would-be probability capped at 1:
+    test_metric_kernels.py) times the finite-difference
+    derivative of soft(r) at r0 (the estimator hard(r0) + soft(r) - soft(r0))."""
     torch.manual_seed(3)
     config = metric_model_config(use_balls=True, ball_band=0.5)
     attention = ATTENTION.build(config.attention, config).double()
@@ -33,22 +35,21 @@ def test_radius_gradient_is_the_straight_through_derivative():
     def loss(gate):
         return (metric_attention_eager(q, k, v, k.pow(2).sum(-1), alpha, gate) * weights).sum()
 
-    gate = balls(k).gate
-    grad = torch.autograd.grad(loss(gate), balls.log_radius)[0]
+    grad = torch.autograd.grad(loss(balls(k).gate), balls.log_radius)[0]
     log_r0 = balls.log_radius.detach().clone()
+    hard = (distance <= log_r0.exp().view(1, -1, 1)).double().requires_grad_()
+    gate_grad = torch.autograd.grad(loss(hard), hard)[0]  # (B, H, S)
 
     def surrogate(log_r):
         r = log_r.exp().view(1, -1, 1)
         return (0.5 + (r - distance) / (balls.band * r)).clamp(0, 1)
 
-    hard = (distance <= log_r0.exp().view(1, -1, 1)).double()
     eps = 1e-6
     for h in range(4):
         step = torch.zeros(4, dtype=torch.float64)
         step[h] = eps
-        plus = loss(hard + surrogate(log_r0 + step) - surrogate(log_r0))
-        minus = loss(hard + surrogate(log_r0 - step) - surrogate(log_r0))
-        torch.testing.assert_close(grad[h], (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-8)
+        slope = (surrogate(log_r0 + step) - surrogate(log_r0 - step)) / (2 * eps)
+        torch.testing.assert_close(grad[h], (gate_grad * slope).sum(), rtol=1e-6, atol=1e-10)
     assert (grad != 0).all()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import pytest
@@ -24,7 +25,8 @@ if not torch.cuda.is_available():
 from moa.attention.balls import BallPruning  # noqa: E402
 from moa.kernels import metric_cpu, pruned_attention  # noqa: E402
 from moa.kernels.metric_cpu import metric_attention_cpu  # noqa: E402
-from moa.kernels.metric_reference import metric_attention_eager  # noqa: E402
+from moa.kernels.metric_flex import metric_attention_flex  # noqa: E402
+from moa.kernels.metric_reference import metric_attention_eager, metric_scores  # noqa: E402
 
 try:
     from moa.kernels import metric_triton
@@ -329,3 +331,44 @@ def test_cpu_fused_gate_gradient_is_the_references_on_the_band_and_zero_off_it(b
         got = torch.autograd.grad(metric_attention_cpu(*inputs, band), inputs[5], d_out)[0]
     torch.testing.assert_close(got[band], want[band], rtol=1e-8, atol=1e-8)
     assert (got[~band] == 0).all()
+
+
+def _capped_gate_gradient(q, k, v, alpha, gate, d_out):
+    """The gate gradient by its definition, in float64: for each key j of each batch row and
+    key head, sum_i min(exp(s_ij - lse_i), 1) dO_i.(v_j - out_i) over the queries i that see
+    it but not as their own key (MHA: a query head per key head)."""
+    scores = metric_scores(q, k, k.pow(2).sum(-1), alpha)  # (B, H, T, S)
+    T = q.size(2)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    own = torch.eye(T, dtype=torch.bool)
+    kept = causal & ((gate[:, :, None, :] > 0) | own)  # (B, H, T, S)
+    lse = scores.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)
+    out = (scores - lse).exp().masked_fill(~kept, 0) @ v  # (B, H, T, D)
+    would_be = (scores - lse).clamp(max=0).exp().masked_fill(~causal | own, 0)
+    answer = d_out @ v.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True)  # (B, H, T, S)
+    return (would_be * answer).sum(2), (scores - lse).masked_fill(~causal | own | kept, -1)
+
+
+def test_a_pruned_keys_gate_gradient_is_its_would_be_probability_capped_at_one():
+    """At a pruned key that outscores the kept ones, the derivative at gate 0 grows as
+    exp(s - lse) (e^50 for a key 50 above them): every implementation caps that would-be
+    probability at 1. Each equals the capped definition in float64, on keys of large norm,
+    so that the cap is at work for many of them."""
+    torch.manual_seed(5)
+    q, k, v = (3 * torch.randn(2, 2, 24, 8, dtype=torch.float64) for _ in range(3))
+    alpha = torch.full((2,), 0.5, dtype=torch.float64)
+    gate = (torch.rand(2, 2, 24, dtype=torch.float64) < 0.4).double().requires_grad_()
+    d_out = torch.randn_like(q)
+    want, gap = _capped_gate_gradient(q, k, v, alpha, gate, d_out)
+    assert (gap > 5).sum() > 20  # pruned keys far above their rows' kept ones
+    kernels = [(metric_attention_eager, ()), (metric_attention_cpu, (None,)),
+               (metric_attention_flex, (None,))]
+    if metric_triton is not None:
+        kernels.append((metric_triton.metric_attention_triton, (None,)))
+    for fn, extra in kernels:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # uncompiled flex_attention warns that it is slow
+            out = fn(q, k, v, k.pow(2).sum(-1), alpha, gate, *extra)
+        got = torch.autograd.grad(out, gate, d_out)[0]
+        pruned = gate.detach() == 0
+        torch.testing.assert_close(got[pruned], want[pruned], rtol=1e-10, atol=1e-10)

@@ -12,9 +12,14 @@ hard-sigmoid surrogate of relative width `band`:
     gate_j = hard_j + soft_j - stop_gradient(soft_j)
 
 The forward value is exactly `hard_j`; the backward pass uses `d soft_j`, so r, o and the
-keys receive `dL/dgate_j * d soft_j`, where `dL/dgate_j` is the exact derivative of the
+keys receive `dL/dgate_j * d soft_j`, where `dL/dgate_j` is the derivative of the
 attention output with respect to key j's multiplicative weight (defined for pruned keys
-too: how much the loss would change if key j were let back in). Only keys within
+too: how much the loss would change if key j were let back in). For a pruned key that
+derivative weighs each query by `exp(s_ij - lse_i)`, the probability the key would take,
+which has no bound when it outscores the kept keys; the kernels cap it at 1
+(`moa/kernels/metric_reference.py`). Uncapped, a radius held at half the keys by
+`ball_target_kept` pruned such keys in every batch, and the gradient norm reached 1e9
+within 300 steps of the default run (docs/results.md). Only keys within
 `band * r / 2` of the sphere carry gradient, so a key far outside the ball costs nothing
 in the backward pass either: the gate says which keys those are (`BallGate.band`), and the
 fused kernels compute the gate's gradient at the kept and band keys only, skipping the far

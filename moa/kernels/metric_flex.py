@@ -81,7 +81,7 @@ class _GateGradient(torch.autograd.Function):
 
 
 def _gate_gradient(d_out, out, queries, k, v, key_bias, alpha, lse, band) -> torch.Tensor:
-    """(B, Hkv, S): sum_i exp(s_ij - lse_i) (dO_i . v_j - dO_i . out_i) over the queries i
+    """(B, Hkv, S): sum_i exp(min(s_ij - lse_i, 0)) (dO_i . v_j - dO_i . out_i) over the queries i
     that see key j, its own query left out, at the band's keys j; zero elsewhere."""
     B, Hq, T, D = queries.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -93,10 +93,10 @@ def _gate_gradient(d_out, out, queries, k, v, key_bias, alpha, lse, band) -> tor
     answering = queries.to(wide).reshape(B, Hkv, group * T, D)  # (g, i) as keys of head Hkv
     values = values.reshape(B, Hkv, group * T, width)
 
-    def score_mod(score, b, h, key, row):
+    def score_mod(score, b, h, key, row):  # s_ij - lse_i, capped at 0 as in the reference
         query_head = h * group + row // T
         return (score - alpha[query_head] * key_bias[b, h, key]
-                - lse[b, query_head, row % T])
+                - lse[b, query_head, row % T]).clamp(max=0.0)
 
     def mask_mod(b, h, key, row):
         return (key < row % T + offset) & band[b, h, key]

@@ -26,7 +26,12 @@ keeps its own key whatever its gate says, so no row is empty. A pruned key enter
 softmax with weight `gate_j * exp(s_ij)`: the gate is a multiplicative weight, so the
 gradient with respect to a pruned key's gate is defined (and used by the ball's
 straight-through estimator, `moa/attention/balls.py`); the own key's weight is 1, so no
-gate gradient flows through it.
+gate gradient flows through it. That gradient, at weight 0, is `sum_i p~_ij dO_i.(v_j -
+out_i)` with `p~_ij = exp(s_ij - lse_i)` the probability key j would take if let in
+alone, which is unbounded where a pruned key outscores the kept ones (e^50 for a key 50
+above them): every implementation caps it at 1, `p~_ij = exp(min(s_ij - lse_i, 0))`, so a
+pruned key counts at most as a key that takes the whole row. The cap changes no kept
+key's weight, and so neither the output nor any other gradient.
 """
 
 from __future__ import annotations
@@ -84,9 +89,10 @@ def metric_attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         gate = gate.to(scores.dtype).repeat_interleave(group, dim=1)[:, :, None, :]  # (B,Hq,1,S)
         weight = torch.where(own, torch.ones_like(weight), weight * gate)
     top = scores.masked_fill(weight == 0, float("-inf")).amax(-1, keepdim=True).detach()
-    # A pruned key may outscore every kept one; the clamp only keeps its (zero-weighted)
-    # exponential, which its gate's gradient uses, from overflowing.
-    relative = (scores - top).masked_fill(~allowed, float("-inf")).clamp(max=60.0)
-    unnormalised = weight * torch.exp(relative)  # (B, Hq, T, S)
+    relative = (scores - top).masked_fill(~allowed, float("-inf"))  # (B, Hq, T, S)
+    if gate is not None:  # a pruned key's exp(s - lse) capped at 1 (the module docstring)
+        log_kept = (weight * torch.exp(relative)).sum(-1, keepdim=True).log().detach()
+        relative = torch.where(weight == 0, relative.clamp(max=log_kept), relative)
+    unnormalised = weight * torch.exp(relative)
     probs = F.dropout(unnormalised / unnormalised.sum(-1, keepdim=True), dropout)
     return probs.to(v.dtype) @ v.repeat_interleave(group, dim=1)

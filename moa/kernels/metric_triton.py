@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-GATE_CLAMP = tl.constexpr(60.0)  # as the reference: keeps a pruned key's exp(s - lse) finite
+GATE_CAP = tl.constexpr(0.0)  # as the reference: a pruned key's exp(s - lse) is at most 1
 
 
 def _buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -201,7 +201,7 @@ def _backward_keys(Q, K, V, KN, ALPHA, GATE, NEED, DO, LSE, DELTA, DK, DV, DKN, 
             lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
             s = _scores(q, k, kn, alpha, PRECISION)
-            p_open = tl.exp(tl.minimum(s - lse[:, None], GATE_CLAMP))
+            p_open = tl.exp(tl.minimum(s - lse[:, None], GATE_CAP))
             if HAS_GATE:
                 causal, own, kept = _masks(rows, keys, offset, gate, T, S, HAS_GATE)
                 p_open = tl.where(causal, p_open, 0.0)

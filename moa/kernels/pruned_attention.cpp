@@ -75,20 +75,21 @@ T exp_sum(T* x, int64_t n, T shift) {
   return total;
 }
 
-// For j < n: p[j] = exp(p[j] - lse) (the probability), ds[j] = p[j] * (ds[j] - delta)
+// For j < n: p[j] = exp(min(p[j] - lse, 0)) (the probability; for a pruned key, the one
+// it would take if let in, capped at 1 as in the reference), ds[j] = p[j] * (ds[j] - delta)
 // (the score's gradient, ds holding dO.v), gate[j] += ds[j].
 template <typename T>
 void score_gradients(T* p, T* ds, T* gate, int64_t n, T lse, T delta) {
   int64_t j = 0;
   for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-    Vec<T> prob = (Vec<T>::loadu(p + j) - Vec<T>(lse)).exp_u20();
+    Vec<T> prob = at::vec::minimum(Vec<T>::loadu(p + j) - Vec<T>(lse), Vec<T>(0)).exp_u20();
     Vec<T> grad = prob * (Vec<T>::loadu(ds + j) - Vec<T>(delta));
     prob.store(p + j);
     grad.store(ds + j);
     (Vec<T>::loadu(gate + j) + grad).store(gate + j);
   }
   for (; j < n; ++j) {
-    p[j] = std::exp(p[j] - lse);
+    p[j] = std::exp(std::min(p[j] - lse, T(0)));
     ds[j] = p[j] * (ds[j] - delta);
     gate[j] += ds[j];
   }
