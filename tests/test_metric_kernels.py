@@ -26,7 +26,11 @@ from moa.attention.balls import BallPruning  # noqa: E402
 from moa.kernels import metric_cpu, pruned_attention  # noqa: E402
 from moa.kernels.metric_cpu import metric_attention_cpu  # noqa: E402
 from moa.kernels.metric_flex import metric_attention_flex  # noqa: E402
-from moa.kernels.metric_reference import metric_attention_eager, metric_scores  # noqa: E402
+from moa.kernels.metric_reference import (  # noqa: E402
+    allowed_keys,
+    metric_attention_eager,
+    metric_scores,
+)
 
 try:
     from moa.kernels import metric_triton
@@ -338,9 +342,7 @@ def _capped_gate_gradient(q, k, v, alpha, gate, d_out):
     key head, sum_i min(exp(s_ij - lse_i), 1) dO_i.(v_j - out_i) over the queries i that see
     it but not as their own key (MHA: a query head per key head)."""
     scores = metric_scores(q, k, k.pow(2).sum(-1), alpha)  # (B, H, T, S)
-    T = q.size(2)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    own = torch.eye(T, dtype=torch.bool)
+    causal, own = allowed_keys(q.size(2), k.size(2), q.device)  # (T, S) x2
     kept = causal & ((gate[:, :, None, :] > 0) | own)  # (B, H, T, S)
     lse = scores.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)
     out = (scores - lse).exp().masked_fill(~kept, 0) @ v  # (B, H, T, D)

@@ -18,8 +18,8 @@ too: how much the loss would change if key j were let back in). For a pruned key
 derivative weighs each query by `exp(s_ij - lse_i)`, the probability the key would take,
 which has no bound when it outscores the kept keys; the kernels cap it at 1
 (`moa/kernels/metric_reference.py`). Uncapped, a radius held at half the keys by
-`ball_target_kept` pruned such keys in every batch, and the default run's gradient norm
-reached 1e9 by step 268 (at 5308116; docs/results.md). Only keys within
+`ball_target_kept` pruned such keys in every batch, and the default run broke
+(docs/results.md). Only keys within
 `band * r / 2` of the sphere carry gradient, so a key far outside the ball costs nothing
 in the backward pass either: the gate says which keys those are (`BallGate.band`), and the
 fused kernels compute the gate's gradient at the kept and band keys only, skipping the far
