@@ -11,6 +11,7 @@ import torch
 from moa.attention import ATTENTION
 from moa.errors import ConfigError
 from moa.layers import router as router_module
+from moa.layers.activation import GELU
 from moa.layers.auxiliary import AuxiliaryRecorder, statistics_recorded
 from moa.models.language_model import build_model
 from moa.training import train
@@ -156,7 +157,7 @@ def test_moas_has_mha_gqa_and_mqa_paths_of_the_same_size():
     mixture = ATTENTION.build(config.attention, config)
     assert [path.heads.n_kv_heads for path in mixture.paths] == [4, 2, 1]
     assert {path.heads.q.out_features for path in mixture.paths} == {config.d_model}
-    assert isinstance(mixture.router.scores[1], torch.nn.GELU)  # the 2-layer GELU router
+    assert isinstance(mixture.router.scores[1], GELU)  # the 2-layer GELU router
 
 
 @pytest.mark.parametrize(("attention", "key"), [

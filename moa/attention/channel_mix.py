@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moa.attention.registry import ATTENTION
+from moa.layers.activation import gelu
 from moa.layers.context import select_positions
 from moa.layers.residual import Dropout
 from moa.schema import check, check_range
@@ -54,7 +54,7 @@ class ChannelMix(nn.Module):
 
     def token_part(self, h: torch.Tensor) -> torch.Tensor:
         """h: (..., C) -> (..., C), each row alone."""
-        return self.dropout(self.down(F.gelu(self.up(h))))
+        return self.dropout(self.down(gelu(self.up(h))))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C), position by position; (B, K, C) at ctx.output_positions."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa.layers.activation import gelu
 from moa.layers.residual import Dropout
 from moa.registry import Registry
 from moa.schema import check, check_choice, check_range
@@ -72,7 +73,7 @@ class MLP(TokenwiseFFN):
         self.dropout = Dropout(config.dropout)
 
     def token_part(self, h: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
-        return self.dropout(self.down(F.gelu(self.up(h))))
+        return self.dropout(self.down(gelu(self.up(h))))
 
 
 class SwiGLU(TokenwiseFFN):

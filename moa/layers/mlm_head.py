@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from moa.layers.activation import gelu
 
 
 class MaskedLMHead(nn.Module):
@@ -17,4 +18,4 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, C) -> logits (B, L, V)."""
-        return self.out(self.norm(F.gelu(self.dense(hidden))))
+        return self.out(self.norm(gelu(self.dense(hidden))))

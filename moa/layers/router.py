@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.layers import balance
+from moa.layers.activation import GELU
 from moa.layers.auxiliary import AuxiliaryRecorder
 from moa.layers.context import select_positions
 from moa.layers.residual import Dropout
@@ -140,7 +141,7 @@ class TokenRouter(nn.Module):
         self.dropout = Dropout(config.router_dropout)
         hidden = config.router_hidden
         self.scores = nn.Linear(d_model, n_paths) if hidden is None else nn.Sequential(
-            nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, n_paths))
+            nn.Linear(d_model, hidden), GELU(), nn.Linear(hidden, n_paths))
         self.bias_gate = None
         if config.enable_router_gates:
             self.bias_gate = nn.Parameter(torch.zeros(d_model, n_paths))

@@ -1,0 +1,27 @@
+"""bench/gelu.py: a row per kernel and size, each against oneDNN's call in the same run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_rows_give_each_kernel_against_onednn(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_gelu", ROOT / "bench" / "gelu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "gelu.json"
+    monkeypatch.setattr(sys, "argv", ["gelu.py", "--rows", "1", "64", "--width", "256",
+                                      "--calls", "3", "--warmup", "1", "--json", str(output)])
+    module.main()
+    records = json.loads(output.read_text())
+    assert [(r["rows"], r["kernel"]) for r in records] == [
+        (rows, kernel) for rows in (1, 64) for kernel in module.KERNELS]
+    for record in records:
+        assert record["elements"] == record["rows"] * 256 and record["us"] > 0
+        assert record["ratio_to_onednn"] == (1.0 if record["kernel"] == "onednn" else
+                                             record["us"] / next(
+            r["us"] for r in records if r["rows"] == record["rows"] and r["kernel"] == "onednn"))
