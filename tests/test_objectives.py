@@ -97,21 +97,26 @@ def test_memory_aware_training_keeps_a_part_frozen_until_its_turn(compose_config
 
 
 @pytest.fixture(scope="module")
-def micro(cache_dir):
-    """A tiny micro model and the objective configs' tokens, without a run."""
+def micro(cache_dir, tmp_path_factory):
+    """A tiny micro model and the objective configs' tokens, without a run. Hydra's own
+    config is set, so the config's `${hydra:...}` values resolve whichever test runs first."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from moa.data import build_datamodule
     from tests.conftest import CONF_DIR, ROOT, SHARED_DATA
 
+    run_dir = tmp_path_factory.mktemp("micro")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             f"paths.root_dir={ROOT}", f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={run_dir}", f"hydra.run.dir={run_dir}",
             f"paths.shared_data_dir={SHARED_DATA}", "model=rxt_alpha_micro", "model.size=tiny",
             "objective=rxt_smat", *CONVERSATIONS])
     GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)
     spec = parse_run(cfg)
     data = build_datamodule(cfg.data, cfg.tokenizer, 0, cache_dir)
     data.prepare_data()
@@ -258,3 +263,4 @@ def test_resume_continues_masks_and_unfreezing_exactly(compose_config, tmp_path,
     whole = train_curve(tmp_path / "whole")
     assert [step for step, _ in whole] == list(range(8))
     assert train_curve(tmp_path / "run") == whole
+
