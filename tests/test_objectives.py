@@ -15,7 +15,8 @@ from moa.errors import ConfigError
 from moa.models.registry import build_model
 from moa.training import train
 from moa.training.init_from import init_state
-from moa.training.objectives import OBJECTIVES, SpecialTokens
+from moa.training.objectives import OBJECTIVES, SpecialTokens, token_metrics
+from moa.training.objectives.base import IGNORE_INDEX, label_is_top
 from moa.training.run_config import parse_run
 from tests.conftest import train_run
 
@@ -264,3 +265,20 @@ def test_resume_continues_masks_and_unfreezing_exactly(compose_config, tmp_path,
     assert [step for step, _ in whole] == list(range(8))
     assert train_curve(tmp_path / "run") == whole
 
+
+
+def test_accuracy_counts_a_token_right_when_its_label_has_the_largest_logit():
+    logits = torch.randn(3, 7, 50, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :4] = logits[0, :4].argmax(-1)  # some right for sure
+    labels[1, 2] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX
+    _, acc, count = token_metrics(logits, labels)
+    kept = labels != IGNORE_INDEX
+    assert count == kept.sum() == 13
+    assert acc == (logits.argmax(-1) == labels)[kept].double().mean().float()
+    assert acc >= 4 / 13
+    tied = logits[0, 5].argmax()
+    logits[0, 5, labels[0, 5]] = logits[0, 5, tied]  # the label ties for the largest
+    assert label_is_top(logits, labels)[0, 5]
+    assert not label_is_top(logits, labels)[1, 2]  # ignored: never right

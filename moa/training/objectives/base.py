@@ -110,8 +110,19 @@ def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     count = mask.sum()
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE_INDEX)
-    correct = ((logits.argmax(-1) == labels) & mask).sum()
+    correct = (label_is_top(logits, labels) & mask).sum()
     return loss, correct.float() / count.clamp(min=1), count
+
+
+def label_is_top(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each label's logit is its row's largest: (..., V), (...) -> bool (...);
+    False at IGNORE_INDEX. A tie for the largest counts as right, where `argmax == label`
+    would count it right only if the label came first. The same test, as a max and a
+    gather: on CPU PyTorch's argmax over a vocabulary is not vectorised, about 20x the max
+    (21.7 ms against 1.1 for (8, 128, 8192) float32, one thread; two threads do not speed
+    it up), which was about a tenth of a training step of the small presets."""
+    label_logits = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (label_logits >= logits.amax(-1)) & (labels != IGNORE_INDEX)
 
 
 def require_methods(model: torch.nn.Module, objective: str, *names: str) -> None:

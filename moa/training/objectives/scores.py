@@ -1,9 +1,9 @@
 """Scores of conversations by turn and by the distance d of each question (dialogue_recall).
 
-An answer is right when every one of its labelled tokens is the argmax (teacher forcing):
-the answer's words and its `<|eos|>`. `recall_by_distance[d]` is the fraction of questions
-about a fact stated d turns before that are answered right; per turn, the loss and token
-accuracy of the answers and the fraction of answers right.
+An answer is right when every one of its labelled tokens has the largest logit (teacher
+forcing, `label_is_top`): the answer's words and its `<|eos|>`. `recall_by_distance[d]` is
+the fraction of questions about a fact stated d turns before that are answered right; per
+turn, the loss and token accuracy of the answers and the fraction of answers right.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from moa.training.objectives.base import IGNORE_INDEX
+from moa.training.objectives.base import IGNORE_INDEX, label_is_top
 
 
 class ConversationScores:
@@ -32,7 +32,7 @@ class ConversationScores:
         labelled = (labels != IGNORE_INDEX) & (turn >= 0)  # (B, T)
         losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                  ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
-        correct = logits.argmax(-1) == labels
+        correct = label_is_top(logits, labels)
         turns = distance.size(1)
         slot = torch.arange(len(labels), device=labels.device)[:, None] * turns + turn.clamp(min=0)
         tokens = torch.zeros(distance.numel(), device=labels.device)
