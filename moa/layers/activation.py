@@ -2,9 +2,9 @@
 
 PyTorch sends exact GELU on every contiguous float32 or bfloat16 CPU tensor of two or more
 elements to oneDNN, whose per-call set-up is most of the time for a few rows: a
-one-token GELU of width 512 takes oneDNN 2.5x PyTorch's own kernel, and a cached
-decoding step of moa_metric calls 13. At training sizes oneDNN is the faster (1.8x at
-4096 x 512), so `gelu` switches oneDNN off only for inputs of at most `NATIVE_MAX_NUMEL`
+one-token GELU of width 512 takes oneDNN 2.5-3x PyTorch's own kernel's time, and a
+cached decoding step of moa_metric calls 13. At training sizes oneDNN is the faster
+(1.7x at 4096 x 512), so `gelu` switches oneDNN off only for inputs of at most `NATIVE_MAX_NUMEL`
 elements, about where the two cost the same on one or two threads (`bench/gelu.py`,
 docs/benchmarks.md). Both compute `x * Phi(x)` to float32 rounding; the backward is
 PyTorch's either way.
