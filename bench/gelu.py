@@ -22,16 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moa.layers.activation import NATIVE_MAX_NUMEL, gelu
+from moa.layers.activation import NATIVE_MAX_NUMEL, OneDNNOff, gelu
 
 
 def without_onednn(x: torch.Tensor) -> torch.Tensor:
-    """PyTorch's kernel at any size: oneDNN off for the call, as `gelu` switches it."""
-    torch.backends.mkldnn.enabled = False
-    try:
+    """PyTorch's kernel at any size, switched as `gelu` switches it."""
+    with OneDNNOff():
         return F.gelu(x)
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
