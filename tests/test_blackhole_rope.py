@@ -245,3 +245,19 @@ def test_a_float64_model_runs_in_float64_and_agrees_with_float32():
     double = model.double()(ids).logits
     assert double.dtype == torch.float64
     torch.testing.assert_close(double.float(), single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", [{}, {"name": "metric", "n_kv_heads": 1}])
+def test_a_compiled_forward_traces_whole_through_the_kept_tables(attention):
+    """Under torch.compile the kept tables (and metric attention's alpha) compute every
+    call: dynamo traces a training forward as one graph, with no break at their checks
+    nor inside `one_forward` (a break there ran the rest of the forward uncompiled), and
+    its logits are the eager forward's."""
+    torch._dynamo.reset()
+    model = blackhole_model(attention).train()
+    ids = torch.randint(0, 50, (2, 13))
+    explanation = torch._dynamo.explain(model)(ids)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), \
+        explanation.break_reasons
+    torch.testing.assert_close(torch.compile(model, backend="eager")(ids).logits,
+                               model(ids).logits)

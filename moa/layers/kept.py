@@ -12,12 +12,18 @@ With autograd every call computes, so that no kept value carries one forward's g
 another; except within `one_forward()`, around one forward of a model, where its layers
 share one value and one graph (the value's gradient is then the sum of theirs), dropped
 when the forward ends.
+
+Under torch.compile nothing is kept: every call computes and `one_forward()` is no block.
+The compiler keeps what it can by itself. The checks (storage pointers, version counters)
+would break the graph, and a break inside a `with` block makes dynamo run the rest of the
+model's forward uncompiled. In PyTorch 2.13 the graphs split there also failed to load
+from a warm compile cache (`RuntimeError: invalid shape dimension` replaying a view).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -38,9 +44,12 @@ class KeptValues:
         self.values: dict[str, tuple] = {}  # name -> (given, parameters' state, value)
         self.in_one_forward = False
 
-    @contextmanager
-    def one_forward(self) -> Iterator[None]:
+    def one_forward(self) -> AbstractContextManager[None]:
         """Keep values with autograd too until the end of the block: one forward's."""
+        return nullcontext() if torch.compiler.is_compiling() else self._one_forward()
+
+    @contextmanager
+    def _one_forward(self) -> Iterator[None]:
         self.in_one_forward = True
         try:
             yield
@@ -51,7 +60,7 @@ class KeptValues:
     def get(self, name: str, parameters: Iterable[torch.Tensor], compute: Callable[[], Any],
             given: torch.Tensor | None = None) -> Any:
         """compute(), or the value it gave while `parameters` and `given` stand."""
-        if torch.is_grad_enabled() and not self.in_one_forward:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self.in_one_forward):
             return compute()
         state = (_optimizer_steps[0], *((p.data_ptr(), 0 if p.is_inference() else p._version)
                                         for p in parameters))  # inference tensors: no version
