@@ -110,7 +110,7 @@ def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     count = mask.sum()
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE_INDEX)
-    correct = (label_is_top(logits, labels) & mask).sum()
+    correct = label_is_top(logits, labels).sum()  # False at IGNORE_INDEX
     return loss, correct.float() / count.clamp(min=1), count
 
 
