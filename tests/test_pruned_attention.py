@@ -113,18 +113,33 @@ def test_float32_through_the_balls_within_twice_eager(rows):
 
 
 def test_the_kernel_refuses_what_it_cannot_read():
-    """Heads of two dtypes, positions of another shape, or no rows per block: an error that
+    """Heads of two dtypes or widths, positions or key biases of another shape, a bias
+    factor per key head instead of per query head, or no rows per block: an error that
     says what was expected, before anything is read."""
     q = torch.randn(1, 2, 5, 8)
     k = torch.randn(1, 1, 5, 8)
+    bias, scale = torch.randn(1, 1, 5), torch.randn(2)
     positions = torch.arange(5).view(1, 1, 5)
     ops = compiled()
-    with pytest.raises(RuntimeError, match="one dtype"):
-        ops.forward(q, k.double(), k, positions, k, k, 4)
+
+    def forward(**changes):
+        given = dict(q=q, kc=k, vc=k, bc=bias, positions=positions, k=k, v=k, bias=bias,
+                     scale=scale, block_rows=4) | changes
+        return ops.forward(*given.values())
+
+    forward()  # as given, it runs
+    with pytest.raises(RuntimeError, match="one dtype and E"):
+        forward(kc=k.double())
+    with pytest.raises(RuntimeError, match="one dtype and E"):
+        forward(v=k[..., :4].contiguous())
     with pytest.raises(RuntimeError, match=r"positions \(B, Hkv, W\) int64"):
-        ops.forward(q, k, k, positions[..., :3], k, k, 4)
+        forward(positions=positions[..., :3])
+    with pytest.raises(RuntimeError, match=r"key biases \(B, Hkv, W\) and \(B, Hkv, S\)"):
+        forward(bc=bias[..., :3].contiguous())
+    with pytest.raises(RuntimeError, match=r"bias scale \(Hq,\)"):
+        forward(scale=scale[:1])
     with pytest.raises(RuntimeError, match="block_rows must be positive"):
-        ops.forward(q, k, k, positions, k, k, 0)
+        forward(block_rows=0)
 
 
 def test_the_build_finds_ninja_where_the_system_has_none(monkeypatch, tmp_path):

@@ -3,21 +3,27 @@ our kernel over the kept keys (`pruned_attention.py`).
 
 Same signature and numbers as `metric_attention_eager` (see `metric_reference.py`).
 Since `-a ||q - k||^2 = 2a q.k - a ||k||^2 - a ||q||^2` and the last term is constant along
-a softmax row, metric attention is dot-product attention (scale 1) over augmented heads
+a softmax row, metric attention is dot-product attention (scale 1) of 2a q with a bias
+-a n per key, n = ||k||^2.
+
+Without a gate that is one call of `scaled_dot_product_attention`, which runs PyTorch's
+CPU flash kernel: O(L) memory, no L x L tensor. It takes no bias, so the bias rides in
+augmented heads
 
     q' = [2a q,  -a_hi,  -a_hi,  -a_lo,  0...]      (B, Hq, T, E)
     k' = [k,     n_hi,   n_lo,   n_hi,   0...]      (B, Hkv, S, E)
     v' = [v,     0...]                              (B, Hkv, S, E)
 
-with n = ||k||^2. The hi/lo split writes a and n as the sum of two numbers of the input
-dtype, so in bfloat16 the key-norm bias keeps about 16 bits instead of 8 (in float32 and
-float64 the lo parts are zero). E rounds D + 3 up to a multiple of 8, and v is padded to E
-too: the fused kernel needs equal head dims, and an extra column costs nothing there.
+The hi/lo split writes a and n as the sum of two numbers of the input dtype, so in
+bfloat16 the key-norm bias keeps about 16 bits instead of 8 (in float32 and float64 the lo
+parts are zero). E rounds D + 3 up to a multiple of 8, and v is padded to E too: the fused
+kernel needs equal head dims, and an extra column costs nothing there.
 
-Without a gate that is one call of `scaled_dot_product_attention`, which runs PyTorch's
-CPU flash kernel: O(L) memory, no L x L tensor. With a gate (ball pruning) the pruned keys
-are dropped before attention, not masked inside it (`pruned_attention.py`); where that
-kernel cannot be built, the eager reference runs instead.
+With a gate (ball pruning) the pruned keys are dropped before attention, not masked inside
+it (`pruned_attention.py`). That kernel reads the bias beside the heads, in float32 at
+least, so nothing is augmented: the augmented copies of q, k and v cost about a fifth of
+the pruned forward at L=2048 and p=0.25 (docs/benchmarks.md). Where it cannot be built,
+the eager reference runs instead.
 """
 
 from __future__ import annotations
@@ -72,8 +78,9 @@ def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_no
     at the keys gate_band marks (None: every key) and is zero elsewhere."""
     if gate is not None and compiled() is None:
         return metric_attention_eager(q, k, v, k_norm, alpha, gate)
-    D = q.size(-1)
+    if gate is not None:
+        alpha = _wide(alpha)
+        q_scaled = 2 * alpha.view(1, -1, 1, 1) * q  # (B, Hq, T, D), at least float32
+        return pruned_attention(q_scaled, k, v, k_norm, -alpha, gate, gate_band).to(q.dtype)
     q_aug, k_aug, v_aug = augment(q, k, v, k_norm, alpha)
-    if gate is None:
-        return scaled_dot_product(q_aug, k_aug, v_aug)[..., :D]
-    return pruned_attention(q_aug, k_aug, v_aug, gate, gate_band)[..., :D]
+    return scaled_dot_product(q_aug, k_aug, v_aug)[..., :q.size(-1)]
