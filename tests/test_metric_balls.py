@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moa.attention import ATTENTION
+from moa.attention.balls import BallPruning
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.auxiliary import AuxiliaryRecorder
 from tests.conftest import forward_context, metric_heads_reference, metric_model_config
@@ -122,3 +123,18 @@ def test_ball_target_under_a_process_group_moves_the_radii_as_without(tmp_path):
         distributed.destroy_process_group()
     assert (alone.balls.log_radius != torch.tensor(8.0).log()).all()  # the target moved them
     torch.testing.assert_close(grouped.balls.log_radius, alone.balls.log_radius, rtol=0, atol=0)
+
+
+def test_without_gradients_the_ball_gives_its_hard_mask_alone():
+    """Inference (no gradient wanted) skips the surrogate: the same gate values and pruned
+    fraction as with gradients, and no band, which only says where a gradient flows."""
+    balls = BallPruning(2, 8, radius_init=2.5, learn_radius=True, origin_init_scale=0.3,
+                        band=0.5)
+    k = torch.randn(2, 2, 19, 8)
+    with torch.no_grad():
+        inference = balls(k)
+    training = balls(k)
+    assert inference.band is None and training.band is not None and training.band.any()
+    assert 0 < inference.pruned_fraction < 1
+    torch.testing.assert_close(inference.gate, training.gate.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(inference.pruned_fraction, training.pruned_fraction)

@@ -171,3 +171,42 @@ def test_without_a_compiler_ball_pruning_runs_the_reference(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_query_without_gradients_is_one_masked_call(n_kv, dtype, monkeypatch):
+    """A decoding step (one query, the last of S positions) without gradients: the keys
+    the gate keeps and the query's own, pruned or not, with the key-norm bias, equal the
+    reference within its dtype (float64: to rounding; bfloat16: within twice eager's
+    error), batch 2, GQA, kept fractions 0 to 1, and the pruned kernel is not called."""
+    monkeypatch.setattr(metric_cpu, "pruned_attention", None)  # calling it would fail
+    for kept in (0.0, 0.3, 1.0):
+        q, k, v, k_norm, alpha, _ = _inputs(2, 4, n_kv, 1, 37, 8, gated=False)
+        gate = (torch.rand(k_norm.shape) < kept).double()
+        gate[0, 0, -1] = 0.0  # the query's own key pruned: still attended
+        with torch.no_grad():
+            exact = metric_attention_eager(q, k, v, k_norm, alpha, gate)
+            wide = torch.promote_types(dtype, torch.float32)  # the module's norms and alpha
+            low = [x.to(dtype) for x in (q, k, v)] + [k_norm.to(wide), alpha.to(wide)]
+            got = metric_attention_cpu(*low, gate.to(dtype))
+            eager = metric_attention_eager(*low, gate.to(dtype))
+        assert got.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
+        else:
+            error = (got.double() - exact).abs().max()
+            assert error <= 2 * (eager.double() - exact).abs().max() + 1e-3, kept
+
+
+def test_with_gradients_one_query_takes_the_pruned_kernel():
+    """The masked call has no gate gradient: a query that needs gradients still goes
+    through the pruned kernel, whose gradients equal the reference's."""
+    inputs = _inputs(1, 4, 2, 1, 21, 8, gated=True)
+    d_out = torch.randn_like(inputs[0])
+    expected, expected_grads = _run(metric_attention_eager, inputs, d_out)
+    out, grads = _run(metric_attention_cpu, inputs, d_out)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    for name, grad, want in zip("q k v k_norm alpha gate".split(), grads, expected_grads,
+                                strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=name)

@@ -39,7 +39,9 @@ class BallGate(NamedTuple):
     """A ball's verdict on each key of each key head."""
 
     gate: torch.Tensor  # (B, H, S): exactly 0 or 1 forward, straight-through gradient
-    band: torch.Tensor  # (B, H, S) bool: keys whose gate has a gradient (near the sphere)
+    # (B, H, S) bool: keys whose gate has a gradient (near the sphere); None where nothing
+    # needs a gradient (the gate is then the hard mask alone)
+    band: torch.Tensor | None
     pruned_fraction: torch.Tensor  # detached scalar
 
 
@@ -69,6 +71,9 @@ class BallPruning(nn.Module):
         radius = self.radius.view(1, -1, 1).to(k.dtype)
         distance = self.distance(k)  # (B, H, S)
         hard = (distance <= radius).to(k.dtype)
+        if not torch.is_grad_enabled() or not any(
+                x.requires_grad for x in (k, self.log_radius, self.origin)):
+            return BallGate(hard, None, 1.0 - hard.mean())  # inference: the mask alone
         soft = (0.5 + (radius - distance) / (self.band * radius)).clamp(0.0, 1.0)
         band = (soft > 0) & (soft < 1)  # where soft has a slope: |d - r| < band * r / 2
         return BallGate(hard + (soft - soft.detach()), band.detach(), 1.0 - hard.mean())

@@ -75,12 +75,36 @@ def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_no
                          gate_band: torch.Tensor | None = None) -> torch.Tensor:
     """Metric attention through the fused CPU kernels; shapes as `metric_attention_eager`.
     With a gate, attention reads the kept keys only, and the gate's gradient is computed
-    at the keys gate_band marks (None: every key) and is zero elsewhere."""
-    if gate is not None and compiled() is None:
+    at the keys gate_band marks (None: every key) and is zero elsewhere; one query that
+    needs no gradient (a decoding step) is one masked call instead (`_one_query`)."""
+    if gate is None:
+        q_aug, k_aug, v_aug = augment(q, k, v, k_norm, alpha)
+        return scaled_dot_product(q_aug, k_aug, v_aug)[..., :q.size(-1)]
+    alpha = _wide(alpha)
+    q_scaled = 2 * alpha.view(1, -1, 1, 1) * q  # (B, Hq, T, D), at least float32
+    if q.size(2) == 1 and not _needs_grad(q, k, v, k_norm, alpha, gate):
+        return _one_query(q_scaled, k, v, k_norm, -alpha, gate).to(q.dtype)
+    if compiled() is None:
         return metric_attention_eager(q, k, v, k_norm, alpha, gate)
-    if gate is not None:
-        alpha = _wide(alpha)
-        q_scaled = 2 * alpha.view(1, -1, 1, 1) * q  # (B, Hq, T, D), at least float32
-        return pruned_attention(q_scaled, k, v, k_norm, -alpha, gate, gate_band).to(q.dtype)
-    q_aug, k_aug, v_aug = augment(q, k, v, k_norm, alpha)
-    return scaled_dot_product(q_aug, k_aug, v_aug)[..., :q.size(-1)]
+    return pruned_attention(q_scaled, k, v, k_norm, -alpha, gate, gate_band).to(q.dtype)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """A decoding step's attention over a ball-aware cache, without gradients: the query
+    q (B, Hq, 1, D) (the last of the S positions) over the keys gate (B, Hkv, S) keeps and
+    its own, with scores q.k + scale_h bias_j, in one masked call of PyTorch's attention,
+    in float32 at least. The cache holds kept keys only, so the gathering that makes the
+    pruned kernel pay over long sequences would copy every held key again."""
+    wide = q.dtype
+    group = q.size(1) // k.size(1)
+    keep = gate != 0
+    keep[..., -1] = True  # the query's own key
+    scores = scale.view(1, -1, 1) * bias.to(wide).repeat_interleave(group, 1)  # (B, Hq, S)
+    mask = scores.masked_fill(~keep.repeat_interleave(group, 1), float("-inf"))
+    return F.scaled_dot_product_attention(q, k.to(wide), v.to(wide), attn_mask=mask[:, :, None],
+                                          scale=1.0, enable_gqa=group > 1)

@@ -112,12 +112,15 @@ class CompactCache:
         """keep (B, H, T), bool over the staged entries: those kept join their rows."""
         T = self.staged
         # kept entries first, in order; then the dropped ones, which land on padding
-        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices  # (B, H, T)
         slots = self.counts[..., None] + torch.arange(T, device=keep.device)  # (B, H, T)
+        order = None if T == 1 else torch.sort((~keep).to(torch.uint8), dim=-1,
+                                                 stable=True).indices  # (B, H, T)
         for buffer in self.buffers.values():
             new = buffer.narrow(2, self.length, T)
             tail = (1,) * (buffer.dim() - 3)
-            moved = new.gather(2, order.view(*order.shape, *tail).expand_as(new))
+            # one entry is its own order (a copy: scatter_ cannot read what it writes)
+            moved = new.clone() if order is None else new.gather(
+                2, order.view(*order.shape, *tail).expand_as(new))
             buffer.scatter_(2, slots.view(*slots.shape, *tail).expand_as(moved), moved)
         self.counts = self.counts + keep.sum(-1)
         self.length = int(self.counts.max())  # the one host sync: the rows' padded length
