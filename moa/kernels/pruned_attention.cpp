@@ -2,9 +2,9 @@
 // pruned_attention.py). Query i of head h scores key j as q_i . k_j + c_h b_j: a dot
 // product at scale 1 plus a per-key bias b (B, Hkv, S) times a per-query-head factor c
 // (Hq,). Per (batch, key head) the kept keys are gathered in position order (kc, vc, and
-// their biases bc), with their positions (ascending; padding past every query). Query i at position
-// offset + i sees the gathered keys before its position, a prefix of them, and its own
-// key k[offset + i], kept or not. Blocks of `block_rows` queries make one product each
+// their biases bc), with their positions (ascending; padding past every query). Query i
+// at position offset + i sees the gathered keys before its position, a prefix of them,
+// and its own key k[offset + i], kept or not. Blocks of `block_rows` queries make one product each
 // over the prefix their last query sees; a query's softmax stops at its own prefix.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
