@@ -21,9 +21,8 @@ kernel needs equal head dims, and an extra column costs nothing there.
 
 With a gate (ball pruning) the pruned keys are dropped before attention, not masked inside
 it (`pruned_attention.py`). That kernel reads the bias beside the heads, in float32 at
-least, so nothing is augmented: the augmented copies of q, k and v cost about a fifth of
-the pruned forward at L=2048 and p=0.25 (docs/benchmarks.md). Where it cannot be built,
-the eager reference runs instead.
+least, so nothing is augmented: no copy of the heads is made but the kept keys' gather.
+Where it cannot be built, the eager reference runs instead.
 """
 
 from __future__ import annotations
@@ -100,11 +99,11 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     its own, with scores q.k + scale_h bias_j, in one masked call of PyTorch's attention,
     in float32 at least. The cache holds kept keys only, so the gathering that makes the
     pruned kernel pay over long sequences would copy every held key again."""
-    wide = q.dtype
-    group = q.size(1) // k.size(1)
+    dtype, group = q.dtype, q.size(1) // k.size(1)  # q: float32 at least
     keep = gate != 0
     keep[..., -1] = True  # the query's own key
-    scores = scale.view(1, -1, 1) * bias.to(wide).repeat_interleave(group, 1)  # (B, Hq, S)
+    scores = scale.view(1, -1, 1) * bias.to(dtype).repeat_interleave(group, 1)  # (B, Hq, S)
     mask = scores.masked_fill(~keep.repeat_interleave(group, 1), float("-inf"))
-    return F.scaled_dot_product_attention(q, k.to(wide), v.to(wide), attn_mask=mask[:, :, None],
-                                          scale=1.0, enable_gqa=group > 1)
+    return F.scaled_dot_product_attention(q, k.to(dtype), v.to(dtype),
+                                          attn_mask=mask[:, :, None], scale=1.0,
+                                          enable_gqa=group > 1)

@@ -5,8 +5,8 @@ A ball prunes a key for every query (its test reads the key alone), so pruned ke
 dropped before attention instead of masked inside it. Per (batch, key head) the kept keys
 are gathered in position order (`KeptKeys`), padded to the longest row. A score is a dot
 product at scale 1 plus a bias of the key times a factor of the query head,
-`q_i . k_j + c_h b_j` (metric attention's `2 alpha q.k - alpha ||k||^2`, with no widened
-copy of the heads to carry the bias, `metric_cpu.py`). A query sees the
+`q_i . k_j + c_h b_j` (metric attention's `2 alpha q.k - alpha ||k||^2`, read as it is,
+with no widened copy of the heads to carry the bias: `metric_cpu.py`). A query sees the
 gathered keys before its position, which is a prefix of them, and its own key, kept or
 not. Blocks of ROWS queries make one matrix product over the prefix their last query sees,
 and each query's softmax stops at its own prefix, so the work is about
@@ -14,10 +14,9 @@ and each query's softmax stops at its own prefix, so the work is about
 pruned key but as its own query's key. The backward recomputes the probabilities block by
 block in the same way (dq, dk, dv, the biases' and the factors' gradients, and the gate's
 gradient of the kept keys: its multiplicative weight, a query's own key excluded, as in
-the reference). The gate's
-gradient is needed only where the ball's surrogate has a slope (`BallGate.band`): for the
-band's pruned keys one more backward pass gathers them and computes that alone. Far keys
-(neither kept nor in the band) cost nothing.
+the reference). The gate's gradient is needed only where the ball's surrogate has a slope
+(`BallGate.band`): for the band's pruned keys one more backward pass gathers them and
+computes that alone. Far keys (neither kept nor in the band) cost nothing.
 
 The kernel is compiled by PyTorch's extension loader on first use (about 25 s, cached
 under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; ninja from PyPI, a
