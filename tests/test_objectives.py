@@ -266,7 +266,6 @@ def test_resume_continues_masks_and_unfreezing_exactly(compose_config, tmp_path,
     assert train_curve(tmp_path / "run") == whole
 
 
-
 def test_accuracy_counts_a_token_right_when_its_label_has_the_largest_logit():
     logits = torch.randn(3, 7, 50, dtype=torch.float64)
     labels = torch.randint(0, 50, (3, 7))
