@@ -3,6 +3,8 @@
     python bench/generate.py --json generate.json
     python bench/generate.py --presets moa_metric --prompt 128 --new-tokens 32 --repeats 1
     python bench/generate.py --presets moa_metric gpt --d-model 128 --n-layers 4 --n-heads 4
+    python bench/generate.py --presets moa_metric --schemes \
+        --arm balls model=moa_metric attention.paths.1.use_balls=true
 
 Every preset of `conf/model/` at `--size` (`--d-model`, `--n-layers` and `--n-heads` over
 it compare presets at equal width and depth; the context stretched to prompt + new tokens,
@@ -19,7 +21,10 @@ counts the top-level aten ops of one cached decode step after a `--prompt`-token
 (torch.profiler): a figure that, unlike the milliseconds, the machine's load leaves alone.
 `--breakdown` adds, per preset, the ms of a cached step spent in each part of the model
 (each block's attention and its router and paths, FFN, norms; the head's parts), summed
-over the blocks (`step_breakdown`).
+over the blocks (`step_breakdown`). `--arm LABEL OVERRIDE...` (repeatable) adds a model
+that the Hydra overrides give (`model=<preset>` among them, the size arguments over them;
+`bench/arms.py`), reported as LABEL beside the presets and taking turns with them step by
+step.
 
 KV-cache bytes per token: after the prompt, every tensor the cache holds for the
 sequence, per position (our buffers are preallocated to the capacity, so bytes over
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from arms import add_arm_argument, arm_overrides
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -213,8 +219,10 @@ def main() -> None:
                         "torch's); 1 on a shared machine keeps small ops from thrashing")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each part of a cached step (`step_breakdown`)")
+    add_arm_argument(parser)
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
+    arms = dict(arm_overrides(args.arm, args.presets or presets()))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -227,10 +235,11 @@ def main() -> None:
     print(f"{'preset':<12} {'params':>10} {'cached tok/s':>13} {'recompute tok/s':>16} "
           f"{'speedup':>8} {'KV B/token':>11} {'ops/step':>8}  cached | recompute ms/step at "
           f"{args.contexts}")
-    models = {name: build([f"model={name}"], args) for name in args.presets or presets()}
+    models = {name: build(overrides, args) for name, overrides in arms.items()}
     latency = step_latency(models, args)
     for name, model in models.items():
-        record = {"preset": name, "parameters": model.model.num_parameters(),
+        record = {"preset": name, "overrides": arms[name],
+                  "parameters": model.model.num_parameters(),
                   **generation_speed(model, args), **latency[name],
                   **cache_bytes(model, args.prompt, args.vocab_size),
                   "cached_step_ops": cached_step_ops(model, args.prompt, args.vocab_size)}

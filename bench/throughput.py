@@ -2,6 +2,8 @@
 
     python bench/throughput.py --json throughput.json
     python bench/throughput.py --presets gpt moas --d-model 256 --n-layers 4
+    python bench/throughput.py --presets gpt moa_metric --variants \
+        --arm ffn_topk model=moa_metric ffn.router.name=topk
 
 Every preset in `conf/model/` (found there, so new presets join by themselves; `gpt`
 always, as the baseline) is composed with the same d_model, n_layers, n_heads, context and
@@ -14,11 +16,13 @@ steps each, the presets take turns, one step each per round for `--steps` rounds
 slowdown of the shared machine hits them alike; a preset's step time is its median.
 tokens/s is batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted
 once on a meta-device copy, as the training callback does; the optimizer step is not
-counted) over it, `ratio_to_gpt` its tokens/s over gpt's in the same run.
+counted) over it, `ratio_to_gpt` its tokens/s over gpt's in the same run. `--arm LABEL
+OVERRIDE...` (repeatable; `bench/arms.py`) adds a model that the Hydra overrides give
+(`model=<preset>` among them, the common size over them), as a row named LABEL.
 
 After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`;
 `--variants-of` names other presets to run them too, each variant row then also giving
-`ratio_to_gpt_variant`, its tokens/s over gpt's run the same way):
+`ratio_to_gpt_variant`, its tokens/s over gpt's run the same way; an arm's label names it there):
 `bf16-mixed` (forward and loss under bfloat16 autocast, as trainer.precision=bf16-mixed),
 `compile` (model.compile=true), `accumulate=2` (the same batch as two half batches, as
 trainer.accumulate_grad_batches=2 with half data.batch_size) and `scored=1/16` (loss on one
@@ -37,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from arms import add_arm_argument, arm_overrides
 
 from moa.config import ModelConfig, OptimConfig
 from moa.layers.auxiliary import statistics_recorded
@@ -60,8 +65,13 @@ def presets() -> list[str]:
 
 def preset_config(preset: str, args: argparse.Namespace) -> ModelConfig:
     """`preset` at the common size the arguments give."""
+    return sized_config([f"model={preset}"], args)
+
+
+def sized_config(overrides: list[str], args: argparse.Namespace) -> ModelConfig:
+    """The model that the Hydra `overrides` give, at the common size of the arguments."""
     return model_config([
-        f"model={preset}", f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}",
+        *overrides, f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}",
         f"model.n_heads={args.n_heads}", f"model.max_seq_len={args.block_size}",
         f"model.vocab_size={args.vocab_size}", f"data.block_size={args.block_size}",
     ])
@@ -133,17 +143,21 @@ def main() -> None:
                         help="rows for the gpt baseline run these ways (default: all)")
     parser.add_argument("--variants-of", nargs="*", default=[BASELINE],
                         help="the presets that get the variant rows (default: gpt)")
+    add_arm_argument(parser)
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
 
     names = presets()
     if args.presets:
         names = [BASELINE] + [name for name in args.presets if name != BASELINE]
+    arms = dict(arm_overrides(args.arm, names))
     size = (args.batch_size, args.block_size)
-    trainees = {name: Trainee(preset_config(name, args), *size) for name in names}
+    trainees = {name: Trainee(sized_config(overrides, args), *size)
+                for name, overrides in arms.items()}
     variants_of = [BASELINE] + [name for name in args.variants_of if name != BASELINE]
-    trainees |= {f"{name} {variant}": Trainee(preset_config(name, args), *size, variant)
-                 for name in variants_of for variant in args.variants}
+    trainees |= {f"{name} {variant}": Trainee(
+        sized_config(arms.get(name, [f"model={name}"]), args), *size, variant)
+        for name in variants_of for variant in args.variants}
     for trainee in trainees.values():
         for _ in range(args.warmup):
             trainee.step()
@@ -159,7 +173,7 @@ def main() -> None:
         flops = training_flops(trainee.config, (args.batch_size, args.block_size),
                                None if scored is None else scored.size(1))
         records.append({
-            "preset": name, "tokens_per_s": tokens / seconds,
+            "preset": name, "overrides": arms.get(name), "tokens_per_s": tokens / seconds,
             "gflops_per_s": None if flops is None else flops / seconds / 1e9,
             "step_ms": 1e3 * seconds,
             "parameters": trainee.model.num_parameters(),

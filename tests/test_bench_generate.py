@@ -1,10 +1,13 @@
-"""bench/generate.py's `--breakdown`: a cached step's time by part of the model."""
+"""bench/generate.py's `--breakdown` (a cached step's time by part of the model) and
+`--arm` (a preset changed by overrides, beside the presets)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
+import sys
 
 import pytest
 
@@ -13,9 +16,12 @@ from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "bench"))  # the script imports arms.py
+        spec = importlib.util.spec_from_file_location("bench_generate",
+                                                      ROOT / "bench" / "generate.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -36,3 +42,25 @@ def test_breakdown_times_each_part_within_the_step_and_leaves_no_hook(bench):
     assert parts["lm_head.vocab"] < parts["lm_head"]
     assert not any(module._forward_hooks or module._forward_pre_hooks
                    for module in model.modules())
+
+
+def test_an_arm_is_its_preset_under_its_overrides_and_reports_its_cache(bench, monkeypatch,
+                                                                        tmp_path):
+    output = tmp_path / "generate.json"
+    balls = ["attention.paths.1.use_balls=true", "attention.paths.3.use_balls=true",
+             "+attention.paths.1.radius_init=0.01", "+attention.paths.3.radius_init=0.01"]
+    monkeypatch.setattr(sys, "argv", [
+        "generate.py", "--presets", "moa_metric", "--schemes", "--size", "tiny",
+        "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--prompt", "12",
+        "--new-tokens", "2", "--repeats", "1", "--contexts", "8", "--steps", "2",
+        "--arm", "balls", "model=moa_metric", *balls, "--json", str(output)])
+    bench.main()
+    records = {r["preset"]: r for r in json.loads(output.read_text())["presets"]}
+    assert list(records) == ["moa_metric", "balls"]
+    assert records["balls"]["overrides"] == ["model=moa_metric", *balls]
+    assert records["moa_metric"]["overrides"] == ["model=moa_metric"]
+    assert records["balls"]["parameters"] > records["moa_metric"]["parameters"]  # the balls'
+    # a radius of 0.01 keeps no metric key but each step's own: the cache holds the rest
+    assert records["balls"]["kv_bytes_per_token"] < records["moa_metric"]["kv_bytes_per_token"]
+    for record in records.values():
+        assert all(ms > 0 for ms in record["cached_step_ms"].values())

@@ -1,0 +1,57 @@
+"""bench/arms.py: the `--arm LABEL OVERRIDE...` models the benchmarks take beside their
+presets, and bench/throughput.py's rows for them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def load(monkeypatch, name: str):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arms_follow_the_presets_each_with_its_overrides(monkeypatch):
+    arms = load(monkeypatch, "arms")
+    labelled = arms.arm_overrides([["topk", "model=moa_metric", "ffn.router.name=topk"]],
+                                  ["gpt", "moa_metric"])
+    assert labelled == [("gpt", ["model=gpt"]), ("moa_metric", ["model=moa_metric"]),
+                        ("topk", ["model=moa_metric", "ffn.router.name=topk"])]
+
+
+@pytest.mark.parametrize(("arm", "message"), [
+    (["topk", "ffn.router.name=topk"], "--arm topk: name its preset"),
+    (["gpt", "model=gpt", "model.dropout=0.1"], "labels must differ .*: gpt"),
+])
+def test_an_arm_without_its_preset_or_with_a_taken_label_is_refused(monkeypatch, arm, message):
+    arms = load(monkeypatch, "arms")
+    with pytest.raises(SystemExit, match=message):
+        arms.arm_overrides([arm], ["gpt", "moa_metric"])
+
+
+def test_throughput_times_an_arm_and_its_variants_beside_gpt(monkeypatch, tmp_path):
+    throughput = load(monkeypatch, "throughput")
+    output = tmp_path / "throughput.json"
+    monkeypatch.setattr(sys, "argv", [
+        "throughput.py", "--presets", "gpt", "--d-model", "32", "--n-layers", "1",
+        "--n-heads", "2", "--block-size", "16", "--batch-size", "2", "--warmup", "1",
+        "--steps", "2", "--variants", "accumulate=2", "--variants-of", "topk",
+        "--arm", "topk", "model=moa_metric", "ffn.router.name=topk", "--json", str(output)])
+    throughput.main()
+    records = {r["preset"]: r for r in json.loads(output.read_text())}
+    assert list(records) == ["gpt", "topk", "gpt accumulate=2", "topk accumulate=2"]
+    assert records["topk"]["overrides"] == ["model=moa_metric", "ffn.router.name=topk"]
+    assert records["gpt"]["overrides"] == ["model=gpt"]
+    assert records["topk"]["gflops_per_s"] is None  # top-k routing: no static FLOP count
+    assert records["topk accumulate=2"]["ratio_to_gpt_variant"] > 0
+    for record in records.values():
+        assert record["step_ms"] > 0 and record["ratio_to_gpt"] > 0
