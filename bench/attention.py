@@ -111,7 +111,7 @@ def _ball_inputs(batch: int, L: int, kept: float, device: str, dtype: torch.dtyp
 
 def _pruned(fn, balls: BallPruning) -> Callable[..., torch.Tensor]:
     def call(q, k, v, alpha):
-        gate, band, _ = balls(k.detach())
+        gate, band = balls(k.detach())
         return fn(q, k, v, k.float().pow(2).sum(-1), alpha, gate, band)
     return call
 

@@ -184,7 +184,7 @@ def test_a_ball_with_a_fixed_radius_saves_it_and_learns_only_its_origin():
     loaded.load_state_dict(fixed.state_dict())
     torch.testing.assert_close(loaded.radius, torch.full((2,), 1.5))
     k = torch.randn(3, 2, 7, 8) * 0.6
-    gate, _, _ = loaded(k)
+    gate, _ = loaded(k)
     distance = (k - fixed.origin[None, :, None].detach()).norm(dim=-1)  # (B, H, S)
     assert torch.equal(gate.detach(), (distance <= 1.5).float())
     assert 0 < gate.detach().mean() < 1
@@ -202,10 +202,11 @@ def test_a_balls_band_is_the_keys_near_its_sphere():
     distances = torch.tensor([0.2, 1.0, 1.49, 1.51, 1.9, 2.49, 2.51, 4.0])  # sphere at 2 +- 0.5
     k = torch.stack([distances, torch.zeros_like(distances)], dim=-1)[None, None]  # (1,1,8,2)
     k.requires_grad_()
-    gate, band, pruned = ball(k)
+    verdict = ball(k)
+    gate, band = verdict
     assert band[0, 0].tolist() == [False, False, False, True, True, True, False, False]
     assert gate[0, 0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
-    assert pruned.item() == 3 / 8
+    assert verdict.pruned_fraction().item() == 3 / 8
     grad, = torch.autograd.grad(gate.sum(), k)
     assert torch.equal(grad[0, 0, :, 0] != 0, band[0, 0])  # the slope is the band's
 

@@ -12,6 +12,7 @@ from moa.attention import ATTENTION
 from moa.attention.balls import BallPruning
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.layers.auxiliary import AuxiliaryRecorder
+from moa.layers.kv_cache import LayerCache
 from tests.conftest import forward_context, metric_heads_reference, metric_model_config
 
 
@@ -52,6 +53,25 @@ def test_radius_gradient_is_the_straight_through_derivative():
         slope = (surrogate(log_r0 + step) - surrogate(log_r0 - step)) / (2 * eps)
         torch.testing.assert_close(grad[h], (gate_grad * slope).sum(), rtol=1e-6, atol=1e-10)
     assert (grad != 0).all()
+
+
+def test_generation_records_no_pruned_fraction_but_evaluation_does():
+    """A cached forward outside training (a prefill or a decoding step: generation, whose
+    stats nobody reads) skips the pruned fraction; an uncached evaluation and a cached
+    training forward record it."""
+    torch.manual_seed(4)
+    config = metric_model_config("cpu_fused", use_balls=True, radius_init=0.3)
+    attention = ATTENTION.build(config.attention, config).eval()
+    x = torch.randn(2, 10, config.d_model)
+    recorded = {}
+    for label, training, cache in (("generation", False, LayerCache(16)),
+                                   ("evaluation", False, None),
+                                   ("training", True, LayerCache(16))):
+        record = AuxiliaryRecorder()
+        with torch.no_grad():
+            attention.train(training)(x, forward_context(config, 10, record).replace(cache=cache))
+        recorded[label] = "pruned_fraction" in record.stats
+    assert recorded == {"generation": False, "evaluation": True, "training": True}
 
 
 def test_pruned_fraction_and_ti_penalty_are_recorded():
@@ -135,6 +155,6 @@ def test_without_gradients_the_ball_gives_its_hard_mask_alone():
         inference = balls(k)
     training = balls(k)
     assert inference.band is None and training.band is not None and training.band.any()
-    assert 0 < inference.pruned_fraction < 1
+    assert 0 < inference.pruned_fraction() < 1
     torch.testing.assert_close(inference.gate, training.gate.detach(), rtol=0, atol=0)
-    torch.testing.assert_close(inference.pruned_fraction, training.pruned_fraction)
+    torch.testing.assert_close(inference.pruned_fraction(), training.pruned_fraction())

@@ -59,7 +59,7 @@ def test_a_learned_ball_gets_the_references_radius_and_origin_gradients(case, ke
     leaves = [balls.log_radius, balls.origin]
     results = []
     for fn in (metric_attention_eager, metric_attention_flex):
-        gate, band, _ = balls(k)
+        gate, band = balls(k)
         extra = () if fn is metric_attention_eager else (band,)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

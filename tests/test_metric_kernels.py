@@ -264,7 +264,7 @@ def _ball_run(fn, inputs, balls, d_out):
     """out and the gradients of q, k, v, alpha, the radius and the origin, with the gate
     (and, for a fused kernel, its band) from the ball."""
     q, k, v, alpha = inputs
-    gate, band, _ = balls(k)
+    gate, band = balls(k)
     extra = () if fn is metric_attention_eager else (band,)
     out = fn(q, k, v, k.pow(2).sum(-1), alpha, gate, *extra)
     leaves = [q, k, v, alpha, balls.log_radius, balls.origin]

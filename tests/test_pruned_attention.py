@@ -35,7 +35,7 @@ def test_far_keys_are_never_read(rows, monkeypatch):
     pruned keys, and nothing else is gathered."""
     B, Hq, Hkv, T, S, D = 2, 4, 2, 24, 96, 8
     inputs, balls = _ball_inputs(B, Hq, Hkv, T, S, D, kept=0.25)
-    gate, band, _ = balls(inputs[1])
+    gate, band = balls(inputs[1])
     gate = gate.detach().requires_grad_()
     kept = gate.detach() > 0
     far = ~kept & ~band

@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from moa.layers.kept import KeptValues
+
 
 class BallGate(NamedTuple):
     """A ball's verdict on each key of each key head."""
@@ -42,7 +44,11 @@ class BallGate(NamedTuple):
     # (B, H, S) bool: keys whose gate has a gradient (near the sphere); None where nothing
     # needs a gradient (the gate is then the hard mask alone)
     band: torch.Tensor | None
-    pruned_fraction: torch.Tensor  # detached scalar
+
+    def pruned_fraction(self) -> torch.Tensor:
+        """The fraction of the keys pruned, a detached scalar: made only where it is
+        recorded (a decoding step would pay two ops a path for it)."""
+        return 1.0 - self.gate.detach().mean()
 
 
 class BallPruning(nn.Module):
@@ -56,6 +62,7 @@ class BallPruning(nn.Module):
             self.log_radius = nn.Parameter(log_radius)
         else:
             self.register_buffer("log_radius", log_radius)
+        self.kept = KeptValues()  # the radii and origins between decoding steps
 
     @property
     def radius(self) -> torch.Tensor:
@@ -63,17 +70,26 @@ class BallPruning(nn.Module):
 
     def distance(self, k: torch.Tensor) -> torch.Tensor:
         """||k - o_h||: k (B, H, S, D) -> (B, H, S)."""
-        return (k - self.origin[None, :, None, :].to(k.dtype)).norm(dim=-1)
+        return (k - self._shaped(k.dtype)[1]).norm(dim=-1)
 
     def forward(self, k: torch.Tensor) -> BallGate:
         """k: (B, H, S, D) keys in metric space -> the gate (B, H, S) with hard values and
-        straight-through gradients, its band, and the fraction of keys pruned."""
-        radius = self.radius.view(1, -1, 1).to(k.dtype)
+        straight-through gradients, and its band."""
+        radius = self._shaped(k.dtype)[0]  # (1, H, 1)
         distance = self.distance(k)  # (B, H, S)
         hard = (distance <= radius).to(k.dtype)
         if not torch.is_grad_enabled() or not any(
                 x.requires_grad for x in (k, self.log_radius, self.origin)):
-            return BallGate(hard, None, 1.0 - hard.mean())  # inference: the mask alone
+            return BallGate(hard, None)  # inference: the mask alone
         soft = (0.5 + (radius - distance) / (self.band * radius)).clamp(0.0, 1.0)
         band = (soft > 0) & (soft < 1)  # where soft has a slope: |d - r| < band * r / 2
-        return BallGate(hard + (soft - soft.detach()), band.detach(), 1.0 - hard.mean())
+        return BallGate(hard + (soft - soft.detach()), band.detach())
+
+    def _shaped(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The radii (1, H, 1) and origins (1, H, 1, D) in `dtype`, to broadcast over keys;
+        kept between calls without autograd (`KeptValues`)."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            return (self.radius.view(1, -1, 1).to(dtype),
+                    self.origin[None, :, None, :].to(dtype))
+
+        return self.kept.get(f"shaped {dtype}", (self.log_radius, self.origin), compute)

@@ -188,8 +188,10 @@ class MetricAttention(MetricSpace):
         if self.balls is not None:
             if self.training and self.config.ball_target_kept is not None:
                 self._track_ball_target(k, ctx)  # before the gate reads the radii
-            gate, band, pruned = self.balls(k)  # (B, Hkv, T) x2, scalar
-            ctx.record.stat("pruned_fraction", pruned)
+            ball = self.balls(k)
+            gate, band = ball  # (B, Hkv, T) x2
+            if self.training or ctx.cache is None:  # not at generation, whose stats go unread
+                ctx.record.stat("pruned_fraction", ball.pruned_fraction())
         commit = None
         if ctx.cache is not None:
             k, v, k_norm, gate, commit = self._cached(ctx.cache, k, v, k_norm, gate)
@@ -257,8 +259,8 @@ class MetricAttention(MetricSpace):
             return held["k"], held["v"], held.get("k_norm"), None, None
         store = cache.compact("kept_keys")
         held = store.stage(entries)
+        kept = gate.detach() > 0  # (B, Hkv, T)
         gate = torch.cat([store.valid().to(gate.dtype), gate], dim=-1)  # (B, Hkv, S)
-        kept = gate.detach()[..., -k.size(2):] > 0  # (B, Hkv, T)
         return held["k"], held["v"], held.get("k_norm"), gate, lambda: store.commit(kept)
 
     def _key_norms(self, k: torch.Tensor) -> torch.Tensor:

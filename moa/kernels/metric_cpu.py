@@ -98,12 +98,15 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     q (B, Hq, 1, D) (the last of the S positions) over the keys gate (B, Hkv, S) keeps and
     its own, with scores q.k + scale_h bias_j, in one masked call of PyTorch's attention,
     in float32 at least. The cache holds kept keys only, so the gathering that makes the
-    pruned kernel pay over long sequences would copy every held key again."""
-    dtype, group = q.dtype, q.size(1) // k.size(1)  # q: float32 at least
+    pruned kernel pay over long sequences would copy every held key again. A key head's
+    group of query heads attends as that head's `group` queries, under one mask, so that
+    no key, value or mask is repeated per query head."""
+    B, Hkv, S = gate.shape
+    dtype, group = q.dtype, q.size(1) // Hkv  # q: float32 at least
     keep = gate != 0
     keep[..., -1] = True  # the query's own key
-    scores = scale.view(1, -1, 1) * bias.to(dtype).repeat_interleave(group, 1)  # (B, Hq, S)
-    mask = scores.masked_fill(~keep.repeat_interleave(group, 1), float("-inf"))
-    return F.scaled_dot_product_attention(q, k.to(dtype), v.to(dtype),
-                                          attn_mask=mask[:, :, None], scale=1.0,
-                                          enable_gqa=group > 1)
+    scores = scale.view(1, Hkv, group, 1) * bias.to(dtype)[:, :, None]  # (B, Hkv, group, S)
+    mask = torch.where(keep[:, :, None], scores, float("-inf"))
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, group, -1), k.to(dtype),
+                                         v.to(dtype), attn_mask=mask, scale=1.0)
+    return out.view(q.shape)  # (B, Hq, 1, D)

@@ -112,9 +112,11 @@ class CompactCache:
         """keep (B, H, T), bool over the staged entries: those kept join their rows."""
         T = self.staged
         # kept entries first, in order; then the dropped ones, which land on padding
-        slots = self.counts[..., None] + torch.arange(T, device=keep.device)  # (B, H, T)
-        order = None if T == 1 else torch.sort((~keep).to(torch.uint8), dim=-1,
-                                                 stable=True).indices  # (B, H, T)
+        slots = self.counts[..., None]  # (B, H, 1): a row's next slot
+        order = None
+        if T > 1:
+            slots = slots + torch.arange(T, device=keep.device)  # (B, H, T)
+            order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
         for buffer in self.buffers.values():
             new = buffer.narrow(2, self.length, T)
             tail = (1,) * (buffer.dim() - 3)
