@@ -17,7 +17,7 @@ import torch
 from moa.kernels import metric_cpu, pruned_attention
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
-from moa.kernels.pruned_attention import KeptKeys, compiled
+from moa.kernels.pruned_attention import KeptKeys, build, compiled
 from tests.test_metric_kernels import _ball_inputs, _ball_run, _inputs, _run, small_blocks
 
 
@@ -210,3 +210,26 @@ def test_with_gradients_one_query_takes_the_pruned_kernel():
     for name, grad, want in zip("q k v k_norm alpha gate".split(), grads, expected_grads,
                                 strict=True):
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8, msg=name)
+
+
+def test_the_aten_products_fallback_equals_the_blas_products():
+    """Where the process links no BLAS gemm, the kernel multiplies with ATen's products: that
+    build (forced with -DMOA_PRUNED_ATEN_PRODUCTS, under another op namespace) gives the
+    default build's outputs and gradients, float64 and float32, GQA and T < S."""
+    build("moa_pruned_attention_aten",
+          ("-DMOA_PRUNED_ATEN_PRODUCTS", "-DMOA_PRUNED_NAMESPACE=moa_pruned_aten"))
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        q = torch.randn(2, 4, 40, 16, dtype=dtype)
+        k, v = torch.randn(2, 2, 2, 70, 16, dtype=dtype)
+        bias, scale = torch.rand(2, 2, 70, dtype=dtype), -torch.rand(4, dtype=dtype)
+        kept = KeptKeys.marked(torch.rand(2, 2, 70) < 0.6)
+        gathered = (kept.gather(k), kept.gather(v), kept.gather(bias), kept.positions)
+        outputs = {}
+        for name, ops in (("moa_pruned", compiled()), ("moa_pruned_aten",
+                                                        torch.ops.moa_pruned_aten)):
+            out, lse = ops.forward(q, *gathered, k, v, bias, scale, 16)
+            d_out = torch.randn(q.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            outputs[name] = (out, lse, *ops.backward(d_out, q, *gathered, k, v, bias, scale,
+                                                     out, lse, False, 16))
+        for blas, aten in zip(outputs["moa_pruned"], outputs["moa_pruned_aten"], strict=True):
+            torch.testing.assert_close(aten, blas, rtol=tolerance, atol=tolerance)

@@ -14,9 +14,68 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+// The ops' namespace: another one lets a second build load beside this one (a test
+// builds the ATen-products fallback below under moa_pruned_aten).
+#ifndef MOA_PRUNED_NAMESPACE
+#define MOA_PRUNED_NAMESPACE moa_pruned
+#endif
+#define MOA_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define MOA_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+// BLAS's gemm, where the process has one (libtorch_cpu exports MKL's on x86): weak, so
+// that the kernel still loads without and falls back to ATen's products (always, when
+// built with -DMOA_PRUNED_ATEN_PRODUCTS).
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
 namespace {
+
+// C (m, n) = op(A) op(B) + beta C over row-major storage (row strides lda, ldb, ldc),
+// op(X) = X or, with trans_x, X stored transposed; beta is 0 or 1. BLAS on the raw
+// pointers where it is linked: the kernels' blocks are small, and ATen's products
+// would build a view and dispatch for each. BLAS is column-major, so it computes C^T =
+// op(B)^T op(A)^T with the operands swapped.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  const T one(1);
+#ifndef MOA_PRUNED_ATEN_PRODUCTS
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&tb, &ta, &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&tb, &ta, &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
+      return;
+    }
+  }
+#endif
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto matrix = [&](const T* x, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    const at::Tensor stored = at::from_blob(const_cast<T*>(x), {trans ? cols : rows,
+                                            trans ? rows : cols}, {ld, 1}, options);
+    return trans ? stored.t() : stored;
+  };
+  at::Tensor result = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (beta == T(0)) {
+    at::mm_out(result, matrix(a, m, k, lda, trans_a), matrix(b, k, n, ldb, trans_b));
+  } else {
+    result.addmm_(matrix(a, m, k, lda, trans_a), matrix(b, k, n, ldb, trans_b));
+  }
+}
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -118,11 +177,6 @@ struct Shapes {
         group(q.size(1) / kc.size(1)), rows(rows), blocks((q.size(2) + rows - 1) / rows) {}
 };
 
-// A (rows, n) matrix over the first rows * n elements of buffer.
-at::Tensor matrix(const at::Tensor& buffer, int64_t rows, int64_t n) {
-  return buffer.narrow(0, 0, rows * n).view({rows, n});
-}
-
 template <typename T>
 void forward(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
              const at::Tensor& bc, const at::Tensor& positions, const at::Tensor& k,
@@ -131,7 +185,7 @@ void forward(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   const Shapes s(q, kc, k, block_rows);
   at::parallel_for(0, s.B * s.Hq * s.blocks, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads too
-    at::Tensor buffer = at::empty({s.rows * std::max<int64_t>(s.W, 1)}, q.options());
+    std::vector<T> buffer(s.rows * std::max<int64_t>(s.W, 1));  // a block's scores
     std::vector<T> own(s.rows), inverse(s.rows);  // a row's own-key weight, 1 / its total
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t block = unit % s.blocks, b = unit / s.blocks / s.Hq;
@@ -142,11 +196,10 @@ void forward(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
       const T* own_bias = bias.data_ptr<T>() + (b * s.Hkv + hk) * s.S + s.offset;
       const T c = scale.data_ptr<T>()[h];
       const int64_t n = seen(pos, s.W, s.offset + first + rows - 1);
-      at::Tensor scores = matrix(buffer, rows, n);
-      if (n > 0) {
-        at::mm_out(scores, q[b][h].narrow(0, first, rows), kc[b][hk].narrow(0, 0, n).t());
-      }
-      T* score = buffer.data_ptr<T>();
+      const T* q_rows = q.data_ptr<T>() + ((b * s.Hq + h) * s.T + first) * s.E;
+      const T* keys = kc.data_ptr<T>() + (b * s.Hkv + hk) * s.W * s.E;
+      T* score = buffer.data();
+      if (n > 0) gemm<T>(false, true, rows, n, s.E, q_rows, s.E, keys, s.E, T(0), score, n);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = first + r;
         const T* qi = q.data_ptr<T>() + ((b * s.Hq + h) * s.T + i) * s.E;
@@ -161,15 +214,16 @@ void forward(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
         inverse[r] = T(1) / total;
         lse.data_ptr<T>()[(b * s.Hq + h) * s.T + i] = shift + std::log(total);
       }
-      at::Tensor out_rows = out[b][h].narrow(0, first, rows);
+      T* out_rows = out.data_ptr<T>() + ((b * s.Hq + h) * s.T + first) * s.E;
       if (n > 0) {
-        at::mm_out(out_rows, scores, vc[b][hk].narrow(0, 0, n));
+        const T* values = vc.data_ptr<T>() + (b * s.Hkv + hk) * s.W * s.E;
+        gemm<T>(false, false, rows, s.E, n, score, n, values, s.E, T(0), out_rows, s.E);
       } else {
-        out_rows.zero_();
+        std::fill(out_rows, out_rows + rows * s.E, T(0));
       }
       for (int64_t r = 0; r < rows; ++r) {  // the own key's weighted value, then / total
         const T* vi = v.data_ptr<T>() + ((b * s.Hkv + hk) * s.S + s.offset + first + r) * s.E;
-        T* out_row = out_rows.data_ptr<T>() + r * s.E;
+        T* out_row = out_rows + r * s.E;
         axpy(own[r], vi, out_row, s.E);
         for (int64_t e = 0; e < s.E; ++e) out_row[e] *= inverse[r];
       }
@@ -192,10 +246,8 @@ void backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& kc
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t width = std::max<int64_t>(s.W, 1);
-    at::Tensor probs = at::empty({s.rows * width}, q.options());
-    at::Tensor grads = at::empty({s.rows * width}, q.options());
-    at::Tensor dkc = at::zeros({gate_only ? 0 : width, s.E}, q.options());
-    at::Tensor dvc = at::zeros({gate_only ? 0 : width, s.E}, q.options());
+    std::vector<T> probs(s.rows * width), grads(s.rows * width);  // a block's p and ds
+    std::vector<T> dkc(gate_only ? 0 : width * s.E), dvc(gate_only ? 0 : width * s.E);
     std::vector<T> gate(width), bias_grad(width);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / s.Hkv, hk = unit % s.Hkv;
@@ -207,24 +259,26 @@ void backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& kc
       const T* kept_bias = bc.data_ptr<T>() + unit * s.W;
       const T* own_bias = bias.data_ptr<T>() + unit * s.S;
       T* d_own_bias = gate_only ? nullptr : d_bias.data_ptr<T>() + unit * s.S;
-      const at::Tensor keys = kc[b][hk], values = vc[b][hk];
-      dkc.zero_();
-      dvc.zero_();
+      const T* keys = kc.data_ptr<T>() + unit * s.W * s.E;
+      const T* values = vc.data_ptr<T>() + unit * s.W * s.E;
+      std::fill(dkc.begin(), dkc.end(), T(0));
+      std::fill(dvc.begin(), dvc.end(), T(0));
       std::fill(gate.begin(), gate.end(), T(0));
       std::fill(bias_grad.begin(), bias_grad.end(), T(0));
       for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
-        const at::Tensor q_h = q[b][h], d_out_h = d_out[b][h];
         const T c = scale.data_ptr<T>()[h];
         T scale_grad(0);
         for (int64_t first = 0; first < s.T; first += s.rows) {
           const int64_t rows = std::min(s.rows, s.T - first);
           const int64_t n = seen(pos, s.W, s.offset + first + rows - 1);
-          at::Tensor q_rows = q_h.narrow(0, first, rows);
-          at::Tensor d_out_rows = d_out_h.narrow(0, first, rows);
-          at::Tensor p = matrix(probs, rows, n), ds = matrix(grads, rows, n);
+          const int64_t first_row = (b * s.Hq + h) * s.T + first;
+          const T* q_rows = q.data_ptr<T>() + first_row * s.E;
+          const T* d_out_rows = d_out.data_ptr<T>() + first_row * s.E;
+          T* p = probs.data();
+          T* ds = grads.data();
           if (n > 0) {
-            at::mm_out(p, q_rows, keys.narrow(0, 0, n).t());
-            at::mm_out(ds, d_out_rows, values.narrow(0, 0, n).t());
+            gemm<T>(false, true, rows, n, s.E, q_rows, s.E, keys, s.E, T(0), p, n);
+            gemm<T>(false, true, rows, n, s.E, d_out_rows, s.E, values, s.E, T(0), ds, n);
           }
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = first + r, row_index = (b * s.Hq + h) * s.T + i;
@@ -233,8 +287,8 @@ void backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& kc
             const T delta = dot(d_oi, out.data_ptr<T>() + row_index * s.E, s.E);
             const T row_lse = lse.data_ptr<T>()[row_index];
             const int64_t m = seen(pos, n, s.offset + i);
-            T* p_row = probs.data_ptr<T>() + r * n;
-            T* ds_row = grads.data_ptr<T>() + r * n;
+            T* p_row = p + r * n;
+            T* ds_row = ds + r * n;
             scale_grad += score_gradients(p_row, ds_row, kept_bias, c, gate.data(),
                                           bias_grad.data(), m, row_lse, delta);
             if (gate_only) continue;  // the products below, which read the tails, are skipped
@@ -251,9 +305,10 @@ void backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& kc
             axpy(own_prob, d_oi, dv_own + own, s.E);
           }
           if (gate_only || n == 0) continue;
-          dvc.narrow(0, 0, n).addmm_(p.t(), d_out_rows);
-          dkc.narrow(0, 0, n).addmm_(ds.t(), q_rows);
-          dq[b][h].narrow(0, first, rows).addmm_(ds, keys.narrow(0, 0, n));
+          gemm<T>(true, false, n, s.E, rows, p, n, d_out_rows, s.E, T(1), dvc.data(), s.E);
+          gemm<T>(true, false, n, s.E, rows, ds, n, q_rows, s.E, T(1), dkc.data(), s.E);
+          gemm<T>(false, false, rows, s.E, n, ds, n, keys, s.E, T(1),
+                  dq.data_ptr<T>() + first_row * s.E, s.E);
         }
         if (!gate_only) d_scale.data_ptr<T>()[b * s.Hq + h] = scale_grad;
       }
@@ -262,8 +317,8 @@ void backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& kc
         gate_out[pos[j]] += gate[j];
         if (gate_only) continue;
         d_own_bias[pos[j]] += bias_grad[j];
-        axpy(T(1), dkc.data_ptr<T>() + j * s.E, dk_own + pos[j] * s.E, s.E);
-        axpy(T(1), dvc.data_ptr<T>() + j * s.E, dv_own + pos[j] * s.E, s.E);
+        axpy(T(1), dkc.data() + j * s.E, dk_own + pos[j] * s.E, s.E);
+        axpy(T(1), dvc.data() + j * s.E, dv_own + pos[j] * s.E, s.E);
       }
     }
   });
@@ -332,7 +387,7 @@ pruned_backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY(moa_pruned, m) {
+MOA_LIBRARY(MOA_PRUNED_NAMESPACE, m) {
   m.def("forward(Tensor q, Tensor kc, Tensor vc, Tensor bc, Tensor positions, Tensor k, "
         "Tensor v, Tensor bias, Tensor scale, int block_rows) -> (Tensor, Tensor)");
   m.def("backward(Tensor d_out, Tensor q, Tensor kc, Tensor vc, Tensor bc, Tensor positions, "
@@ -340,7 +395,7 @@ TORCH_LIBRARY(moa_pruned, m) {
         "bool gate_only, int block_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(moa_pruned, CPU, m) {
+MOA_LIBRARY_IMPL(MOA_PRUNED_NAMESPACE, CPU, m) {
   m.impl("forward", &pruned_forward);
   m.impl("backward", &pruned_backward);
 }

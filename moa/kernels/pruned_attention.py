@@ -23,7 +23,11 @@ under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; ninja from P
 dependency, runs the build), for float32 and float64; other dtypes run in float32.
 Without a C++ compiler `compiled()` warns once and is None, and the callers fall back to
 the eager reference. The forward runs its query
-blocks in parallel on torch's threads, the backward its (batch, key head) pairs.
+blocks in parallel on torch's threads, the backward its (batch, key head) pairs. The
+blocks' matrix products call BLAS's gemm on raw pointers where the process links one
+(PyTorch's x86 wheels export MKL's), ATen's products otherwise, which build views of the
+block and dispatch for each product: a cost of their own at the training length's small
+blocks.
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 def compiled() -> Any | None:
     """`torch.ops.moa_pruned` (forward, backward), built on first use; None, with a warning,
     where it cannot be built."""
+    try:
+        build("moa_pruned_attention")
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        warnings.warn(f"the pruned-attention kernel could not be built ({error}); ball "
+                      "pruning on CPU runs the eager reference instead", stacklevel=2)
+        return None
+    return torch.ops.moa_pruned
+
+
+def build(name: str, defines: tuple[str, ...] = ()) -> None:
+    """Compile and load `pruned_attention.cpp` as the extension `name`, with `defines`
+    (`-DMOA_PRUNED_ATEN_PRODUCTS -DMOA_PRUNED_NAMESPACE=<ns>`: the ATen-products
+    fallback, under torch.ops.<ns>)."""
     vector = (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]
               if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
               else ["-DCPU_CAPABILITY=DEFAULT"])
@@ -55,15 +72,10 @@ def compiled() -> Any | None:
     # (an environment that is not activated leaves its bin folder off PATH).
     os.environ["PATH"] = os.pathsep.join([path, ninja.BIN_DIR])
     try:
-        load("moa_pruned_attention", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *vector],
+        load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *vector, *defines],
              extra_ldflags=["-fopenmp"], is_python_module=False)
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        warnings.warn(f"the pruned-attention kernel could not be built ({error}); ball "
-                      "pruning on CPU runs the eager reference instead", stacklevel=2)
-        return None
     finally:
         os.environ["PATH"] = path
-    return torch.ops.moa_pruned
 
 
 class KeptKeys:
