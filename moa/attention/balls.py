@@ -70,13 +70,13 @@ class BallPruning(nn.Module):
 
     def distance(self, k: torch.Tensor) -> torch.Tensor:
         """||k - o_h||: k (B, H, S, D) -> (B, H, S)."""
-        return (k - self._shaped(k.dtype)[1]).norm(dim=-1)
+        return _distance(k, self._shaped(k.dtype)[1])
 
     def forward(self, k: torch.Tensor) -> BallGate:
         """k: (B, H, S, D) keys in metric space -> the gate (B, H, S) with hard values and
         straight-through gradients, and its band."""
-        radius = self._shaped(k.dtype)[0]  # (1, H, 1)
-        distance = self.distance(k)  # (B, H, S)
+        radius, origin = self._shaped(k.dtype)  # (1, H, 1), (1, H, 1, D)
+        distance = _distance(k, origin)  # (B, H, S)
         hard = (distance <= radius).to(k.dtype)
         if not torch.is_grad_enabled() or not any(
                 x.requires_grad for x in (k, self.log_radius, self.origin)):
@@ -93,3 +93,8 @@ class BallPruning(nn.Module):
                     self.origin[None, :, None, :].to(dtype))
 
         return self.kept.get(f"shaped {dtype}", (self.log_radius, self.origin), compute)
+
+
+def _distance(k: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """||k - o_h||: k (B, H, S, D), origin (1, H, 1, D) -> (B, H, S)."""
+    return (k - origin).norm(dim=-1)
