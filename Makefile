@@ -24,8 +24,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(call venv_with_torch,$(VENV))
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
-	# the CPU ball-pruning kernel, compiled now rather than at the first pruned call
-	$(BIN)/python -c "from moa.kernels.pruned_attention import compiled; compiled()"
+	# the CPU kernels (ball pruning, causal conv), compiled now rather than at first use
+	$(BIN)/python -c "from moa.kernels import causal_conv, pruned_attention; \
+	  pruned_attention.compiled(); causal_conv.compiled()"
 	touch $(STAMP)
 
 LOCK_VENV := .venv-lock

@@ -120,12 +120,12 @@ def test_shared_placement_puts_one_ffn_after_the_stack_with_its_own_cache():
     assert not any(".ffn" in name for name, _ in model.blocks.named_parameters())
     cache = model.new_cache()
     model(torch.randint(0, 50, (1, 5)), cache)
-    assert cache.ffn.state["branches.1"].state["conv"].shape == (1, C, 2)  # the last K - 1
+    assert cache.ffn.state["branches.1"].state["conv"].shape == (1, 2, C)  # the last K - 1
     assert "ffn.router.usage.0" in model.train()(torch.randint(0, 50, (1, 5))).stats
     per_block = build_model(model_config(hyper())).eval()
     cache = per_block.new_cache()
     per_block(torch.randint(0, 50, (1, 5)), cache)
-    assert cache.layers[1].state["ffn"].state["branches.1"].state["conv"].shape == (1, C, 2)
+    assert cache.layers[1].state["ffn"].state["branches.1"].state["conv"].shape == (1, 2, C)
     assert "layers.1.ffn.router.usage.2" in per_block.train()(torch.randint(0, 50, (1, 5))).stats
 
 

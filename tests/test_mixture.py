@@ -106,7 +106,7 @@ def test_each_path_keeps_its_own_cache():
     model(torch.randint(0, 50, (1, 5)), cache)
     layer = cache.layers[0]
     assert layer.buffers == {}
-    assert layer.state["paths.0"].state["conv"].shape == (1, 32, 2)  # the last K - 1 inputs
+    assert layer.state["paths.0"].state["conv"].shape == (1, 2, 32)  # the last K - 1 inputs
     assert layer.state["paths.1"].buffers["k"].size(1) == 4  # MHA: 4 key heads
     assert layer.state["paths.3"].buffers["k"].size(1) == 1  # MQA: 1 key head
     assert layer.state["paths.1"].lengths["k"] == 5

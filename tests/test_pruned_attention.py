@@ -14,10 +14,11 @@ import ninja
 import pytest
 import torch
 
-from moa.kernels import metric_cpu, pruned_attention
+from moa.kernels import extension, metric_cpu
+from moa.kernels.extension import build
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
-from moa.kernels.pruned_attention import KeptKeys, build, compiled
+from moa.kernels.pruned_attention import SOURCE, KeptKeys, compiled
 from tests.test_metric_kernels import _ball_inputs, _ball_run, _inputs, _run, small_blocks
 
 
@@ -147,7 +148,7 @@ def test_the_build_finds_ninja_where_the_system_has_none(monkeypatch, tmp_path):
     PyPI package's ninja during the build, and PATH is as it was afterwards."""
     monkeypatch.setenv("PATH", str(tmp_path))
     found = []
-    monkeypatch.setattr(pruned_attention, "load",
+    monkeypatch.setattr(extension, "load",
                         lambda *args, **kwargs: found.append(shutil.which("ninja")))
     assert compiled.__wrapped__() is not None
     assert found[0] is not None and Path(found[0]).parent == Path(ninja.BIN_DIR)
@@ -160,7 +161,7 @@ def test_without_a_compiler_ball_pruning_runs_the_reference(monkeypatch):
     def failed_build(*args, **kwargs):
         raise subprocess.CalledProcessError(1, ["c++"])
 
-    monkeypatch.setattr(pruned_attention, "load", failed_build)
+    monkeypatch.setattr(extension, "load", failed_build)
     with pytest.warns(UserWarning, match="could not be built"):
         assert compiled.__wrapped__() is None
     monkeypatch.setattr(metric_cpu, "compiled", lambda: None)
@@ -216,7 +217,7 @@ def test_the_aten_products_fallback_equals_the_blas_products():
     """Where the process links no BLAS gemm, the kernel multiplies with ATen's products: that
     build (forced with -DMOA_PRUNED_ATEN_PRODUCTS, under another op namespace) gives the
     default build's outputs and gradients, float64 and float32, GQA and T < S."""
-    build("moa_pruned_attention_aten",
+    build("moa_pruned_attention_aten", SOURCE,
           ("-DMOA_PRUNED_ATEN_PRODUCTS", "-DMOA_PRUNED_NAMESPACE=moa_pruned_aten"))
     for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         q = torch.randn(2, 4, 40, 16, dtype=dtype)

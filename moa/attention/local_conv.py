@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moa.attention.registry import ATTENTION
+from moa.kernels.causal_conv import depthwise_causal_conv
 from moa.schema import check
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ class LocalConvConfig:
 
 
 class CausalDepthwiseConv(nn.Conv1d):
-    """Each of `channels` convolved with its own kernel over the last `kernel` positions;
-    with a cache, the last `kernel - 1` inputs roll in `cache.state["conv"]` (B, C, K - 1).
+    """Each of `channels` convolved with its own kernel over the last `kernel` positions
+    (`moa/kernels/causal_conv.py`: on CPU a kernel of ours, in the (B, T, C) layout); with
+    a cache, the last `kernel - 1` inputs roll in `cache.state["conv"]` (B, K - 1, C).
     Also the HyperFFN's conv branch (`moa/layers/hyper_ffn.py`)."""
 
     def __init__(self, channels: int, kernel: int, bias: bool) -> None:
@@ -48,17 +50,20 @@ class CausalDepthwiseConv(nn.Conv1d):
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C), the cached inputs first."""
-        x = x.transpose(1, 2)  # (B, C, T)
-        past = None if cache is None else cache.state.get("conv")
-        if past is None:
-            past = x.new_zeros(x.size(0), x.size(1), self.history)
-        window = torch.cat((past, x), dim=2)  # (B, C, history + T)
-        if cache is not None:
-            cache.state["conv"] = window[:, :, window.size(2) - self.history:]
-        if x.size(2) == 1:  # a decoding step: one dot product per channel, without conv1d's
-            y = (window * self.weight.squeeze(1)).sum(-1, keepdim=True)  # per-call setup
-            return (y if self.bias is None else y + self.bias[:, None]).transpose(1, 2)
-        return super().forward(window).transpose(1, 2)
+        weight = self.weight[:, 0]  # (C, K)
+        if cache is None:
+            y = depthwise_causal_conv(x, weight)
+        else:
+            past = cache.state.get("conv")
+            if past is None:
+                past = x.new_zeros(x.size(0), self.history, x.size(2))
+            window = torch.cat((past, x), dim=1)  # (B, K - 1 + T, C)
+            cache.state["conv"] = window[:, window.size(1) - self.history:]
+            if x.size(1) == 1:  # a decoding step: one dot product per channel
+                y = (window * weight.t()).sum(1, keepdim=True)
+            else:
+                y = depthwise_causal_conv(window, weight, self.history)
+        return y if self.bias is None else y + self.bias
 
 
 @ATTENTION.register("local_conv", LocalConvConfig)

@@ -4,5 +4,6 @@
 `metric_triton` (Triton; imported only where used, as triton is an optional extra) and
 `metric_flex` (FlexAttention, benchmarked against Triton on GPU; no kernel choice selects
 it yet) share one signature: see `metric_reference.py`. `pruned_attention` is the CPU
-kernel over the keys a ball keeps (C++, compiled on first use).
+kernel over the keys a ball keeps, and `causal_conv` the depthwise causal convolution of
+the conv paths, each C++ beside its reference, compiled on first use (`extension`).
 """

@@ -18,11 +18,9 @@ the reference). The gate's gradient is needed only where the ball's surrogate ha
 (`BallGate.band`): for the band's pruned keys one more backward pass gathers them and
 computes that alone. Far keys (neither kept nor in the band) cost nothing.
 
-The kernel is compiled by PyTorch's extension loader on first use (about 25 s, cached
-under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; ninja from PyPI, a
-dependency, runs the build), for float32 and float64; other dtypes run in float32.
-Without a C++ compiler `compiled()` warns once and is None, and the callers fall back to
-the eager reference. The forward runs its query
+The kernel is compiled on first use (`moa/kernels/extension.py`, about 25 s), for float32
+and float64; other dtypes run in float32. Without a C++ compiler `compiled()` warns once
+and is None, and the callers fall back to the eager reference. The forward runs its query
 blocks in parallel on torch's threads, the backward its (batch, key head) pairs. The
 blocks' matrix products call BLAS's gemm on raw pointers where the process links one
 (PyTorch's x86 wheels export MKL's), ATen's products otherwise, which build views of the
@@ -33,15 +31,12 @@ blocks.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
-import ninja
 import torch
-from torch.utils.cpp_extension import load
+
+from moa.kernels.extension import load_ops
 
 ROWS = 128  # queries per block: one product each (bench/attention.py --balls chose it)
 SOURCE = Path(__file__).with_suffix(".cpp")
@@ -51,31 +46,8 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 def compiled() -> Any | None:
     """`torch.ops.moa_pruned` (forward, backward), built on first use; None, with a warning,
     where it cannot be built."""
-    try:
-        build("moa_pruned_attention")
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        warnings.warn(f"the pruned-attention kernel could not be built ({error}); ball "
-                      "pruning on CPU runs the eager reference instead", stacklevel=2)
-        return None
-    return torch.ops.moa_pruned
-
-
-def build(name: str, defines: tuple[str, ...] = ()) -> None:
-    """Compile and load `pruned_attention.cpp` as the extension `name`, with `defines`
-    (`-DMOA_PRUNED_ATEN_PRODUCTS -DMOA_PRUNED_NAMESPACE=<ns>`: the ATen-products
-    fallback, under torch.ops.<ns>)."""
-    vector = (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]
-              if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-              else ["-DCPU_CAPABILITY=DEFAULT"])
-    path = os.environ.get("PATH", "")
-    # The loader runs `ninja` from PATH: the PyPI package's, where the system has none
-    # (an environment that is not activated leaves its bin folder off PATH).
-    os.environ["PATH"] = os.pathsep.join([path, ninja.BIN_DIR])
-    try:
-        load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *vector, *defines],
-             extra_ldflags=["-fopenmp"], is_python_module=False)
-    finally:
-        os.environ["PATH"] = path
+    return load_ops("moa_pruned_attention", SOURCE, "moa_pruned",
+                    "ball pruning on CPU runs the eager reference instead")
 
 
 class KeptKeys:
