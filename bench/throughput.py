@@ -18,7 +18,10 @@ tokens/s is batch x block over it, GFLOP/s the FLOPs of one forward + backward (
 once on a meta-device copy, as the training callback does; the optimizer step is not
 counted) over it, `ratio_to_gpt` its tokens/s over gpt's in the same run. `--arm LABEL
 OVERRIDE...` (repeatable; `bench/arms.py`) adds a model that the Hydra overrides give
-(`model=<preset>` among them, the common size over them), as a row named LABEL.
+(`model=<preset>` among them, the common size over them), as a row named LABEL. Freed host
+memory stays with the process, as in training (`keep_host_memory=true`, the default:
+moa/training/host_memory.py); `--no-keep-host-memory` times glibc's default instead, which
+faults a step's large blocks (the logits) in afresh each step.
 
 After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`;
 `--variants-of` names other presets to run them too, each variant row then also giving
@@ -48,6 +51,7 @@ from moa.layers.auxiliary import statistics_recorded
 from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
 from moa.training.callbacks import training_flops
+from moa.training.host_memory import keep_freed
 from moa.training.objectives import scored_forward, token_metrics
 from moa.training.optim import build_optimizer
 
@@ -144,8 +148,12 @@ def main() -> None:
     parser.add_argument("--variants-of", nargs="*", default=[BASELINE],
                         help="the presets that get the variant rows (default: gpt)")
     add_arm_argument(parser)
+    parser.add_argument("--keep-host-memory", action=argparse.BooleanOptionalAction,
+                        default=True, help="freed memory stays with the process, as training "
+                        "keeps it (keep_host_memory=true)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
+    kept = keep_freed() if args.keep_host_memory else False
 
     names = presets()
     if args.presets:
@@ -180,6 +188,7 @@ def main() -> None:
             "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
             "block_size": args.block_size, "batch_size": args.batch_size,
             "vocab_size": args.vocab_size, "threads": torch.get_num_threads(),
+            "keep_host_memory": kept,
         })
     baseline = records[0]["tokens_per_s"]
     tokens_per_s = {record["preset"]: record["tokens_per_s"] for record in records}
@@ -192,7 +201,8 @@ def main() -> None:
 
     print(f"d_model={args.d_model} n_layers={args.n_layers} n_heads={args.n_heads} "
           f"block={args.block_size} batch={args.batch_size} vocab={args.vocab_size} "
-          f"threads={torch.get_num_threads()}; median of {args.steps} steps")
+          f"threads={torch.get_num_threads()} keep_host_memory={kept}; median of "
+          f"{args.steps} steps")
     print(f"{'preset':<26} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'ratio':>6} {'vs gpt same way':>15}")
     for r in records:

@@ -39,7 +39,10 @@ def test_an_arm_without_its_preset_or_with_a_taken_label_is_refused(monkeypatch,
 
 
 def test_throughput_times_an_arm_and_its_variants_beside_gpt(monkeypatch, tmp_path):
+    """... with freed host memory kept in the process, as training keeps it by default."""
     throughput = load(monkeypatch, "throughput")
+    kept = []
+    monkeypatch.setattr(throughput, "keep_freed", lambda: kept.append(True) or True)
     output = tmp_path / "throughput.json"
     monkeypatch.setattr(sys, "argv", [
         "throughput.py", "--presets", "gpt", "--d-model", "32", "--n-layers", "1",
@@ -55,3 +58,17 @@ def test_throughput_times_an_arm_and_its_variants_beside_gpt(monkeypatch, tmp_pa
     assert records["topk accumulate=2"]["ratio_to_gpt_variant"] > 0
     for record in records.values():
         assert record["step_ms"] > 0 and record["ratio_to_gpt"] > 0
+        assert record["keep_host_memory"] is True
+    assert kept == [True]
+
+
+def test_throughput_can_time_glibcs_default_host_memory(monkeypatch, tmp_path):
+    throughput = load(monkeypatch, "throughput")
+    monkeypatch.setattr(throughput, "keep_freed", lambda: pytest.fail("memory kept"))
+    output = tmp_path / "throughput.json"
+    monkeypatch.setattr(sys, "argv", [
+        "throughput.py", "--presets", "gpt", "--d-model", "32", "--n-layers", "1",
+        "--n-heads", "2", "--block-size", "16", "--batch-size", "2", "--warmup", "1",
+        "--steps", "1", "--variants", "--no-keep-host-memory", "--json", str(output)])
+    throughput.main()
+    assert [r["keep_host_memory"] for r in json.loads(output.read_text())] == [False]
