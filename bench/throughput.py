@@ -21,7 +21,9 @@ OVERRIDE...` (repeatable; `bench/arms.py`) adds a model that the Hydra overrides
 (`model=<preset>` among them, the common size over them), as a row named LABEL. Freed host
 memory stays with the process, as in training (`keep_host_memory=true`, the default:
 moa/training/host_memory.py); `--no-keep-host-memory` times glibc's default instead, which
-faults a step's large blocks (the logits) in afresh each step.
+faults a step's large blocks (the logits) in afresh each step. `--ops N` then profiles
+`--warmup` more steps of each preset and arm (torch's profiler, self CPU time per step) and
+lists the N ATen ops that cost it the most over gpt's same op: where its extra time goes.
 
 After the presets, rows for the ways the trainer can run the gpt baseline (`--variants`;
 `--variants-of` names other presets to run them too, each variant row then also giving
@@ -121,6 +123,36 @@ class Trainee:
         return time.perf_counter() - start
 
 
+def op_times(trainee: Trainee, steps: int) -> dict[str, dict[str, float]]:
+    """ATen op -> its self CPU time (ms) and calls per step, over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            trainee.step()
+    return {event.key: {"ms": event.self_cpu_time_total / 1e3 / steps,
+                        "calls": event.count / steps}
+            for event in profiler.key_averages() if event.key.startswith("aten::")}
+
+
+def print_extra_ops(records: list[dict], count: int) -> None:
+    """Each preset's `count` ops with the most self time over gpt's same op."""
+    baseline = records[0]["ops"]
+    for record in records[1:]:
+        if "ops" not in record:
+            continue
+        ops = record["ops"]
+        extra = sorted(ops, key=lambda op: baseline.get(op, {}).get("ms", 0.0) - ops[op]["ms"])
+        total, baseline_total = (sum(op["ms"] for op in o.values()) for o in (ops, baseline))
+        print(f"\n{record['preset']}: ATen self ms per step {total:.1f} (gpt "
+              f"{baseline_total:.1f}); its {count} costliest over gpt's")
+        print(f"{'op':<60} {'gpt ms':>8} {'calls':>6} {'ms':>8} {'calls':>6} {'extra ms':>9}")
+        for op in extra[:count]:
+            base = baseline.get(op, {"ms": 0.0, "calls": 0.0})
+            print(f"{op[:60]:<60} {base['ms']:>8.2f} {base['calls']:>6.0f} {ops[op]['ms']:>8.2f} "
+                  f"{ops[op]['calls']:>6.0f} {ops[op]['ms'] - base['ms']:>9.2f}")
+
+
 def _gflops(record: dict) -> str:
     """GFLOP/s, or "-" without a static FLOP count (top-k routing)."""
     return "-" if record["gflops_per_s"] is None else f"{record['gflops_per_s']:.2f}"
@@ -151,6 +183,8 @@ def main() -> None:
     parser.add_argument("--keep-host-memory", action=argparse.BooleanOptionalAction,
                         default=True, help="freed memory stays with the process, as training "
                         "keeps it (keep_host_memory=true)")
+    parser.add_argument("--ops", type=int, default=0, metavar="N",
+                        help="also list each preset's N ATen ops costliest over gpt's")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
     kept = keep_freed() if args.keep_host_memory else False
@@ -190,6 +224,10 @@ def main() -> None:
             "vocab_size": args.vocab_size, "threads": torch.get_num_threads(),
             "keep_host_memory": kept,
         })
+    if args.ops:
+        for record, (name, trainee) in zip(records, trainees.items(), strict=True):
+            if " " not in name:  # presets and arms, not the variant rows
+                record["ops"] = op_times(trainee, max(args.warmup, 1))
     baseline = records[0]["tokens_per_s"]
     tokens_per_s = {record["preset"]: record["tokens_per_s"] for record in records}
     for record in records:
@@ -209,6 +247,8 @@ def main() -> None:
         print(f"{r['preset']:<26} {r['parameters']:>10,} {r['step_ms']:>9.1f} "
               f"{r['tokens_per_s']:>10,.0f} {_gflops(r):>8} {r['ratio_to_gpt']:>6.2f} "
               f"{_same_way(r):>15}")
+    if args.ops:
+        print_extra_ops(records, args.ops)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
 

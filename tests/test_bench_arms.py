@@ -38,8 +38,9 @@ def test_an_arm_without_its_preset_or_with_a_taken_label_is_refused(monkeypatch,
         arms.arm_overrides([arm], ["gpt", "moa_metric"])
 
 
-def test_throughput_times_an_arm_and_its_variants_beside_gpt(monkeypatch, tmp_path):
-    """... with freed host memory kept in the process, as training keeps it by default."""
+def test_throughput_times_an_arm_and_its_variants_beside_gpt(monkeypatch, tmp_path, capsys):
+    """... with freed host memory kept in the process, as training keeps it by default,
+    and the ops that cost the arm more than gpt."""
     throughput = load(monkeypatch, "throughput")
     kept = []
     monkeypatch.setattr(throughput, "keep_freed", lambda: kept.append(True) or True)
@@ -48,9 +49,14 @@ def test_throughput_times_an_arm_and_its_variants_beside_gpt(monkeypatch, tmp_pa
         "throughput.py", "--presets", "gpt", "--d-model", "32", "--n-layers", "1",
         "--n-heads", "2", "--block-size", "16", "--batch-size", "2", "--warmup", "1",
         "--steps", "2", "--variants", "accumulate=2", "--variants-of", "topk",
-        "--arm", "topk", "model=moa_metric", "ffn.router.name=topk", "--json", str(output)])
+        "--arm", "topk", "model=moa_metric", "ffn.router.name=topk", "--ops", "3",
+        "--json", str(output)])
     throughput.main()
     records = {r["preset"]: r for r in json.loads(output.read_text())}
+    assert {name for name, r in records.items() if "ops" in r} == {"gpt", "topk"}
+    assert records["gpt"]["ops"]["aten::mm"]["calls"] > 0
+    assert records["topk"]["ops"]["aten::index_select"]["ms"] > 0  # top-k's gathers
+    assert "topk: ATen self ms per step" in capsys.readouterr().out
     assert list(records) == ["gpt", "topk", "gpt accumulate=2", "topk accumulate=2"]
     assert records["topk"]["overrides"] == ["model=moa_metric", "ffn.router.name=topk"]
     assert records["gpt"]["overrides"] == ["model=gpt"]
