@@ -6,25 +6,26 @@
     python bench/generate.py --presets moa_metric --schemes \
         --arm balls model=moa_metric attention.paths.1.use_balls=true
 
-Every preset of `conf/model/` at `--size` (`--d-model`, `--n-layers` and `--n-heads` over
-it compare presets at equal width and depth; the context stretched to prompt + new tokens,
-the vocabulary `--vocab-size`), random weights, wrapped in `moa.hf.modeling.MoaForCausalLM`:
-greedy generation of `--new-tokens` after a random `--prompt`-token prompt, batch 1,
-`use_cache=True` (prefill once, then one token per step through `MoaCache`) against
-`use_cache=False` (the whole context recomputed at every step, as MoA-100M's card does).
-tokens/s is new tokens over the median wall time of `--repeats` runs, prefill included;
-`speedup` is cached over recomputed tokens/s in the same run. Latency: one decode step at
-each of `--contexts` context lengths, cached (one token after a prefill of the context)
-and recomputed (a forward over the whole context), median of `--steps` steps, the presets
-taking turns step by step (so their ratio holds on a loaded machine). `cached_step_ops`
-counts the top-level aten ops of one cached decode step after a `--prompt`-token prefill
-(torch.profiler): a figure that, unlike the milliseconds, the machine's load leaves alone.
-`--breakdown` adds, per preset, the ms of a cached step spent in each part of the model
-(each block's attention and its router and paths, FFN, norms; the head's parts), summed
-over the blocks (`step_breakdown`). `--arm LABEL OVERRIDE...` (repeatable) adds a model
-that the Hydra overrides give (`model=<preset>` among them, the size arguments over them;
-`bench/arms.py`), reported as LABEL beside the presets and taking turns with them step by
-step.
+Every language-model preset of `conf/model/` (not the Reactive Transformer's) at `--size`
+(`--d-model`, `--n-layers` and `--n-heads` over it compare presets at equal width and
+depth; the context stretched to prompt + new tokens, the vocabulary `--vocab-size`),
+random weights, wrapped in `moa.hf.modeling.MoaForCausalLM`: greedy generation of
+`--new-tokens` after a random `--prompt`-token prompt, batch 1, `use_cache=True` (prefill
+once, then one token per step through `MoaCache`) against `use_cache=False` (the whole
+context recomputed at every step, as MoA-100M's card does). tokens/s is new tokens over
+the median wall time of `--repeats` runs, prefill included; `speedup` is cached over
+recomputed tokens/s in the same run. Latency: one decode step at each of `--contexts`
+context lengths, cached (one token after a prefill of the context) and recomputed (a
+forward over the whole context), median of `--steps` steps, the presets taking turns step
+by step (so their ratio holds on a loaded machine). `cached_step_ops` counts the
+top-level aten ops of one cached decode step after a `--prompt`-token prefill
+(torch.profiler): a figure that, unlike the milliseconds, the machine's load leaves
+alone. `--breakdown` adds, per preset, the ms of a cached step spent in each part of the
+model (each block's attention and its router and paths, FFN, norms; the head's parts),
+summed over the blocks (`step_breakdown`). `--arm LABEL OVERRIDE...` (repeatable) adds a
+model that the Hydra overrides give (`model=<preset>` among them, the size arguments over
+them; `bench/arms.py`), reported as LABEL beside the presets and taking turns with them
+step by step.
 
 KV-cache bytes per token: after the prompt, every tensor the cache holds for the
 sequence, per position (our buffers are preallocated to the capacity, so bytes over
@@ -50,13 +51,15 @@ from torch.profiler import ProfilerActivity, profile
 
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
 from moa.layers.kv_cache import LayerCache
-from moa.params import CONF_DIR, model_config
+from moa.params import language_model_presets, model_config
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "moas"]
 
 
 def presets() -> list[str]:
-    return sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+    """The language-model presets of conf/model/ (the Reactive Transformer's decoding is
+    bench/interaction_latency.py's)."""
+    return language_model_presets()
 
 
 def build(overrides: list[str], args: argparse.Namespace) -> MoaForCausalLM:

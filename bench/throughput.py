@@ -5,8 +5,9 @@
     python bench/throughput.py --presets gpt moa_metric --variants \
         --arm ffn_topk model=moa_metric ffn.router.name=topk
 
-Every preset in `conf/model/` (found there, so new presets join by themselves; `gpt`
-always, as the baseline) is composed with the same d_model, n_layers, n_heads, context and
+Every language-model preset in `conf/model/` (found there, so new presets join by
+themselves; not the Reactive Transformer's, which trains in stages; `gpt` always, as the
+baseline) is composed with the same d_model, n_layers, n_heads, context and
 vocabulary, through the same checks as `train.py`. One training step is what the
 Lightning module does: forward, cross-entropy plus the auxiliary losses, backward, an
 AdamW step over moa's parameter groups (`optim.impl=auto`, as training runs it), on
@@ -51,7 +52,7 @@ from arms import add_arm_argument, arm_overrides
 from moa.config import ModelConfig, OptimConfig
 from moa.layers.auxiliary import statistics_recorded
 from moa.models.language_model import build_model
-from moa.params import CONF_DIR, model_config
+from moa.params import language_model_presets, model_config
 from moa.training.callbacks import training_flops
 from moa.training.host_memory import keep_freed
 from moa.training.objectives import scored_forward, token_metrics
@@ -64,9 +65,8 @@ SCORED_EVERY = 16  # the scored=1/16 variant: one labelled position per 16
 
 
 def presets() -> list[str]:
-    """The baseline, then every other preset of conf/model/ in name order."""
-    names = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
-    return [BASELINE] + [name for name in names if name != BASELINE]
+    """The baseline, then every other language-model preset of conf/model/ in name order."""
+    return [BASELINE] + [name for name in language_model_presets() if name != BASELINE]
 
 
 def preset_config(preset: str, args: argparse.Namespace) -> ModelConfig:

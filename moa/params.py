@@ -48,6 +48,15 @@ def model_config(overrides: list[str]) -> ModelConfig:
     return spec.model.with_vocab(vocab)
 
 
+def language_model_presets() -> list[str]:
+    """The presets of conf/model/ whose model is the decoder language model, in name order:
+    not the Reactive Transformer's (`architecture: reactive`), which trains in stages of
+    its own objectives (docs/reactive.md)."""
+    names = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+    return [name for name in names
+            if model_config([f"model={name}"]).architecture == "language_model"]
+
+
 def format_table(rows: list[tuple[str, int]], title: str, notes: tuple[str, ...] = ()) -> str:
     """The table, `notes` (one line each), then `Total  <millions>M`."""
     total = sum(count for name, count in rows if not name.startswith(" "))

@@ -78,3 +78,23 @@ def test_throughput_can_time_glibcs_default_host_memory(monkeypatch, tmp_path):
         "--steps", "1", "--variants", "--no-keep-host-memory", "--json", str(output)])
     throughput.main()
     assert [r["keep_host_memory"] for r in json.loads(output.read_text())] == [False]
+
+
+def test_throughput_by_default_times_every_language_model_preset(monkeypatch, tmp_path):
+    """With no --presets: gpt first, then every preset of conf/model/ but the Reactive
+    Transformer's (not a language model of one training step), each running its step."""
+    from moa.params import CONF_DIR
+
+    throughput = load(monkeypatch, "throughput")
+    generate = load(monkeypatch, "generate")
+    everything = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+    expected = ["gpt"] + [name for name in everything if name not in ("gpt", "rxt_alpha_micro")]
+    assert "rxt_alpha_micro" in everything and throughput.presets() == expected
+    assert generate.presets() == sorted(expected)
+    output = tmp_path / "throughput.json"
+    monkeypatch.setattr(sys, "argv", [
+        "throughput.py", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+        "--block-size", "16", "--batch-size", "2", "--warmup", "0", "--steps", "1",
+        "--variants", "--no-keep-host-memory", "--json", str(output)])
+    throughput.main()
+    assert [r["preset"] for r in json.loads(output.read_text())] == expected
