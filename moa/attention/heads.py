@@ -83,10 +83,12 @@ class QKVProjection(nn.Module):
         ctx.positions. Queries and keys at the same positions rotate alike, so one rotation
         of the stacked heads serves both (half the ops of two, forward and backward)."""
         heads = self.stacked(x, rows).transpose(1, 2)  # (B, Hq + 2 Hkv, T, D)
-        Hqk = self.n_q_heads + self.n_kv_heads
-        q, k = ctx.position.rotate_keys(heads[:, :Hqk], ctx.positions).split(
+        # split, not slices: its backward joins the two gradients with one cat, where each
+        # slice's would zero a gradient of the whole and copy its part in
+        qk, v = heads.split([self.n_q_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+        q, k = ctx.position.rotate_keys(qk, ctx.positions).split(
             [self.n_q_heads, self.n_kv_heads], dim=1)
-        return q, k, ctx.position.scale_values(heads[:, Hqk:], ctx.positions)
+        return q, k, ctx.position.scale_values(v, ctx.positions)
 
     def stacked(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, Hq + 2 Hkv, D): the query, key and value heads side by
