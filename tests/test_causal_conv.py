@@ -53,6 +53,22 @@ def test_the_kernel_equals_the_reference_in_float32():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4, msg=name)
 
 
+def test_the_weight_gradient_is_the_same_bits_on_one_thread_and_on_four():
+    """The backward sums the weight's gradient over a fixed partition of the rows."""
+    window, weight = torch.randn(8, 300, 64), torch.randn(64, 4)
+    d_y = torch.randn(8, 300, 64)
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            grads.append(_run(depthwise_causal_conv, window, weight, 0, d_y))
+    finally:
+        torch.set_num_threads(threads)
+    for one, four in zip(*grads, strict=True):
+        assert torch.equal(one, four)
+
+
 def test_the_kernel_reads_a_transposed_input_and_gradient():
     """Non-contiguous activations and output gradients (a transposed view) give the same
     numbers: the wrapper makes them contiguous."""
