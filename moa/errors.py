@@ -85,6 +85,11 @@ class NewRunDirectory(Callback):
     created: Path | None = None  # the directory this invocation made, once Hydra made it
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        # The run directory's default reads ${hydra:runtime.cwd}, which resolves only once
+        # HydraConfig holds the config: Hydra sets the same one itself just after this.
+        HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
         NewRunDirectory.created = None if run_dir.exists() else run_dir
 

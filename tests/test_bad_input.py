@@ -131,6 +131,21 @@ def test_a_refused_invocation_leaves_no_directory_behind(tmp_path, entry, overri
     assert f"error: invalid config {key}=" in (existing / f"{entry}.log").read_text()
 
 
+def test_a_refused_invocation_in_the_default_run_directory_is_one_line_and_leaves_none(
+        tmp_path):
+    """Without hydra.run.dir: the directory is `${paths.root_dir}/outputs/<date>/<time>`,
+    root_dir `${hydra:runtime.cwd}` or MOA_ROOT. The callback that notes it is new resolves
+    it (no warning before the one line), and the refusal removes it."""
+    inherited = {key: value for key, value in os.environ.items() if key != "MOA_ROOT"}
+    for root in ({"MOA_ROOT": str(tmp_path)}, {}):  # the root by name, then the cwd
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "evaluate=maybe"],
+                                cwd=tmp_path, env={**inherited, "WANDB_MODE": "disabled",
+                                                   **root}, capture_output=True, text=True,
+                                timeout=300)
+        assert_one_line(result, "evaluate", "true | false")
+        assert list((tmp_path / "outputs").glob("*/*")) == []
+
+
 def test_train_into_another_runs_directory_exits_2_and_keeps_it(tmp_path, cache_dir):
     """`python train.py ... hydra.run.dir=DIR` where DIR holds another run: refused before
     anything is written, the offer of resume=true or a new directory in the one line."""
