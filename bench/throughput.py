@@ -142,13 +142,14 @@ def print_extra_ops(records: list[dict], count: int) -> None:
         if "ops" not in record:
             continue
         ops = record["ops"]
-        extra = sorted(ops, key=lambda op: baseline.get(op, {}).get("ms", 0.0) - ops[op]["ms"])
+        absent = {"ms": 0.0, "calls": 0.0}  # an op gpt never calls
+        extra = sorted(ops, key=lambda op: baseline.get(op, absent)["ms"] - ops[op]["ms"])
         total, baseline_total = (sum(op["ms"] for op in o.values()) for o in (ops, baseline))
         print(f"\n{record['preset']}: ATen self ms per step {total:.1f} (gpt "
               f"{baseline_total:.1f}); its {count} costliest over gpt's")
         print(f"{'op':<60} {'gpt ms':>8} {'calls':>6} {'ms':>8} {'calls':>6} {'extra ms':>9}")
         for op in extra[:count]:
-            base = baseline.get(op, {"ms": 0.0, "calls": 0.0})
+            base = baseline.get(op, absent)
             print(f"{op[:60]:<60} {base['ms']:>8.2f} {base['calls']:>6.0f} {ops[op]['ms']:>8.2f} "
                   f"{ops[op]['calls']:>6.0f} {ops[op]['ms'] - base['ms']:>9.2f}")
 

@@ -92,6 +92,20 @@ def pruned_fractions(model: torch.nn.Module, ids: torch.Tensor) -> list[float]:
     return [float(v) for name, v in stats.items() if name.endswith("pruned_fraction")]
 
 
+@pytest.fixture
+def no_compiler(monkeypatch) -> None:
+    """Every build of our C++ kernels fails, as where no compiler is found
+    (`moa/kernels/extension.py`)."""
+    import subprocess
+
+    from moa.kernels import extension
+
+    def failed_build(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["c++"])
+
+    monkeypatch.setattr(extension, "load", failed_build)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache of built corpora and tokenizers for the whole session."""

@@ -46,16 +46,17 @@ void forward(const T* __restrict__ x, const T* w, T* __restrict__ y, int64_t B, 
 
 // d_x[s] = sum_j w_j d_y[s - H + (K - 1) - j] over the outputs that read position s;
 // d_w[c, j] = sum over (b, t) of d_y[b, t, c] x[b, t + H - (K - 1) + j, c]. The window's
-// rows are split in up to PARTS parts, each summing its own d_w, added in part order: as
-// many whatever the thread count, so that d_w is the same bits on any number of threads.
-constexpr int64_t PARTS = 32;
+// rows are split in up to PARTS parts of at least PART_ROWS rows, each summing its own d_w,
+// added in part order: as many whatever the thread count, so that d_w is the same bits on
+// any number of threads.
+constexpr int64_t PARTS = 32, PART_ROWS = 32;
 template <typename T>
 void backward(const T* __restrict__ d_y, const T* __restrict__ x, const T* w,
               T* __restrict__ d_x, T* d_w, int64_t B, int64_t S, int64_t C, int64_t K,
               int64_t H) {
   const int64_t length = S - H, rows = B * S;
   const std::vector<T> taps = taps_by_row(w, C, K);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((rows + 31) / 32, PARTS));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((rows + PART_ROWS - 1) / PART_ROWS, PARTS));
   const int64_t per_part = (rows + parts - 1) / parts;
   std::vector<T> partial(parts * K * C, T(0));
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
