@@ -94,20 +94,62 @@ def test_the_kernel_refuses_what_it_cannot_read():
         ops.backward(torch.randn(2, 4, 4), x, weight, 0)
 
 
-def test_other_dtypes_run_the_reference(monkeypatch):
-    """bfloat16 is not the kernel's: the reference runs (calling the kernel would fail)."""
-    monkeypatch.setattr(causal_conv, "_CausalConv", None)
+def test_the_ops_pass_torch_library_checks():
+    """Schema, fake (meta) shapes, autograd registration and dispatch, as torch.compile
+    relies on them."""
+    ops = compiled()
+    x, weight = torch.randn(2, 9, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    torch.library.opcheck(ops.forward.default, (x.requires_grad_(), weight.requires_grad_(), 3))
+    d_y = torch.randn(2, 6, 8, dtype=torch.float64)
+    torch.library.opcheck(ops.backward.default, (d_y, x.detach(), weight.detach(), 3))
+
+
+def test_a_compiled_graph_calls_the_kernel_and_equals_the_reference():
+    """torch.compile traces the kernel's op into one graph (no break, no reference conv),
+    and the compiled forward and gradients equal the reference's."""
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
+
+    torch._dynamo.reset()
+    compiled_conv = torch.compile(depthwise_causal_conv, backend=backend, fullgraph=True)
+    window = torch.randn(2, 13, 8, dtype=torch.float64)
+    weight = torch.randn(8, 4, dtype=torch.float64)
+    d_y = torch.randn(2, 13, 8, dtype=torch.float64)
+    got = _run(lambda w, k, h: compiled_conv(w, k, h), window, weight, 0, d_y)
+    want = _run(depthwise_causal_conv_reference, window, weight, 0, d_y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    targets = {node.target for graph in graphs for node in graph.graph.nodes}
+    assert torch.ops.moa_causal_conv.forward in targets
+    assert torch.nn.functional.conv1d not in targets
+
+
+@pytest.fixture
+def kernel_refused(monkeypatch):
+    """A call of the kernel's forward fails the test."""
+    compiled()
+
+    def refused(*args):
+        raise AssertionError("the kernel ran")
+
+    monkeypatch.setattr(torch.ops.moa_causal_conv, "forward", refused)
+
+
+def test_other_dtypes_run_the_reference(kernel_refused):
+    """bfloat16 is not the kernel's: the reference runs."""
     window, weight = torch.randn(2, 7, 8, dtype=torch.bfloat16), torch.randn(8, 4)
     got = depthwise_causal_conv(window, weight.bfloat16())
     torch.testing.assert_close(got, depthwise_causal_conv_reference(window, weight.bfloat16()))
 
 
-def test_without_a_compiler_the_reference_runs(monkeypatch, no_compiler):
+def test_without_a_compiler_the_reference_runs(monkeypatch, kernel_refused, no_compiler):
     """A build that fails warns, once, and the convolution runs the reference."""
     with pytest.warns(UserWarning, match="could not be built.*conv1d instead"):
         assert compiled.__wrapped__() is None
     monkeypatch.setattr(causal_conv, "compiled", lambda: None)
-    monkeypatch.setattr(causal_conv, "_CausalConv", None)
     window, weight = torch.randn(2, 7, 8), torch.randn(8, 4)
     torch.testing.assert_close(depthwise_causal_conv(window, weight),
                                depthwise_causal_conv_reference(window, weight))
