@@ -13,7 +13,7 @@ import ninja
 import pytest
 import torch
 
-from moa.kernels import extension, metric_cpu
+from moa.kernels import extension, metric_cpu, pruned_attention
 from moa.kernels.extension import build
 from moa.kernels.metric_cpu import metric_attention_cpu
 from moa.kernels.metric_reference import metric_attention_eager
@@ -159,7 +159,7 @@ def test_without_a_compiler_ball_pruning_runs_the_reference(monkeypatch, no_comp
     same numbers, the gate's gradient included."""
     with pytest.warns(UserWarning, match="could not be built"):
         assert compiled.__wrapped__() is None
-    monkeypatch.setattr(metric_cpu, "compiled", lambda: None)
+    monkeypatch.setattr(pruned_attention, "compiled", lambda: None)
     inputs = _inputs(1, 2, 1, 9, 9, 8, gated=True)
     d_out = torch.randn_like(inputs[0])
     got, got_grads = _run(metric_attention_cpu, inputs, d_out)
@@ -229,3 +229,20 @@ def test_the_aten_products_fallback_equals_the_blas_products():
                                                      out, lse, False, 16))
         for blas, aten in zip(outputs["moa_pruned"], outputs["moa_pruned_aten"], strict=True):
             torch.testing.assert_close(aten, blas, rtol=tolerance, atol=tolerance)
+
+
+def test_under_torch_compile_the_kernel_runs_eagerly_between_graphs():
+    """A compiled graph breaks only where the kernel runs (its kept keys size its
+    buffers), never by tracing into the build; outputs and gradients stay the
+    reference's."""
+    inputs = _inputs(2, 4, 2, 11, 11, 8, gated=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(metric_attention_cpu)(*inputs)
+    reasons = [str(entry.reason) for entry in explained.break_reasons]
+    assert reasons and all("disable" in reason for reason in reasons), reasons
+    d_out = torch.randn_like(inputs[0])
+    got, got_grads = _run(torch.compile(metric_attention_cpu, backend="aot_eager"), inputs, d_out)
+    want, want_grads = _run(metric_attention_eager, inputs, d_out)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)

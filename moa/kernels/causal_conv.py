@@ -41,8 +41,9 @@ def compiled() -> Any | None:
 
 
 @torch.compiler.assume_constant_result
-def _built() -> bool:
-    """Whether the kernel runs: decided once when a compiled graph is traced."""
+def built() -> bool:
+    """Whether the kernel runs: under torch.compile decided once, when a graph is traced
+    (tracing into the build would break the graph at every call)."""
     return compiled() is not None
 
 
@@ -80,6 +81,6 @@ def depthwise_causal_conv(window: torch.Tensor, weight: torch.Tensor, history: i
     """window (B, S, C), its first `history` positions the past; weight (C, K) ->
     (B, S - history, C): the kernel where it runs, else the reference."""
     if (window.device.type != "cpu" or window.dtype not in (torch.float32, torch.float64)
-            or weight.dtype != window.dtype or not _built()):
+            or weight.dtype != window.dtype or not built()):
         return depthwise_causal_conv_reference(window, weight, history)
     return torch.ops.moa_causal_conv.forward(window.contiguous(), weight.contiguous(), history)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from moa.kernels.masks import attention_mask
 from moa.kernels.metric_reference import metric_attention_eager
-from moa.kernels.pruned_attention import compiled, pruned_attention
+from moa.kernels.pruned_attention import built, pruned_attention
 
 
 def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +83,7 @@ def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_no
     q_scaled = 2 * alpha.view(1, -1, 1, 1) * q  # (B, Hq, T, D), at least float32
     if q.size(2) == 1 and not _needs_grad(q, k, v, k_norm, alpha, gate):
         return _one_query(q_scaled, k, v, k_norm, -alpha, gate).to(q.dtype)
-    if compiled() is None:
+    if not built():
         return metric_attention_eager(q, k, v, k_norm, alpha, gate)
     return pruned_attention(q_scaled, k, v, k_norm, -alpha, gate, gate_band).to(q.dtype)
 

@@ -50,6 +50,13 @@ def compiled() -> Any | None:
                     "ball pruning on CPU runs the eager reference instead")
 
 
+@torch.compiler.assume_constant_result
+def built() -> bool:
+    """Whether the kernel runs: under torch.compile decided once, when a graph is traced
+    (tracing into the build would break the graph at every call)."""
+    return compiled() is not None
+
+
 class KeptKeys:
     """Some keys per (batch, key head), in position order: `positions` (B, Hkv, W) int64,
     W the most any row holds, a row's padding at position S (past every query)."""
@@ -117,13 +124,14 @@ class _PrunedAttention(torch.autograd.Function):
         return dq, dk, dv, d_bias, d_scale, d_gate.masked_fill(~band, 0.0).to(gate.dtype), None
 
 
+@torch.compiler.disable  # the kept keys' count sizes its buffers: eager inside a compiled graph
 def pruned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                      scale: torch.Tensor, gate: torch.Tensor, band: torch.Tensor | None = None
                      ) -> torch.Tensor:
     """Attention of q (B, Hq, T, E) over k, v (B, Hkv, S, E) with scores
     `q_i . k_j + scale_h bias_j` (bias (B, Hkv, S), scale (Hq,)), causal with the queries
     the last T of S, over the keys gate (B, Hkv, S) keeps (nonzero) and each query's own
-    key. Needs `compiled()`. Returns q's dtype; computes in float32 at least."""
+    key. Needs `built()`. Returns q's dtype; computes in float32 at least."""
     wide = torch.promote_types(q.dtype, torch.float32)
     band = None if band is None else band.detach().bool()
     out = _PrunedAttention.apply(*(x.to(wide) for x in (q, k, v, bias, scale)), gate, band)
