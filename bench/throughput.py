@@ -16,8 +16,12 @@ between two written logs run (9 in 10 at trainer.log_every_n_steps=10). After `-
 steps each, the presets take turns, one step each per round for `--steps` rounds, so a
 slowdown of the shared machine hits them alike; a preset's step time is its median.
 tokens/s is batch x block over it, GFLOP/s the FLOPs of one forward + backward (counted
-once on a meta-device copy, as the training callback does; the optimizer step is not
-counted) over it, `ratio_to_gpt` its tokens/s over gpt's in the same run. `--arm LABEL
+once on a meta-device copy, as the training callback does; for a preset whose work
+depends on the data, top-k routing, counted in its first warm-up step on its batch,
+`moa.training.callbacks.batch_flops`, but not when compiled; the optimizer step is not
+counted) over it, `ratio_to_gpt` its tokens/s over gpt's in the same run. `flops` (in the
+records) over gpt's is the ratio of their work, so gpt's FLOPs over a preset's is the
+ratio to gpt it would reach at gpt's GFLOP/s. `--arm LABEL
 OVERRIDE...` (repeatable; `bench/arms.py`) adds a model that the Hydra overrides give
 (`model=<preset>` among them, the common size over them), as a row named LABEL. Freed host
 memory stays with the process, as in training (`keep_host_memory=true`, the default:
@@ -53,7 +57,7 @@ from moa.config import ModelConfig, OptimConfig
 from moa.layers.auxiliary import statistics_recorded
 from moa.models.language_model import build_model
 from moa.params import language_model_presets, model_config
-from moa.training.callbacks import training_flops
+from moa.training.callbacks import batch_flops, training_flops
 from moa.training.host_memory import keep_freed
 from moa.training.objectives import scored_forward, token_metrics
 from moa.training.optim import build_optimizer
@@ -155,7 +159,7 @@ def print_extra_ops(records: list[dict], count: int) -> None:
 
 
 def _gflops(record: dict) -> str:
-    """GFLOP/s, or "-" without a static FLOP count (top-k routing)."""
+    """GFLOP/s, or "-" without a FLOP count (a routed preset compiled)."""
     return "-" if record["gflops_per_s"] is None else f"{record['gflops_per_s']:.2f}"
 
 
@@ -201,9 +205,16 @@ def main() -> None:
     trainees |= {f"{name} {variant}": Trainee(
         sized_config(arms.get(name, [f"model={name}"]), args), *size, variant)
         for name in variants_of for variant in args.variants}
-    for trainee in trainees.values():
-        for _ in range(args.warmup):
-            trainee.step()
+    flops = {}
+    for name, trainee in trainees.items():
+        scored = trainee.batch.get("scored_positions")
+        flops[name] = training_flops(trainee.config, size,
+                                     None if scored is None else scored.size(1))
+        for index in range(args.warmup):
+            if index == 0 and flops[name] is None and not name.endswith(" compile"):
+                flops[name] = batch_flops(trainee.step)  # routed: what its batch runs
+            else:
+                trainee.step()
     for _ in range(args.steps):
         for trainee in trainees.values():
             trainee.times.append(trainee.step())
@@ -212,12 +223,10 @@ def main() -> None:
     records = []
     for name, trainee in trainees.items():
         seconds = statistics.median(trainee.times)
-        scored = trainee.batch.get("scored_positions")
-        flops = training_flops(trainee.config, (args.batch_size, args.block_size),
-                               None if scored is None else scored.size(1))
         records.append({
             "preset": name, "overrides": arms.get(name), "tokens_per_s": tokens / seconds,
-            "gflops_per_s": None if flops is None else flops / seconds / 1e9,
+            "flops": flops[name],
+            "gflops_per_s": None if flops[name] is None else flops[name] / seconds / 1e9,
             "step_ms": 1e3 * seconds,
             "parameters": trainee.model.num_parameters(),
             "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,

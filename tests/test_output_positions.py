@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from moa.models.language_model import build_model
 from moa.params import CONF_DIR, model_config
-from moa.training.callbacks import training_flops
+from moa.training.callbacks import batch_flops, training_flops
 from tests.conftest import tiny_model_config
 
 TINY = ["model.d_model=32", "model.n_heads=4", "model.n_layers=2", "model.vocab_size=300",
@@ -196,3 +196,26 @@ def test_the_flop_count_is_of_the_forward_that_wants_a_few_positions():
     assert training_flops(config, (B, T), T) == full
     head = 2 * config.d_model * config.vocab_size  # one position's projection, forward
     assert training_flops(config, (B, T), 1) <= full - 3 * head * B * (T - 1)
+
+
+@pytest.mark.parametrize("attention", [{"n_kv_heads": 2}, {"n_kv_heads": 4}])
+def test_a_batch_counts_the_flops_the_meta_device_counts(attention):
+    """`batch_flops` counts a real forward + backward (CPU flash attention included, GQA
+    too) exactly as `training_flops` counts the meta-device copy; with top-k routing, only
+    the batch can be counted, and a routed path's rows cost less than every row."""
+    config = tiny_model_config(attention)
+    B, T = 2, 24
+    model = build_model(config)
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    assert batch_flops(lambda: model(ids).logits.sum().backward()) == training_flops(config, (B, T))
+    paths = [{"name": "dot_product"}, {"name": "channel_mix"}, {"name": "channel_mix"}]
+    routed, dense = (tiny_model_config({"name": "mixture", "paths": [dict(p) for p in paths],
+                                        "router": router})
+                     for router in ({"name": "topk", "router_topk": 1}, {"name": "softmax"}))
+    assert training_flops(routed, (B, T)) is None
+    counts = []
+    for config in (routed, dense):
+        torch.manual_seed(0)
+        model = build_model(config)
+        counts.append(batch_flops(lambda m=model: m(ids).logits.sum().backward()))
+    assert 0 < counts[0] < counts[1]

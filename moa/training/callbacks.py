@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +13,14 @@ from lightning.pytorch.callbacks import RichModelSummary, ThroughputMonitor
 from lightning.pytorch.utilities.model_summary import (
     get_formatted_model_size,
     get_human_readable_count,
+)
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    bmm_flop,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
 )
 
 from moa.config import ModelConfig
@@ -49,6 +59,41 @@ def training_flops(config: ModelConfig, batch_shape: tuple[int, int],
                              lambda out: out.sum())
     except (NotImplementedError, RuntimeError):
         return None
+
+
+def batch_flops(step: Callable[[], object]) -> int:
+    """FLOPs of the matrix products and attention that `step()` runs on its real tensors:
+    for a model whose work depends on the data (top-k routing), a count of what one batch
+    ran. Counted as `training_flops` counts (`_count_cpu_attention`)."""
+    _count_cpu_attention()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None,
+                            **kwargs) -> int:
+    """Without the scores the kernel recomputes: the products of attention's gradient."""
+    b, heads, queries, width = query
+    recomputed = bmm_flop((b * heads, queries, width), (b * heads, width, key[2]))
+    return sdpa_backward_flop_count(grad_out, query, key, value) - recomputed
+
+
+@functools.cache
+def _count_cpu_attention() -> None:
+    """Teach torch's FLOP counter PyTorch's CPU flash attention (it knows the CUDA
+    kernels): two products forward and four backward, as the meta device's decomposition
+    of attention counts them in `training_flops`."""
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, _cpu_attention),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                         _cpu_attention_backward)):
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
 
 
 class TokenThroughput(ThroughputMonitor):
