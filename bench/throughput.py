@@ -93,6 +93,7 @@ class Trainee:
     def __init__(self, config: ModelConfig, batch_size: int, block_size: int,
                  variant: str = "") -> None:
         self.config = config
+        self.variant = variant
         torch.manual_seed(0)
         self.model = build_model(self.config).train()
         if variant == "compile":
@@ -211,7 +212,7 @@ def main() -> None:
         flops[name] = training_flops(trainee.config, size,
                                      None if scored is None else scored.size(1))
         for index in range(args.warmup):
-            if index == 0 and flops[name] is None and not name.endswith(" compile"):
+            if index == 0 and flops[name] is None and trainee.variant != "compile":
                 flops[name] = batch_flops(trainee.step)  # routed: what its batch runs
             else:
                 trainee.step()

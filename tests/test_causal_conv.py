@@ -118,7 +118,7 @@ def test_a_compiled_graph_calls_the_kernel_and_equals_the_reference():
     window = torch.randn(2, 13, 8, dtype=torch.float64)
     weight = torch.randn(8, 4, dtype=torch.float64)
     d_y = torch.randn(2, 13, 8, dtype=torch.float64)
-    got = _run(lambda w, k, h: compiled_conv(w, k, h), window, weight, 0, d_y)
+    got = _run(compiled_conv, window, weight, 0, d_y)
     want = _run(depthwise_causal_conv_reference, window, weight, 0, d_y)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
