@@ -77,6 +77,25 @@ def test_sparse_execution_equals_dense_with_unrouted_weights_zeroed(k):
     assert_same_outputs_and_gradients(sparse, dense, [x, *mixture.parameters()])
 
 
+def test_under_torch_compile_the_routed_sum_is_one_graph_equal_to_the_sparse_sum():
+    """A compiled top-k mixture reads no routing on the host: dynamo traces it whole, and
+    its dense sum's outputs and gradients are the eager sparse sum's."""
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    config = mixture_config(ROUTERS["topk"])
+    mixture = ATTENTION.build(config.attention, config).eval()
+    with torch.no_grad():
+        mixture.feature_gates.weight.normal_(std=0.1)
+    x = torch.randn(2, 10, config.d_model, requires_grad=True)
+    explanation = torch._dynamo.explain(mixture)(x, forward_context(config, 10))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), \
+        explanation.break_reasons
+    compiled = torch.compile(mixture, backend="aot_eager", fullgraph=True)
+    assert_same_outputs_and_gradients(compiled(x, forward_context(config, 10)),
+                                      mixture(x, forward_context(config, 10)),
+                                      [x, *mixture.parameters()])
+
+
 def test_a_path_no_token_chose_is_not_computed():
     torch.manual_seed(2)
     config = mixture_config({"name": "topk", "router_topk": 2})

@@ -19,7 +19,10 @@ output projection). The result equals the dense computation with the unrouted we
 zeroed, forward and gradients.
 
 What to run is read from the routing with one host sync per call (each branch's number
-of routed rows), not one per branch: the rows are then found by `nonzero_static`.
+of routed rows), not one per branch: the rows are then found by `nonzero_static`. Under
+torch.compile the sum is dense (every branch on every row, the unrouted weighted by 0):
+the sync would break the graph at every mixture, and a one-token decoding step, whose
+small ops compiling fuses, gains more from one graph than from the skipped rows.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def routed_sum(x: torch.Tensor, routing: Routing, branches: Sequence[nn.Module],
     columns = routing.weights.flatten(0, 1).t()[..., None].unbind(0)  # n x (B*T, 1)
     rows_x = produced.flatten(0, 1)  # (B*T, C)
     out = None  # (B*T, C): the first dense branch's term, or zeros before an index_add
-    chosen = None if routing.chosen is None else routing.chosen.flatten(0, 1)  # (B*T, n)
+    dense = routing.chosen is None or torch.compiler.is_compiling()
+    chosen = None if dense else routing.chosen.flatten(0, 1)  # (B*T, n)
     if chosen is not None and wanted is None:  # the one sync: rows per branch
         routed = used = chosen.sum(0).tolist()
     elif chosen is not None:  # the one sync: rows (wanted) and tokens (batch) per branch
