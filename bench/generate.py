@@ -17,8 +17,9 @@ the median wall time of `--repeats` runs, prefill included; `speedup` is cached 
 recomputed tokens/s in the same run. Latency: one decode step at each of `--contexts`
 context lengths, cached (one token after a prefill of the context) and recomputed (a
 forward over the whole context), median of `--steps` steps, the presets taking turns step
-by step (so their ratio holds on a loaded machine). `cached_step_ops` counts the
-top-level aten ops of one cached decode step after a `--prompt`-token prefill
+by step (so their ratio holds on a loaded machine); `--compile` adds `compiled_step_ms`,
+the cached step as `sampling.compile=true` decodes (`decoding_step`). `cached_step_ops`
+counts the top-level aten ops of one cached decode step after a `--prompt`-token prefill
 (torch.profiler): a figure that, unlike the milliseconds, the machine's load leaves
 alone. `--breakdown` adds, per preset, the ms of a cached step spent in each part of the
 model (each block's attention and its router and paths, FFN, norms; the head's parts),
@@ -51,6 +52,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moa.hf.modeling import MoaConfig, MoaForCausalLM
 from moa.layers.kv_cache import LayerCache
+from moa.models.generation import decoding_step
 from moa.params import language_model_presets, model_config
 
 SCHEMES = ["mha", "gqa", "mqa", "sqa", "metric", "moas"]
@@ -103,6 +105,8 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
     presets take turns step by step, so a slowdown of a shared machine hits them alike and
     the ratio of two presets' steps holds within one run."""
     latency = {name: {"cached_step_ms": {}, "recompute_step_ms": {}} for name in models}
+    steppers = {name: decoding_step(model.model) for name, model in models.items()
+                } if args.compile else {}
     for context in args.contexts:
         ids = torch.randint(0, args.vocab_size, (1, context))
         caches = {name: model.model.new_cache() for name, model in models.items()}
@@ -114,6 +118,8 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
                 start = time.perf_counter()
                 model.model(ids[:, t:t + 1], caches[name])
                 cached[name].append(time.perf_counter() - start)
+        if steppers:
+            latency_compiled(models, steppers, ids, args, latency)
         recompute = {name: [] for name in models}
         for _ in range(max(1, args.steps // 4)):
             for name, model in models.items():
@@ -124,6 +130,28 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
             latency[name]["cached_step_ms"][context] = 1e3 * statistics.median(cached[name])
             latency[name]["recompute_step_ms"][context] = 1e3 * statistics.median(recompute[name])
     return latency
+
+
+def latency_compiled(models: dict[str, MoaForCausalLM], steppers: dict[str, Any],
+                     ids: torch.Tensor, args: argparse.Namespace,
+                     latency: dict[str, dict[str, Any]]) -> None:
+    """`compiled_step_ms` at the context of `ids` (1, context): the cached step through
+    `steppers` (each model's `decoding_step`, as `sampling.compile` runs it; the prefill
+    eager), two steps before the timed ones left out (the first compiles), the presets
+    taking turns."""
+    context = ids.size(1)
+    caches = {name: model.model.new_cache() for name, model in models.items()}
+    for name, model in models.items():
+        model.model(ids[:, :context - args.steps - 2], caches[name])
+    steps = {name: [] for name in models}
+    for t in range(context - args.steps - 2, context):
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            step(ids[:, t:t + 1], caches[name])
+            steps[name].append(time.perf_counter() - start)
+    for name in models:
+        latency[name].setdefault("compiled_step_ms", {})[context] = \
+            1e3 * statistics.median(steps[name][2:])
 
 
 @torch.no_grad()
@@ -220,6 +248,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per latency point")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's); 1 on a shared machine keeps small ops from thrashing")
+    parser.add_argument("--compile", action="store_true", help="also time the cached step "
+                        "compiled as `sampling.compile=true` runs it (`compiled_step_ms`)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each part of a cached step (`step_breakdown`)")
     add_arm_argument(parser)
@@ -249,6 +279,9 @@ def main() -> None:
         records["presets"].append(record)
         cached = " ".join(f"{v:.1f}" for v in record["cached_step_ms"].values())
         recompute = " ".join(f"{v:.1f}" for v in record["recompute_step_ms"].values())
+        if args.compile:
+            cached += " (compiled " + " ".join(
+                f"{v:.1f}" for v in record["compiled_step_ms"].values()) + ")"
         print(f"{name:<12} {record['parameters']:>10,} {record['cached_tokens_per_s']:>13.1f} "
               f"{record['recompute_tokens_per_s']:>16.1f} {record['speedup']:>8.1f} "
               f"{record['kv_bytes_per_token']:>11,.0f} {record['cached_step_ops']:>8}  "

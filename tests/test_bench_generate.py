@@ -64,3 +64,30 @@ def test_an_arm_is_its_preset_under_its_overrides_and_reports_its_cache(bench, m
     assert records["balls"]["kv_bytes_per_token"] < records["moa_metric"]["kv_bytes_per_token"]
     for record in records.values():
         assert all(ms > 0 for ms in record["cached_step_ms"].values())
+
+
+def test_compile_times_each_model_through_its_decoding_step(bench, monkeypatch, tmp_path):
+    """`--compile`: `compiled_step_ms` at every context, each model's steps through the
+    `decoding_step` made for it (recorded here instead of compiling)."""
+    stepped = []
+
+    def recording_step(model):
+        def step(ids, cache):
+            stepped.append(model)
+            return model(ids, cache)
+        return step
+
+    monkeypatch.setattr(bench, "decoding_step", recording_step)
+    output = tmp_path / "generate.json"
+    monkeypatch.setattr(sys, "argv", [
+        "generate.py", "--presets", "moa_metric", "gpt", "--schemes", "--size", "tiny",
+        "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--prompt", "12",
+        "--new-tokens", "2", "--repeats", "1", "--contexts", "8", "12", "--steps", "2",
+        "--compile", "--json", str(output)])
+    bench.main()
+    records = json.loads(output.read_text())["presets"]
+    for record in records:
+        assert set(record["compiled_step_ms"]) == {"8", "12"}
+        assert all(ms > 0 for ms in record["compiled_step_ms"].values())
+    assert len(stepped) == 2 * 2 * (2 + 2)  # models x contexts x (2 untimed + 2 timed)
+    assert len({id(model) for model in stepped}) == 2

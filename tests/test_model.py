@@ -7,8 +7,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from moa.models.generation import SamplingConfig, generate, next_token
+from moa.errors import ConfigError
+from moa.models.generation import SamplingConfig, decoding_step, generate, next_token
 from moa.models.language_model import build_model
+from moa.params import model_config
 from tests.conftest import assert_next_token_depends_on_context, tiny_model_config
 
 
@@ -155,3 +157,54 @@ def test_generation_stops_when_every_sequence_emits_the_stop_token():
     first = int(generate(model, prompt, greedy)[0, 4])
     stopped = generate(model, prompt, greedy, stop_token=first)
     assert stopped.shape == (1, 5) and int(stopped[0, -1]) == first
+
+
+TINY = ["model.d_model=32", "model.n_heads=4", "model.n_layers=2", "model.vocab_size=300",
+        "model.max_seq_len=32", "tokenizer=byte"]
+
+
+def test_the_moa_presets_cached_step_traces_as_one_graph_equal_to_eager():
+    """moa_metric's one-token step (top-k mixtures, HyperFFN, MoA head) under the compiler:
+    one graph, no break (the routed sums run dense), and compiled steps with the cache
+    growing symbolically give the eager steps' logits."""
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    model = build_model(model_config(["model=moa_metric", *TINY])).eval()
+    ids = torch.randint(0, 300, (2, 16))
+    eager_cache, compiled_cache, explained_cache = (model.new_cache() for _ in range(3))
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for cache in (eager_cache, compiled_cache, explained_cache):
+            model(ids[:, :9], cache)
+        explanation = torch._dynamo.explain(model)(ids[:, 9:10], explained_cache)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), \
+            explanation.break_reasons
+        for t in range(9, 16):
+            torch.testing.assert_close(compiled(ids[:, t:t + 1], compiled_cache).logits,
+                                       model(ids[:, t:t + 1], eager_cache).logits)
+
+
+def test_compile_without_the_cache_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="compile"):
+        SamplingConfig(compile=True, use_cache=False)
+
+
+def test_a_model_with_ball_pruning_decodes_eagerly_with_a_warning():
+    model = build_model(model_config(["model=discoverlm", *TINY])).eval()
+    with pytest.warns(UserWarning, match="ball pruning decodes eagerly"):
+        assert decoding_step(model) is model
+
+
+@pytest.mark.slow
+def test_compiled_decoding_generates_the_eager_tokens():
+    """`sampling.compile` (inductor) on moa_metric: the same greedy and sampled tokens."""
+    torch.manual_seed(9)
+    model = build_model(model_config(["model=moa_metric", *TINY, "model.init_std=0.3"])).eval()
+    prompt = torch.randint(0, 300, (2, 6))
+    for sampling in (SamplingConfig(max_new_tokens=12, temperature=0.0),
+                     SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=20)):
+        eager = generate(model, prompt, sampling, generator=torch.Generator().manual_seed(1))
+        compiled = generate(model, prompt, SamplingConfig(**{**sampling.__dict__,
+                                                             "compile": True}),
+                            generator=torch.Generator().manual_seed(1))
+        assert torch.equal(compiled, eager)

@@ -10,6 +10,7 @@ import torch
 
 from moa.config import ModelConfig
 from moa.errors import ConfigError
+from moa.models.generation import SamplingConfig
 from moa.models.language_model import build_model
 from moa.models.reactive import ReactiveTransformer
 
@@ -158,6 +159,17 @@ def test_cached_generation_equals_uncached(cross):
     steps = [model.decode(sequence[:, :5], memory, cache=cache)]
     steps += [model.decode(sequence[:, t:t + 1], memory, cache=cache) for t in range(5, 11)]
     torch.testing.assert_close(torch.cat(steps, 1), model.decode(sequence, memory))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_answers_as_eager():
+    """`sampling.compile` (inductor) on the decoder's one-token steps: the same answer."""
+    model = tiny(cross_attention=METRIC, end_id=None)
+    memory, prompt = random_memory(model, 2), ids(2, 5)
+    greedy = SamplingConfig(temperature=0.0)
+    assert torch.equal(model.respond(prompt, memory, 8, SamplingConfig(temperature=0.0,
+                                                                       compile=True)),
+                       model.respond(prompt, memory, 8, greedy))
 
 
 def test_the_memory_is_projected_once_per_turn():

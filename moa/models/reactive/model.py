@@ -26,7 +26,7 @@ from moa.layers.kv_cache import KVCache
 from moa.layers.mlm_head import MaskedLMHead
 from moa.layers.position import POSITION
 from moa.layers.residual import Dropout
-from moa.models.generation import SamplingConfig, next_token
+from moa.models.generation import SamplingConfig, decoding_step, next_token
 from moa.models.language_model import init_weights
 from moa.models.reactive.memory import MemoryAttention
 from moa.models.reactive.stack import Decoder, Encoder
@@ -148,10 +148,12 @@ class ReactiveTransformer(nn.Module):
     def stream(self, query_ids: torch.Tensor, memory: torch.Tensor, max_new_tokens: int,
                sampling: SamplingConfig | None = None,
                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """`respond`'s tokens (B, 1), each as soon as it is chosen (a chat prints it)."""
+        """`respond`'s tokens (B, 1), each as soon as it is chosen (a chat prints it); the
+        steps after the query's prefill through `decoding_step` with `sampling.compile`."""
         sampling = sampling or SamplingConfig(temperature=0.0)
         B, prompt = query_ids.shape
         cache = self.new_cache(capacity=prompt + max_new_tokens)
+        decode = decoding_step(self, self.decode) if sampling.compile else self.decode
         logits = self.decode(query_ids, memory, cache=cache)[:, -1]  # (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=query_ids.device)
         for step in range(max_new_tokens):
@@ -162,7 +164,7 @@ class ReactiveTransformer(nn.Module):
                 done |= token[:, 0] == self.config.end_id
             if bool(done.all()) or step == max_new_tokens - 1:
                 return
-            logits = self.decode(token, memory, cache=cache)[:, -1]
+            logits = decode(token, memory, cache=cache)[:, -1]
 
     def answer_mask(self, answer_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) True for the tokens `respond` wrote, up to and with each row's end."""
