@@ -101,25 +101,20 @@ def generation_speed(model: MoaForCausalLM, args: argparse.Namespace) -> dict[st
 @torch.no_grad()
 def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
                  ) -> dict[str, dict[str, dict[int, float]]]:
-    """ms of one decode step at each context length, cached and recomputed, per preset. The
-    presets take turns step by step, so a slowdown of a shared machine hits them alike and
-    the ratio of two presets' steps holds within one run."""
+    """ms of one decode step at each context length, cached and recomputed (and with
+    `--compile` cached through each model's `decoding_step`), per preset. The presets take
+    turns step by step, so a slowdown of a shared machine hits them alike and the ratio of
+    two presets' steps holds within one run."""
     latency = {name: {"cached_step_ms": {}, "recompute_step_ms": {}} for name in models}
-    steppers = {name: decoding_step(model.model) for name, model in models.items()
+    eager = {name: model.model for name, model in models.items()}
+    compiled = {name: decoding_step(model.model) for name, model in models.items()
                 } if args.compile else {}
     for context in args.contexts:
         ids = torch.randint(0, args.vocab_size, (1, context))
-        caches = {name: model.model.new_cache() for name, model in models.items()}
-        for name, model in models.items():
-            model.model(ids[:, :-args.steps], caches[name])
-        cached = {name: [] for name in models}
-        for t in range(context - args.steps, context):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model.model(ids[:, t:t + 1], caches[name])
-                cached[name].append(time.perf_counter() - start)
-        if steppers:
-            latency_compiled(models, steppers, ids, args, latency)
+        for key, steppers, untimed in (("cached_step_ms", eager, 0),
+                                       ("compiled_step_ms", compiled, 2)):
+            for name, ms in cached_step_ms(models, steppers, ids, args.steps, untimed).items():
+                latency[name].setdefault(key, {})[context] = ms
         recompute = {name: [] for name in models}
         for _ in range(max(1, args.steps // 4)):
             for name, model in models.items():
@@ -127,31 +122,25 @@ def step_latency(models: dict[str, MoaForCausalLM], args: argparse.Namespace
                 model.model(ids)
                 recompute[name].append(time.perf_counter() - start)
         for name in models:
-            latency[name]["cached_step_ms"][context] = 1e3 * statistics.median(cached[name])
             latency[name]["recompute_step_ms"][context] = 1e3 * statistics.median(recompute[name])
     return latency
 
 
-def latency_compiled(models: dict[str, MoaForCausalLM], steppers: dict[str, Any],
-                     ids: torch.Tensor, args: argparse.Namespace,
-                     latency: dict[str, dict[str, Any]]) -> None:
-    """`compiled_step_ms` at the context of `ids` (1, context): the cached step through
-    `steppers` (each model's `decoding_step`, as `sampling.compile` runs it; the prefill
-    eager), two steps before the timed ones left out (the first compiles), the presets
-    taking turns."""
-    context = ids.size(1)
-    caches = {name: model.model.new_cache() for name, model in models.items()}
-    for name, model in models.items():
-        model.model(ids[:, :context - args.steps - 2], caches[name])
-    steps = {name: [] for name in models}
-    for t in range(context - args.steps - 2, context):
+def cached_step_ms(models: dict[str, MoaForCausalLM], steppers: dict[str, Any],
+                   ids: torch.Tensor, steps: int, untimed: int) -> dict[str, float]:
+    """Median ms of a cached one-token step through each model's stepper at the context of
+    `ids` (1, S): the rest prefilled eagerly, `untimed` steps (a compiled step's first
+    compiles), then `steps` timed, the presets taking turns. {} without steppers."""
+    caches = {name: models[name].model.new_cache() for name in steppers}
+    for name in steppers:
+        models[name].model(ids[:, :ids.size(1) - steps - untimed], caches[name])
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for t in range(ids.size(1) - steps - untimed, ids.size(1)):
         for name, step in steppers.items():
             start = time.perf_counter()
             step(ids[:, t:t + 1], caches[name])
-            steps[name].append(time.perf_counter() - start)
-    for name in models:
-        latency[name].setdefault("compiled_step_ms", {})[context] = \
-            1e3 * statistics.median(steps[name][2:])
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(spent[untimed:]) for name, spent in times.items()}
 
 
 @torch.no_grad()
