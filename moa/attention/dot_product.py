@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moa.attention.heads import HeadsConfig, QKVProjection, memory_keys_values
 from moa.attention.registry import ATTENTION
+from moa.kernels.dot_product import dot_product_attention
 from moa.kernels.masks import attention_mask
 
 if TYPE_CHECKING:
@@ -55,11 +55,6 @@ class SelfAttention(nn.Module):
             k, v = memory_keys_values(ctx, self.heads.keys_values)  # (B, Hkv, M, D)
         mask, is_causal = attention_mask(q.size(2), k.size(2), x.device,
                                          ctx.causal and ctx.memory is None, ctx.key_mask, at)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=q.size(1) != k.size(1),
-        )
+        y = dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                  dropout_p=self.dropout if self.training else 0.0)
         return self.heads.merge(y)

@@ -5,7 +5,8 @@ Same numbers as `metric_attention_eager(..., causal=False, key_mask=...)`. As in
 `metric_cpu.py`, `-a ||q - k||^2` is dot-product attention over augmented heads
 (`augment`); with no causal mask and no ball gate there is no own key to rescue, so
 PyTorch's `scaled_dot_product_attention` runs them directly on whatever kernel the device
-has (flash or memory-efficient: O(L) memory), its boolean mask dropping padded keys.
+has (flash or memory-efficient: O(L) memory; one query per head grouped by key head,
+`dot_product.py`), its boolean mask dropping padded keys.
 Forward and backward are PyTorch's; the ball gate is not supported (no own key: a query
 whose keys were all pruned would have none), which the configs refuse.
 """
@@ -13,8 +14,8 @@ whose keys were all pruned would have none), which the configs refuse.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from moa.kernels.dot_product import dot_product_attention
 from moa.kernels.metric_cpu import augment
 
 
@@ -26,6 +27,5 @@ def metric_attention_bidirectional(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     D = q.size(-1)
     q_aug, k_aug, v_aug = augment(q, k, v, k_norm, alpha)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, scale=1.0,
-                                         enable_gqa=q.size(1) != k.size(1))
+    out = dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, scale=1.0)
     return out[..., :D]

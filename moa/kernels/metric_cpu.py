@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa.kernels.dot_product import dot_product_attention
 from moa.kernels.masks import attention_mask
 from moa.kernels.metric_reference import metric_attention_eager
 from moa.kernels.pruned_attention import built, pruned_attention
@@ -65,8 +66,7 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     """Causal dot-product attention at scale 1 of q (B, Hq, T, E), which carries its scales,
     over k, v (B, Hkv, S, E), the queries the last T of the S positions."""
     mask, is_causal = attention_mask(q.size(2), k.size(2), q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          scale=1.0, enable_gqa=q.size(1) != k.size(1))
+    return dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0)
 
 
 def metric_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_norm: torch.Tensor,
