@@ -75,6 +75,7 @@ bench: $(STAMP)  ## print the benchmark tables; JSON records go to bench/results
 	$(BIN)/python bench/host_memory.py --json bench/results/host_memory.json
 	$(BIN)/python bench/output_positions.py --json bench/results/output_positions.json
 	$(BIN)/python bench/gelu.py --json bench/results/gelu.json
+	$(BIN)/python bench/decode_attention.py --json bench/results/decode_attention.json
 
 # Mutation testing (mutmut, in a venv of its own: never in CI nor `make test`). The modules
 # and the tests they run are [tool.mutmut] in pyproject.toml; each mutant runs only the

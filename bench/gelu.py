@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from interleaved import add_arguments, median_microseconds, parse
 
 from moa.layers.activation import NATIVE_MAX_NUMEL, OneDNNOff, gelu
 
@@ -35,30 +34,12 @@ KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "onednn": F.gelu, "pytorch": without_onednn, "moa": gelu}
 
 
-@torch.no_grad()
-def call_times(x: torch.Tensor, calls: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each of `KERNELS` on x, interleaved."""
-    times: dict[str, list[float]] = {name: [] for name in KERNELS}
-    for round_ in range(warmup + calls):
-        for name, kernel in KERNELS.items():
-            start = time.perf_counter()
-            kernel(x)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16, 32, 64, 256, 4096])
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--json", default=None, help="write the records here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_arguments(parser, calls=2000, warmup=200)
+    args = parse(parser)
 
     records = []
     print(f"threads {torch.get_num_threads()}, moa's gelu leaves oneDNN for <= "
@@ -68,8 +49,7 @@ def main() -> None:
     for rows in args.rows:
         x = torch.randn(rows, args.width)
         calls = max(20, args.calls * 64 // max(rows, 64))
-        medians = {name: 1e6 * statistics.median(seconds)
-                   for name, seconds in call_times(x, calls, args.warmup).items()}
+        medians = median_microseconds(KERNELS, (x,), calls, args.warmup)
         for name, us in medians.items():
             records.append({"kernel": name, "rows": rows, "width": args.width,
                             "elements": x.numel(), "threads": torch.get_num_threads(),

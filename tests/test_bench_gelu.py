@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 
 
 def test_rows_give_each_kernel_against_onednn(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the script imports interleaved.py
     spec = importlib.util.spec_from_file_location("bench_gelu", ROOT / "bench" / "gelu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
